@@ -1,0 +1,1333 @@
+#!/usr/bin/env python3
+"""Bobry agent: one program for the primary (M), the synchronous standby (S) and the arbiter (A).
+
+    agent.py --config agent.ini --node pg1            run the agent of node pg1
+    agent.py --config agent.ini --node pg1 status     print this host's status as JSON
+
+The file has four parts, in this order:
+  configuration  -- agent.ini parsed and checked; every error names file, section and key
+  decisions      -- pure functions: observations + persisted view + timing -> one action
+  adapters       -- thin I/O: the wire protocol, PostgreSQL, iptables, files
+  the agent      -- threads that observe, a loop that decides and acts, the arbiter service
+
+Only the standard library and psycopg2.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import pwd
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.extensions
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A bad config: the message names the file, the section and the key."""
+
+    def __init__(self, path, section, key, problem):
+        where = f"{path}: [{section}]" + (f" {key}" if key else "")
+        super().__init__(f"{where}: {problem}")
+
+
+ROLES = ("primary", "standby", "arbiter")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    role: str  # role at bootstrap; who is primary later is the arbiter's view
+    pg_port: int
+    agent_port: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    check_interval: float
+    probe_timeout: float
+    fence_timeout: float
+    safety_margin: float
+    failover_timeout: float
+    restart_grace: float
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    me: Node
+    nodes: dict
+    timing: Timing
+    replication_user: str
+    replication_password_file: str
+    app_user: str
+    app_password_file: str
+    app_database: str
+    agent_key_file: str
+    client_addresses: tuple
+    pg_bin: str
+    pg_os_user: str
+    data_dir: str
+    run_dir: str
+    state_dir: str
+    log_dir: str
+
+    def by_role(self, role):
+        return next(n for n in self.nodes.values() if n.role == role)
+
+    @property
+    def arbiter(self):
+        return self.by_role("arbiter")
+
+    @property
+    def db_nodes(self):
+        return [n for n in self.nodes.values() if n.role != "arbiter"]
+
+    def other_db(self, name):
+        return next(n for n in self.db_nodes if n.name != name)
+
+
+def _parse_positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _parse_port(text):
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port number, 1-65535")
+    return value
+
+
+def _parse_ip(text):
+    return str(ipaddress.ip_address(text))
+
+
+def _parse_cidrs(text):
+    return tuple(str(ipaddress.ip_network(p.strip())) for p in text.split(",") if p.strip())
+
+
+def _parse_role(text):
+    if text not in ROLES:
+        raise ValueError(f"must be one of {', '.join(ROLES)}")
+    return text
+
+
+def _parse_text(text):
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+# section -> key -> (parser, default or None when required)
+SCHEMA = {
+    "cluster": {
+        "replication_user": (_parse_text, None),
+        "replication_password_file": (_parse_text, None),
+        "app_user": (_parse_text, None),
+        "app_password_file": (_parse_text, None),
+        "app_database": (_parse_text, None),
+        "agent_key_file": (_parse_text, None),
+        "client_addresses": (_parse_cidrs, None),
+    },
+    "timing": {
+        "check_interval": (_parse_positive_float, "0.2"),
+        "probe_timeout": (_parse_positive_float, "0.3"),
+        "fence_timeout": (_parse_positive_float, "1.0"),
+        "safety_margin": (_parse_positive_float, "0.3"),
+        "failover_timeout": (_parse_positive_float, "2.0"),
+        "restart_grace": (_parse_positive_float, "6.0"),
+    },
+    "postgres": {
+        "bin_dir": (_parse_text, "/usr/lib/postgresql/15/bin"),
+        "os_user": (_parse_text, "postgres"),
+        "data_dir": (_parse_text, None),
+        "run_dir": (_parse_text, None),
+    },
+    "agent": {
+        "state_dir": (_parse_text, None),
+        "log_dir": (_parse_text, None),
+    },
+    "node": {
+        "address": (_parse_ip, None),
+        "role": (_parse_role, None),
+        "pg_port": (_parse_port, "5432"),
+        "agent_port": (_parse_port, "7400"),
+    },
+}
+
+
+def _read_section(path, parser, section, schema_name):
+    values = {}
+    schema = SCHEMA[schema_name]
+    present = parser[section] if parser.has_section(section) else {}
+    for key in present:
+        if key not in schema:
+            raise ConfigError(path, section, key, f"unknown key (known: {', '.join(schema)})")
+    for key, (parse, default) in schema.items():
+        raw = present.get(key, default)
+        if raw is None:
+            raise ConfigError(path, section, key, "missing (required)")
+        try:
+            values[key] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(path, section, key, f"bad value {raw!r}: {exc}") from None
+    return values
+
+
+def check_timing(path, t):
+    """Refuse timings under which S could promote before an isolated M has fenced itself.
+
+    M's last round trip with a peer ends at C; the peer counted M alive at C - probe_timeout
+    at the earliest, so the grant comes no sooner than C - probe_timeout + failover_timeout.
+    M fences no later than C + fence_timeout + check_interval (+ the iptables call, which
+    safety_margin covers). Hence fence_timeout + check_interval + probe_timeout + safety_margin
+    <= failover_timeout.
+    """
+    needed = t.fence_timeout + t.check_interval + t.probe_timeout + t.safety_margin
+    if needed > t.failover_timeout + 1e-9:
+        raise ConfigError(path, "timing", "failover_timeout",
+                          f"{t.failover_timeout} s is too short: fence_timeout + check_interval + "
+                          f"probe_timeout + safety_margin = {needed:.2f} s must not exceed it, or the "
+                          "standby could promote before the isolated primary has fenced itself")
+    if t.probe_timeout >= t.fence_timeout:
+        raise ConfigError(path, "timing", "probe_timeout",
+                          "must be shorter than fence_timeout: one slow probe must never fence")
+    if t.restart_grace <= t.failover_timeout:
+        raise ConfigError(path, "timing", "restart_grace",
+                          "must exceed failover_timeout: a failover gets the first chance")
+
+
+def load_config(path, node_name):
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as exc:
+        raise ConfigError(path, "-", None, f"cannot read: {exc.strerror}") from None
+    except configparser.Error as exc:
+        raise ConfigError(path, "-", None, f"not an ini file: {exc}") from None
+    for section in parser.sections():
+        if section not in SCHEMA and not section.startswith("node "):
+            raise ConfigError(path, section, None, "unknown section")
+    nodes = {}
+    for section in parser.sections():
+        if section.startswith("node "):
+            name = section[5:].strip()
+            values = _read_section(path, parser, section, "node")
+            nodes[name] = Node(name=name, **values)
+    for role in ROLES:
+        holders = [n.name for n in nodes.values() if n.role == role]
+        if len(holders) != 1:
+            raise ConfigError(path, "node *", "role",
+                              f"exactly one node must have role {role}, found {holders or 'none'}")
+    if node_name not in nodes:
+        raise ConfigError(path, f"node {node_name}", None,
+                          f"no such node (the cluster has {', '.join(sorted(nodes))})")
+    cluster = _read_section(path, parser, "cluster", "cluster")
+    timing = Timing(**_read_section(path, parser, "timing", "timing"))
+    check_timing(path, timing)
+    pg = _read_section(path, parser, "postgres", "postgres")
+    agent = _read_section(path, parser, "agent", "agent")
+
+    def node_path(p):  # one config serves every host: {node} becomes the host's node name
+        return p.replace("{node}", node_name)
+
+    return Config(
+        path=path, me=nodes[node_name], nodes=nodes, timing=timing,
+        replication_user=cluster["replication_user"],
+        replication_password_file=node_path(cluster["replication_password_file"]),
+        app_user=cluster["app_user"],
+        app_password_file=node_path(cluster["app_password_file"]),
+        app_database=cluster["app_database"],
+        agent_key_file=node_path(cluster["agent_key_file"]),
+        client_addresses=cluster["client_addresses"],
+        pg_bin=pg["bin_dir"], pg_os_user=pg["os_user"],
+        data_dir=node_path(pg["data_dir"]), run_dir=node_path(pg["run_dir"]),
+        state_dir=node_path(agent["state_dir"]), log_dir=node_path(agent["log_dir"]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# decisions: pure functions, no I/O. Each returns a Decision whose reason is one sentence that
+# the agent logs, so that a failover explains itself.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """The arbiter's word on the cluster: who is primary in which term, and which standby is in
+    sync (eligible for promotion). Terms only grow; only the arbiter creates a new one."""
+
+    term: int  # 0: not yet heard from the arbiter (a local guess from the config)
+    primary: str
+    eligible: str | None  # the standby that may be promoted, None when none may
+
+    def as_dict(self):
+        return {"term": self.term, "primary": self.primary, "eligible": self.eligible}
+
+    @staticmethod
+    def from_dict(d):
+        term, primary, eligible = d["term"], d["primary"], d.get("eligible")
+        if not (isinstance(term, int) and term >= 0 and isinstance(primary, str)
+                and (eligible is None or isinstance(eligible, str))):
+            raise ValueError(f"not a view: {d!r}")
+        return View(term, primary, eligible)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DbObservation:
+    """What a database node's agent knows at one moment (monotonic seconds)."""
+
+    now: float
+    started_at: float          # a peer never heard from counts as lost since then
+    pg: str                    # local PostgreSQL: primary | standby | down
+    pg_down_since: float | None
+    has_standby_signal: bool   # the data dir would start as a standby
+    fenced: bool
+    view: View
+    contact_at: dict           # peer -> end of the last round trip this agent made to it
+    primary_alive_at: float | None  # last sign that the view's primary serves (probe or report)
+    sync_names: str | None     # local synchronous_standby_names, when running
+
+
+def _age(obs_now, started_at, at):
+    return obs_now - (at if at is not None else started_at)
+
+
+def desired_sync_names(view):
+    """The primary waits for the eligible standby, and for no one when none is eligible: the
+    arbiter has recorded that standby as not eligible *before* this is cleared."""
+    return view.eligible or ""
+
+
+def decide_db(me, other, arbiter, obs, timing):
+    """The one decision of a database node's agent, rule by rule (see README, "Rules")."""
+    view = obs.view
+    age = lambda at: _age(obs.now, obs.started_at, at)  # noqa: E731
+    arbiter_lost = age(obs.contact_at.get(arbiter))
+    if view.primary == me:
+        return _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost)
+    primary = view.primary
+    if obs.pg == "primary":
+        if not obs.fenced:
+            return Decision("fence", f"{primary} is the primary of term {view.term}: I was "
+                                     "replaced, so no client may use me")
+        return Decision("none", f"fenced: {primary} replaced me in term {view.term}")
+    if obs.pg == "down":
+        if obs.has_standby_signal:
+            return Decision("start_standby", f"PostgreSQL is down: starting it as a standby of "
+                                             f"{primary}")
+        return Decision("none", "PostgreSQL is down and its data dir is not a standby's: "
+                                "not starting it")
+    if obs.fenced:
+        return Decision("unfence", "I run as a read-only standby: lifting the fence")
+    primary_lost = age(obs.primary_alive_at)
+    if view.eligible != me:
+        return Decision("none", f"following {primary}; not eligible for promotion in term "
+                                f"{view.term} (not known to be in sync)")
+    if primary_lost < timing.failover_timeout:
+        return Decision("none", f"following {primary}, the primary of term {view.term} "
+                                f"(seen {primary_lost:.1f} s ago)")
+    if arbiter_lost >= timing.fence_timeout:
+        return Decision("none", f"lost {primary} for {primary_lost:.1f} s but {arbiter} is "
+                                f"unreachable too ({arbiter_lost:.1f} s): no promotion")
+    return Decision("request_promotion", f"lost {primary} for {primary_lost:.1f} s: asking "
+                                         f"{arbiter} to confirm and grant term {view.term + 1}")
+
+
+def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
+    view = obs.view
+    if obs.pg == "standby":
+        return Decision("promote", f"{arbiter} made me the primary of term {view.term}: promoting")
+    if obs.pg == "down":
+        if view.term == 0:
+            return Decision("none", "PostgreSQL is down: waiting for the arbiter's view")
+        down_for = age(obs.pg_down_since)
+        if down_for < timing.restart_grace:
+            return Decision("none", f"PostgreSQL is down ({down_for:.1f} s): {other} gets the "
+                                    f"first chance to take over")
+        return Decision("resume", f"PostgreSQL is down ({down_for:.1f} s) and no failover "
+                                  f"happened: asking {arbiter} to let me restart it as primary")
+    other_lost = age(obs.contact_at.get(other))
+    if obs.fenced:
+        if arbiter_lost < timing.fence_timeout and view.term > 0:
+            return Decision("unfence", f"{arbiter} confirms I am the primary of term {view.term}")
+        return Decision("none", f"fenced: waiting for {arbiter} to confirm that I am still "
+                                "the primary")
+    if other_lost >= timing.fence_timeout and arbiter_lost >= timing.fence_timeout:
+        return Decision("fence", f"lost {other} ({other_lost:.1f} s) and {arbiter} "
+                                 f"({arbiter_lost:.1f} s): I may be replaced, fencing myself")
+    wanted = desired_sync_names(view)
+    if obs.sync_names is not None and obs.sync_names != wanted:
+        return Decision("set_sync", f"synchronous_standby_names is {obs.sync_names!r}, the "
+                                    f"view of term {view.term} wants {wanted!r}")
+    return Decision("none", f"I am ({me}) the primary of term {view.term}")
+
+
+def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timing):
+    """The arbiter's answer to a standby asking to be promoted: (granted, new view, reason).
+    A grant creates a new term; the caller persists it before answering."""
+    if view.primary == candidate:
+        return True, view, f"{candidate} already is the primary of term {view.term}"
+    if term != view.term:
+        return False, view, f"{candidate} asks about term {term}, the current term is {view.term}"
+    if view.eligible != candidate:
+        return False, view, f"{candidate} is not eligible in term {view.term} (not in sync)"
+    lost = _age(now, started_at, primary_alive_at)
+    if lost < timing.failover_timeout:
+        return False, view, f"I still see {view.primary} (last {lost:.1f} s ago)"
+    new = View(view.term + 1, candidate, None)
+    return True, new, (f"I lost {view.primary} too ({lost:.1f} s): {candidate} is the primary "
+                       f"of term {new.term}")
+
+
+def decide_resume(view, requester, term):
+    """May a primary whose PostgreSQL was down start it again as primary? Only if it still is
+    the primary of the current term (no failover happened meanwhile)."""
+    if view.primary == requester and term == view.term:
+        return True, f"{requester} still is the primary of term {view.term}"
+    return False, (f"{view.primary} is the primary of term {view.term}; {requester} asked "
+                   f"about term {term}")
+
+
+def bootstrap_action(me, data_exists, view):
+    """What to do with the data directory before anything else: adopt, initdb, basebackup,
+    wait or refuse. Existing data is never re-initialised or re-cloned."""
+    if data_exists:
+        return Decision("adopt", "a data directory exists: adopting it")
+    if view.term == 0:
+        return Decision("wait", "no data directory yet: waiting for the arbiter's view")
+    if view.primary == me:
+        if view.term == 1:
+            return Decision("initdb", "I am the first primary: initdb")
+        return Decision("refuse", f"I am the primary of term {view.term} but my data directory "
+                                  "is missing: refusing to initdb over the cluster's history")
+    return Decision("basebackup", f"cloning the standby from {view.primary}")
+
+
+def newer_view(current, offered):
+    """Views only move forward: take an offered view when its term is newer."""
+    return offered if offered.term > current.term else current
+
+
+# --------------------------------------------------------------------------------------------
+# adapters: the wire protocol
+#
+# Every message is one line of UTF-8 JSON, at most MAX_MESSAGE bytes, on a TCP connection that
+# carries one request and one reply and is then closed:
+#
+#   {"v": 1, "from": "pg2", "to": "arb", "ts": 1764120000.5, "nonce": "9f1c…",
+#    "type": "status" | "promote" | "resume" | "reply", "body": {…}, "mac": "<hex>"}
+#
+# mac = HMAC-SHA256(cluster key, the message without "mac" as JSON with sorted keys and no
+# spaces). A reply has type "reply", swaps from/to and carries the request's nonce. A receiver
+# drops (and logs) anything malformed, unauthenticated, addressed to another node, from an
+# unknown node, or with a clock more than MAX_SKEW seconds off.
+#
+#   status  any -> any      body: the sender's status; reply: the receiver's status
+#                           (a status has node, role, pg, fenced and the sender's view)
+#   promote standby -> arb  body: {"term": t}; reply: {"granted": bool, "reason", "view"}
+#   resume  primary -> arb  body: {"term": t}; reply: {"granted": bool, "reason", "view"}
+# --------------------------------------------------------------------------------------------
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 65536
+MAX_SKEW = 30.0
+REQUEST_TYPES = ("status", "promote", "resume")
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def _mac(key, message):
+    canonical = json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+
+
+def seal(key, sender, to, kind, body, nonce=None, now=None):
+    message = {"v": PROTOCOL_VERSION, "from": sender, "to": to,
+               "ts": time.time() if now is None else now,
+               "nonce": nonce or os.urandom(8).hex(), "type": kind, "body": body}
+    message["mac"] = _mac(key, message)
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+
+
+def unseal(key, line, me, known_nodes, now=None):
+    """The checked message, or ProtocolError saying what is wrong with it."""
+    if len(line) > MAX_MESSAGE:
+        raise ProtocolError("message too long")
+    try:
+        message = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("not JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("mac"), str):
+        raise ProtocolError("not a message")
+    mac = message.pop("mac")
+    if not hmac.compare_digest(mac, _mac(key, message)):
+        raise ProtocolError("bad mac (wrong key or altered)")
+    if message.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported version {message.get('v')!r}")
+    if message.get("to") != me:
+        raise ProtocolError(f"addressed to {message.get('to')!r}, not to me")
+    if message.get("from") not in known_nodes:
+        raise ProtocolError(f"from unknown node {message.get('from')!r}")
+    if message.get("type") not in REQUEST_TYPES + ("reply",):
+        raise ProtocolError(f"unknown type {message.get('type')!r}")
+    ts = message.get("ts")
+    current = time.time() if now is None else now
+    if not isinstance(ts, (int, float)) or abs(current - ts) > MAX_SKEW:
+        raise ProtocolError("timestamp missing or too far off")
+    if not isinstance(message.get("body"), dict) or not isinstance(message.get("nonce"), str):
+        raise ProtocolError("no body or nonce")
+    return message
+
+
+def _read_line(sock, deadline):
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(remaining)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+        if len(data) > MAX_MESSAGE:
+            raise ProtocolError("message too long")
+    return data
+
+
+def call(cfg, key, peer, kind, body, timeout):
+    """One request to a peer's agent and its checked reply body. Raises OSError or
+    ProtocolError; never waits longer than timeout in all."""
+    deadline = time.monotonic() + timeout
+    request = seal(key, cfg.me.name, peer.name, kind, body)
+    nonce = json.loads(request)["nonce"]
+    with socket.create_connection((peer.address, peer.agent_port), timeout=timeout) as sock:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(request)
+        reply = unseal(key, _read_line(sock, deadline), cfg.me.name, cfg.nodes)
+    if reply["type"] != "reply" or reply["nonce"] != nonce or reply["from"] != peer.name:
+        raise ProtocolError("reply does not match the request")
+    return reply["body"]
+
+
+class AgentServer(socketserver.ThreadingTCPServer):
+    """Answers peers. handle(sender, kind, body) -> reply body; bad input is logged, dropped."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, cfg, key, handle, log):
+        self.cfg, self.key, self.handle_request, self.log = cfg, key, handle, log
+        super().__init__((cfg.me.address, cfg.me.agent_port), _RequestHandler)
+
+
+class _RequestHandler(socketserver.BaseRequestHandler):
+    READ_TIMEOUT = 2.0  # a peer that connects and says nothing costs one thread this long
+
+    def handle(self):
+        server = self.server
+        peer = self.client_address[0]
+        try:
+            line = _read_line(self.request, time.monotonic() + self.READ_TIMEOUT)
+            message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes)
+            if message["type"] == "reply":
+                raise ProtocolError("a reply where a request was expected")
+            body = server.handle_request(message["from"], message["type"], message["body"])
+            self.request.sendall(seal(server.key, server.cfg.me.name, message["from"], "reply",
+                                      body, nonce=message["nonce"]))
+        except ProtocolError as exc:
+            server.log.warning("dropped a message from %s: %s", peer, exc)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            server.log.warning("dropped a request from %s: %s: %s", peer, type(exc).__name__, exc)
+
+
+# --------------------------------------------------------------------------------------------
+# adapters: PostgreSQL
+# --------------------------------------------------------------------------------------------
+
+
+def _wait_ready(conn, deadline):
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("PostgreSQL did not answer in time")
+        if state == psycopg2.extensions.POLL_READ:
+            select.select([conn.fileno()], [], [], remaining)
+        else:
+            select.select([], [conn.fileno()], [], remaining)
+
+
+def pg_query(dsn, sql, params=None, timeout=1.0):
+    """Rows of one statement on a new connection, within timeout in all (connect included:
+    libpq's own connect_timeout has a 2 s floor, too coarse for a failure detector).
+    Raises psycopg2.Error or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    conn = psycopg2.connect(dsn, async_=True)
+    try:
+        _wait_ready(conn, deadline)
+        cur = conn.cursor()
+        cur.execute(sql, params)
+        _wait_ready(conn, deadline)
+        return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def local_dsn(cfg):
+    return f"host={cfg.run_dir} port={cfg.me.pg_port} user=postgres dbname=postgres"
+
+
+def remote_dsn(cfg, node):
+    return (f"host={node.address} port={node.pg_port} user={cfg.replication_user} "
+            f"dbname=postgres passfile={pgpass_path(cfg)} sslmode=disable "
+            f"application_name=bobry-probe-{cfg.me.name}")
+
+
+def pgpass_path(cfg):
+    return os.path.join(cfg.run_dir, ".pgpass")
+
+
+def primary_conninfo(cfg, primary):
+    # connect_timeout and keepalives: a walreceiver must not sit in TCP SYN back-off after a
+    # partition heals, nor keep a dead connection for minutes.
+    return (f"host={primary.address} port={primary.pg_port} user={cfg.replication_user} "
+            f"passfile={pgpass_path(cfg)} application_name={cfg.me.name} sslmode=disable "
+            "connect_timeout=2 keepalives=1 keepalives_idle=2 keepalives_interval=1 "
+            "keepalives_count=3 tcp_user_timeout=5000")
+
+
+def pg_settings(cfg, view):
+    """The settings the agent owns, written to bobry.conf (included by postgresql.conf)."""
+    settings = {
+        "listen_addresses": f"{cfg.me.address},127.0.0.1",
+        "port": str(cfg.me.pg_port),
+        "unix_socket_directories": cfg.run_dir,
+        "wal_level": "replica",
+        "wal_log_hints": "on",  # pg_rewind needs it (checksums are on too)
+        "max_wal_senders": "5",
+        "max_replication_slots": "5",
+        "hot_standby": "on",
+        "synchronous_commit": "on",
+        "synchronous_standby_names": desired_sync_names(view),
+        # a dead peer is noticed in seconds, not the default minute; a fast shutdown of an
+        # isolated primary cannot hang on its walsender for long either
+        "wal_sender_timeout": "5s",
+        "wal_receiver_timeout": "5s",
+        "wal_retrieve_retry_interval": "1s",
+        "password_encryption": "scram-sha-256",
+    }
+    if view.primary != cfg.me.name:
+        settings["primary_conninfo"] = primary_conninfo(cfg, cfg.nodes[view.primary])
+    return settings
+
+
+def render_settings(settings):
+    quoted = {k: v.replace("'", "''") for k, v in settings.items()}
+    return "".join(f"{k} = '{v}'\n" for k, v in sorted(quoted.items()))
+
+
+def render_hba(cfg):
+    """Replication and probes only from the database nodes and the arbiter, clients only from
+    the declared client addresses, local access by peer authentication."""
+    lines = ["# written by the bobry agent at every start; edits are overwritten",
+             "local all postgres peer map=bobry"]
+    peers = [n for n in cfg.nodes.values()]
+    for node in cfg.db_nodes:
+        lines.append(f"host replication {cfg.replication_user} {node.address}/32 scram-sha-256")
+    for node in peers:
+        lines.append(f"host postgres {cfg.replication_user} {node.address}/32 scram-sha-256")
+    for cidr in cfg.client_addresses:
+        lines.append(f"host {cfg.app_database} {cfg.app_user} {cidr} scram-sha-256")
+    return "\n".join(lines) + "\n"
+
+
+def render_ident(cfg):
+    # the agent runs as root and speaks to its PostgreSQL as the postgres role
+    return f"bobry root postgres\nbobry {cfg.pg_os_user} postgres\n"
+
+
+def sql_literal(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+# --------------------------------------------------------------------------------------------
+# adapters: files, processes, iptables, the local PostgreSQL
+# --------------------------------------------------------------------------------------------
+
+
+def write_atomically(path, text, owner=None, mode=0o600):
+    """Write, fsync, rename, fsync the directory: after a crash the file is old or new."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if owner is not None:
+        os.chown(tmp, owner.pw_uid, owner.pw_gid)
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_secret(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(path, "secret", None, f"cannot read: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(path, "secret", None, "empty")
+    return secret
+
+
+class StateFile:
+    """The view this node last learned, persisted so a restart cannot forget a grant."""
+
+    def __init__(self, path, default):
+        self.path, self.default = path, default
+
+    def load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return View.from_dict(json.load(f))
+        except FileNotFoundError:
+            return self.default
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(self.path, "state", None, f"unreadable state: {exc}") from None
+
+    def save(self, view):
+        write_atomically(self.path, json.dumps(view.as_dict()) + "\n", mode=0o644)
+
+
+class EventLog:
+    """events.jsonl: one JSON object per event, with wall-clock time, for the lab's reports."""
+
+    def __init__(self, path, node):
+        self.path, self.node = path, node
+
+    def __call__(self, event, **detail):
+        line = json.dumps({"t": time.time(), "node": self.node, "event": event, **detail})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+class Fence:
+    """The agent's own iptables chain, jumped to from INPUT. The lab's fault injection uses a
+    different chain, so healing a partition never lifts a fence and the other way round.
+    REJECT (not DROP): fenced clients fail at once and move on to the other host."""
+
+    CHAIN = "bobry-fence"
+
+    def __init__(self, pg_port):
+        self.rule = ["-p", "tcp", "--dport", str(pg_port), "!", "-i", "lo",
+                     "-j", "REJECT", "--reject-with", "tcp-reset"]
+
+    @staticmethod
+    def _iptables(*args, check=True):
+        return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True,
+                              timeout=10, check=check)
+
+    def install(self):
+        if self._iptables("-n", "-L", self.CHAIN, check=False).returncode != 0:
+            self._iptables("-N", self.CHAIN)
+        if self._iptables("-C", "INPUT", "-j", self.CHAIN, check=False).returncode != 0:
+            self._iptables("-I", "INPUT", "1", "-j", self.CHAIN)
+
+    def is_fenced(self):
+        return self._iptables("-C", self.CHAIN, *self.rule, check=False).returncode == 0
+
+    def apply(self):
+        if not self.is_fenced():
+            self._iptables("-A", self.CHAIN, *self.rule)
+
+    def lift(self):
+        self._iptables("-F", self.CHAIN)
+
+
+class LocalPostgres:
+    """The node's own PostgreSQL: pg_ctl and friends run as the PostgreSQL OS user."""
+
+    CONF = "bobry.conf"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.owner = pwd.getpwnam(cfg.pg_os_user)
+        self.logfile = os.path.join(cfg.log_dir, "postgresql.log")
+
+    def _run(self, argv, timeout, stdin=None, env=None):
+        switch = os.geteuid() == 0 and self.owner.pw_uid != 0
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
+                              user=self.owner.pw_uid if switch else None,
+                              group=self.owner.pw_gid if switch else None,
+                              extra_groups=[] if switch else None,
+                              cwd="/", env={**os.environ, **(env or {})})
+
+    def _bin(self, name):
+        return os.path.join(self.cfg.pg_bin, name)
+
+    def data_exists(self):
+        return os.path.exists(os.path.join(self.cfg.data_dir, "PG_VERSION"))
+
+    def has_standby_signal(self):
+        return os.path.exists(os.path.join(self.cfg.data_dir, "standby.signal"))
+
+    def prepare_dirs(self):
+        for d, owner in ((self.cfg.state_dir, None), (self.cfg.log_dir, self.owner),
+                         (self.cfg.run_dir, self.owner),
+                         (os.path.dirname(self.cfg.data_dir), self.owner)):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            if owner is not None:
+                os.chown(d, owner.pw_uid, owner.pw_gid)
+        password = read_secret(self.cfg.replication_password_file)
+        write_atomically(pgpass_path(self.cfg), f"*:*:*:{self.cfg.replication_user}:{password}\n",
+                         owner=self.owner)
+
+    def write_config(self, view, data_dir=None):
+        data_dir = data_dir or self.cfg.data_dir
+        for name, text in ((self.CONF, render_settings(pg_settings(self.cfg, view))),
+                           ("pg_hba.conf", render_hba(self.cfg)),
+                           ("pg_ident.conf", render_ident(self.cfg))):
+            write_atomically(os.path.join(data_dir, name), text, owner=self.owner)
+
+    def status(self, timeout):
+        """(primary|standby|down, synchronous_standby_names or None)."""
+        try:
+            rows = pg_query(local_dsn(self.cfg), "select pg_is_in_recovery(), "
+                            "current_setting('synchronous_standby_names')", timeout=timeout)
+        except (psycopg2.Error, TimeoutError, OSError):
+            return "down", None
+        in_recovery, sync_names = rows[0]
+        return ("standby" if in_recovery else "primary"), sync_names
+
+    def start(self):
+        result = self._run([self._bin("pg_ctl"), "start", "-w", "-t", "60", "-D",
+                            self.cfg.data_dir, "-l", self.logfile], timeout=90)
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {result.stdout}{result.stderr}".strip())
+
+    def reload(self):
+        pg_query(local_dsn(self.cfg), "select pg_reload_conf()", timeout=5)
+
+    def promote(self):
+        rows = pg_query(local_dsn(self.cfg), "select pg_promote(true, 30)", timeout=35)
+        if not rows[0][0]:
+            raise RuntimeError("pg_promote() did not finish within 30 s")
+
+    def terminate_clients(self):
+        pg_query(local_dsn(self.cfg), "select pg_terminate_backend(pid) from pg_stat_activity "
+                 "where backend_type = 'client backend' and client_addr is not null", timeout=5)
+
+    def _fresh_dir(self):
+        tmp = self.cfg.data_dir + ".bootstrap"
+        if os.path.exists(tmp):  # a bootstrap that died half-way: ours to remove
+            shutil.rmtree(tmp)
+        return tmp
+
+    def initdb(self, view):
+        """initdb, the agent's settings and roles, all in a temporary directory that is renamed
+        into place at the end: a data directory that exists is a complete one."""
+        tmp = self._fresh_dir()
+        result = self._run([self._bin("initdb"), "-D", tmp, "-U", "postgres", "--data-checksums",
+                            "--auth-local=peer", "--auth-host=scram-sha-256", "--no-locale",
+                            "-E", "UTF8"], timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed: {result.stderr.strip()}")
+        with open(os.path.join(tmp, "postgresql.conf"), "a", encoding="utf-8") as f:
+            f.write(f"\ninclude_if_exists = '{self.CONF}'\n")
+        self.write_config(view, tmp)
+        repl = read_secret(self.cfg.replication_password_file)
+        app = read_secret(self.cfg.app_password_file)
+        sql = "\n".join([
+            f"CREATE ROLE {self.cfg.replication_user} WITH LOGIN REPLICATION PASSWORD "
+            f"{sql_literal(repl)};",
+            f"CREATE ROLE {self.cfg.app_user} WITH LOGIN PASSWORD {sql_literal(app)};",
+            f"CREATE DATABASE {self.cfg.app_database} OWNER {self.cfg.app_user};", ""])
+        result = self._run([self._bin("postgres"), "--single", "-D", tmp, "-c",
+                            "synchronous_commit=local", "postgres"],
+                           timeout=120, stdin=sql)
+        if result.returncode != 0 or "ERROR" in result.stdout + result.stderr:
+            raise RuntimeError(f"creating roles failed: {result.stdout}{result.stderr}".strip())
+        os.rename(tmp, self.cfg.data_dir)
+
+    def basebackup(self, view):
+        primary = self.cfg.nodes[view.primary]
+        tmp = self._fresh_dir()
+        result = self._run([self._bin("pg_basebackup"), "-h", primary.address, "-p",
+                            str(primary.pg_port), "-U", self.cfg.replication_user, "-D", tmp,
+                            "-X", "stream", "-c", "fast", "-w"], timeout=900,
+                           env={"PGPASSFILE": pgpass_path(self.cfg), "PGCONNECT_TIMEOUT": "3",
+                                "PGAPPNAME": f"{self.cfg.me.name}-basebackup"})
+        if result.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"pg_basebackup from {primary.name} failed: "
+                               f"{result.stderr.strip()}")
+        write_atomically(os.path.join(tmp, "standby.signal"), "", owner=self.owner)
+        self.write_config(view, tmp)
+        os.rename(tmp, self.cfg.data_dir)
+
+    def timeline_and_replication(self, timeout=2.0):
+        """For `status`: timeline, and what the primary reports of its standbys."""
+        dsn = local_dsn(self.cfg)
+        in_recovery = pg_query(dsn, "select pg_is_in_recovery()", timeout=timeout)[0][0]
+        if in_recovery:
+            row = pg_query(dsn, "select received_tli, status from pg_stat_wal_receiver",
+                           timeout=timeout)
+            tli = pg_query(dsn, "select timeline_id from pg_control_checkpoint()",
+                           timeout=timeout)[0][0]
+            return {"pg": "standby", "timeline": row[0][0] if row and row[0][0] else tli,
+                    "receiver": row[0][1] if row else None}
+        tli = pg_query(dsn, "select ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))"
+                       "::bit(32)::int", timeout=timeout)[0][0]
+        rows = pg_query(dsn, "select application_name, state, sync_state, "
+                        "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
+                        "from pg_stat_replication order by application_name", timeout=timeout)
+        return {"pg": "primary", "timeline": tli,
+                "replication": [{"standby": r[0], "state": r[1], "sync_state": r[2],
+                                 "lag_bytes": r[3]} for r in rows]}
+
+
+# --------------------------------------------------------------------------------------------
+# the agent: observer threads feed Observations; one loop decides and acts
+# --------------------------------------------------------------------------------------------
+
+
+class Observations:
+    """Written by the observer threads and the server, read as a snapshot by the loop."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.contact_at = {}  # peer -> end of our last successful round trip to its agent
+        self.alive_at = {}    # node -> last sign that it serves as primary
+
+    def contact(self, peer, at):
+        with self._lock:
+            self.contact_at[peer] = at
+
+    def alive(self, node, at):
+        with self._lock:
+            self.alive_at[node] = max(at, self.alive_at.get(node, at))
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self.contact_at), dict(self.alive_at)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """One line per event, even when PostgreSQL's tools answer in several."""
+
+    def format(self, record):
+        return super().format(record).replace("\n", " | ")
+
+
+class _RoleFilter(logging.Filter):
+    def __init__(self, agent):
+        super().__init__()
+        self.agent = agent
+
+    def filter(self, record):
+        record.node, record.role = self.agent.cfg.me.name, self.agent.role_name()
+        return True
+
+
+class Agent:
+    """What every agent does: serve peers, exchange heartbeats, learn newer views, and log one
+    sentence per decision (when it changes, and every REPEAT_LOG seconds while it holds)."""
+
+    REPEAT_LOG = 30.0
+
+    def __init__(self, cfg, key, default_view):
+        self.cfg, self.key = cfg, key
+        self.started_at = time.monotonic()
+        self.observations = Observations()
+        self.stop = threading.Event()
+        self.state = StateFile(os.path.join(cfg.state_dir, "view.json"), default_view)
+        self.events = EventLog(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
+        self.log = logging.getLogger("bobry")
+        self.log.addFilter(_RoleFilter(self))
+        self._view_lock = threading.Lock()
+        self.view = default_view
+        self._last_said = (None, 0.0)
+
+    # -- views ---------------------------------------------------------------------------
+    def learn(self, offered, source):
+        try:
+            view = View.from_dict(offered)
+        except (ValueError, KeyError, TypeError) as exc:
+            self.log.warning("ignored a view from %s: %s", source, exc)
+            return
+        if view.primary not in self.cfg.nodes or (view.eligible and view.eligible not in
+                                                  self.cfg.nodes):
+            self.log.warning("ignored a view from %s naming unknown nodes: %s", source, offered)
+            return
+        with self._view_lock:
+            if newer_view(self.view, view) is self.view:
+                return
+            self.state.save(view)
+            self.log.info("learned from %s: %s is the primary of term %d (eligible: %s)",
+                          source, view.primary, view.term, view.eligible)
+            self.view = view
+
+    # -- peers ---------------------------------------------------------------------------
+    def status_body(self):
+        raise NotImplementedError
+
+    def note_status(self, sender, body, at):
+        if isinstance(body.get("view"), dict):
+            self.learn(body["view"], sender)
+        if body.get("pg") == "primary":
+            self.observations.alive(sender, at)
+
+    def handle(self, sender, kind, body):
+        if kind == "status":
+            self.note_status(sender, body, time.monotonic())
+            return self.status_body()
+        raise ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
+
+    def _heartbeats(self, peer):
+        interval = self.cfg.timing.check_interval
+        while not self.stop.is_set():
+            began = time.monotonic()
+            try:
+                body = call(self.cfg, self.key, peer, "status", self.status_body(),
+                            self.cfg.timing.probe_timeout)
+                at = time.monotonic()
+                self.observations.contact(peer.name, at)
+                self.note_status(peer.name, body, at)
+            except (OSError, ProtocolError) as exc:
+                self.log.debug("no heartbeat from %s: %s", peer.name, exc)
+            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+
+    def _probe_primary(self):
+        """Can a client reach the primary's PostgreSQL and does it say it is a primary?"""
+        interval = self.cfg.timing.check_interval
+        while not self.stop.is_set():
+            began = time.monotonic()
+            primary = self.view.primary
+            if primary != self.cfg.me.name:
+                try:
+                    rows = pg_query(remote_dsn(self.cfg, self.cfg.nodes[primary]),
+                                    "select pg_is_in_recovery()",
+                                    timeout=self.cfg.timing.probe_timeout)
+                    if not rows[0][0]:
+                        self.observations.alive(primary, time.monotonic())
+                except (psycopg2.Error, TimeoutError, OSError):
+                    pass
+            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+
+    def start_observers(self, peers):
+        server = AgentServer(self.cfg, self.key, self.handle, self.log)
+        threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
+        for peer in peers:
+            threading.Thread(target=self._heartbeats, args=(peer,), name=f"hb-{peer.name}",
+                             daemon=True).start()
+        threading.Thread(target=self._probe_primary, name="probe", daemon=True).start()
+        return server
+
+    # -- the loop ------------------------------------------------------------------------
+    def say(self, decision):
+        """Log the decision when it changes (figures aside) or has held for REPEAT_LOG s."""
+        shape = (decision.action, "".join(c for c in decision.reason if not c.isdigit()))
+        now = time.monotonic()
+        if shape != self._last_said[0] or now - self._last_said[1] >= self.REPEAT_LOG:
+            self.log.info("%s. %s", decision.action, decision.reason)
+            self._last_said = (shape, now)
+
+    def run_loop(self, tick):
+        interval = self.cfg.timing.check_interval
+        while not self.stop.is_set():
+            began = time.monotonic()
+            try:
+                tick()
+            except (RuntimeError, OSError, psycopg2.Error, TimeoutError,
+                    subprocess.SubprocessError) as exc:
+                self.log.error("%s: %s", type(exc).__name__, exc)
+                self.stop.wait(1.0)  # the failed step is retried on a later tick
+            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+
+
+class DbAgent(Agent):
+    """The agent of a database node (primary or standby; which one is the arbiter's view)."""
+
+    LOCAL_TIMEOUT = 1.0  # the local PostgreSQL answers over a unix socket, or counts as down
+
+    def __init__(self, cfg, key):
+        default = View(0, cfg.by_role("primary").name, cfg.by_role("standby").name)
+        super().__init__(cfg, key, default)
+        self.view = self.state.load()
+        self.pg = LocalPostgres(cfg)
+        self.fence = Fence(cfg.me.pg_port)
+        self.fenced = False
+        self.pg_state, self.pg_down_since = "down", None
+        self.other = cfg.other_db(cfg.me.name)
+
+    def role_name(self):
+        return "primary" if self.view.primary == self.cfg.me.name else "standby"
+
+    def status_body(self):
+        return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.pg_state,
+                "fenced": self.fenced, "view": self.view.as_dict()}
+
+    def run(self):
+        self.pg.prepare_dirs()
+        self.fence.install()
+        self.fenced = self.fence.is_fenced()  # what iptables says, not what we remember
+        self.log.info("starting: view %s, %s", self.view.as_dict(),
+                      "fenced" if self.fenced else "not fenced")
+        server = self.start_observers([self.other, self.cfg.arbiter])
+        try:
+            self.run_loop(self.tick)
+        finally:
+            server.shutdown()
+
+    def tick(self):
+        if not self.pg.data_exists():
+            self.bootstrap()
+            return
+        self.pg_state, sync_names = self.pg.status(self.LOCAL_TIMEOUT)
+        now = time.monotonic()
+        if self.pg_state != "down":
+            self.pg_down_since = None
+        elif self.pg_down_since is None:
+            self.pg_down_since = now
+        contact_at, alive_at = self.observations.snapshot()
+        obs = DbObservation(
+            now=now, started_at=self.started_at, pg=self.pg_state,
+            pg_down_since=self.pg_down_since, has_standby_signal=self.pg.has_standby_signal(),
+            fenced=self.fenced, view=self.view, contact_at=contact_at,
+            primary_alive_at=alive_at.get(self.view.primary), sync_names=sync_names)
+        decision = decide_db(self.cfg.me.name, self.other.name, self.cfg.arbiter.name, obs,
+                             self.cfg.timing)
+        self.say(decision)
+        getattr(self, "do_" + decision.action)(decision)
+
+    def bootstrap(self):
+        decision = bootstrap_action(self.cfg.me.name, False, self.view)
+        self.say(decision)
+        if decision.action == "initdb":
+            self.pg.initdb(self.view)
+        elif decision.action == "basebackup":
+            self.pg.basebackup(self.view)
+        else:
+            return
+        self.events(decision.action)
+        self.pg.start()
+
+    # -- actions -------------------------------------------------------------------------
+    def do_none(self, decision):
+        pass
+
+    def do_fence(self, decision):
+        self.fence.apply()
+        self.fenced = True
+        self.events("fenced", reason=decision.reason, term=self.view.term)
+        try:
+            self.pg.terminate_clients()  # sessions opened before the fence end now
+        except (psycopg2.Error, TimeoutError, OSError) as exc:
+            self.log.warning("fenced, but could not end client sessions: %s", exc)
+
+    def do_unfence(self, decision):
+        self.fence.lift()
+        self.fenced = False
+        self.events("unfenced", reason=decision.reason, term=self.view.term)
+
+    def do_promote(self, decision):
+        # The view has no eligible standby: the new primary does not wait for the old one.
+        self.pg.write_config(self.view)
+        self.pg.reload()
+        self.pg.promote()
+        self.events("promoted", term=self.view.term)
+        self.log.info("promoted: I am the primary of term %d", self.view.term)
+
+    def do_request_promotion(self, decision):
+        self._ask_arbiter("promote", self.do_promote)
+
+    def do_resume(self, decision):
+        def restart(_):
+            self.pg.write_config(self.view)
+            self.pg.start()
+            self.events("restarted", term=self.view.term)
+        self._ask_arbiter("resume", restart)
+
+    def _ask_arbiter(self, kind, then):
+        arbiter = self.cfg.arbiter
+        try:
+            reply = call(self.cfg, self.key, arbiter, kind, {"term": self.view.term},
+                         2 * self.cfg.timing.probe_timeout)
+        except (OSError, ProtocolError) as exc:
+            self.log.warning("%s: no answer from %s: %s", kind, arbiter.name, exc)
+            return
+        if not reply.get("granted"):
+            self.log.info("%s refused by %s: %s", kind, arbiter.name, reply.get("reason"))
+            return
+        self.learn(reply.get("view", {}), arbiter.name)  # persisted before we act on it
+        if self.view.primary == self.cfg.me.name:
+            self.log.info("%s granted by %s: %s", kind, arbiter.name, reply.get("reason"))
+            then(None)
+
+    def do_start_standby(self, decision):
+        self.pg.write_config(self.view)
+        self.pg.start()
+        self.events("started_standby", primary=self.view.primary)
+
+    def do_set_sync(self, decision):
+        self.pg.write_config(self.view)
+        self.pg.reload()
+        self.events("sync_standby", names=desired_sync_names(self.view), term=self.view.term)
+
+
+class ArbiterAgent(Agent):
+    """The arbiter: the one place where terms are created, durably, one at a time."""
+
+    def __init__(self, cfg, key):
+        default = View(1, cfg.by_role("primary").name, cfg.by_role("standby").name)
+        super().__init__(cfg, key, default)
+        self._grant_lock = threading.Lock()
+
+    def role_name(self):
+        return "arbiter"
+
+    def status_body(self):
+        return {"node": self.cfg.me.name, "role": "arbiter", "pg": "none", "fenced": False,
+                "view": self.view.as_dict()}
+
+    def run(self):
+        for d in (self.cfg.state_dir, self.cfg.log_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.view = self.state.load()
+        if not os.path.exists(self.state.path):
+            self.state.save(self.view)  # term 1 exists durably before anyone is told of it
+        self.log.info("starting: view %s", self.view.as_dict())
+        server = self.start_observers(self.cfg.db_nodes)
+        try:
+            self.run_loop(self.tick)
+        finally:
+            server.shutdown()
+
+    def tick(self):
+        contact_at, alive_at = self.observations.snapshot()
+        now, view = time.monotonic(), self.view
+        seen = _age(now, self.started_at, alive_at.get(view.primary))
+        peers = ", ".join(f"{n.name} {'reachable' if _age(now, self.started_at, contact_at.get(n.name)) < self.cfg.timing.fence_timeout else 'unreachable'}"  # noqa: E501
+                          for n in self.cfg.db_nodes)
+        self.say(Decision("none", f"I am ({self.cfg.me.name}) the arbiter of term {view.term}: "
+                                  f"{view.primary} is primary (seen {seen:.1f} s ago), eligible "
+                                  f"standby {view.eligible}; {peers}"))
+
+    def handle(self, sender, kind, body):
+        if kind == "status":
+            return super().handle(sender, kind, body)
+        term = body.get("term")
+        if not isinstance(term, int) or sender not in {n.name for n in self.cfg.db_nodes}:
+            raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
+        with self._grant_lock:
+            now = time.monotonic()
+            if kind == "promote":
+                _, alive_at = self.observations.snapshot()
+                granted, new, reason = decide_grant(self.view, sender, term,
+                                                    alive_at.get(self.view.primary), now,
+                                                    self.started_at, self.cfg.timing)
+                if new != self.view:
+                    self.state.save(new)  # durable before the candidate hears of it
+                    self.view = new
+                    self.events("granted", primary=new.primary, term=new.term, reason=reason)
+            else:
+                granted, reason = decide_resume(self.view, sender, term)
+                if granted:  # its PostgreSQL comes back now: no promotion for a while
+                    self.observations.alive(sender, now)
+            self.log.info("%s from %s: %s. %s", kind, sender,
+                          "granted" if granted else "refused", reason)
+            return {"granted": granted, "reason": reason, "view": self.view.as_dict()}
+
+
+def status_command(cfg, key):
+    """This host's status as JSON, for `lab status` and for people."""
+    out = {"node": cfg.me.name, "address": cfg.me.address, "config_role": cfg.me.role}
+    try:
+        body = call(cfg, key, cfg.me, "status", {}, timeout=2.0)
+        out.update(agent="up", role=body.get("role"), view=body.get("view"))
+    except (OSError, ProtocolError) as exc:
+        out.update(agent="down", agent_error=str(exc))
+    if cfg.me.role != "arbiter":
+        out["fenced"] = Fence(cfg.me.pg_port).is_fenced()
+        try:
+            out.update(LocalPostgres(cfg).timeline_and_replication())
+        except (psycopg2.Error, TimeoutError, OSError):
+            out["pg"] = "down"
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Bobry failover agent")
+    parser.add_argument("--config", required=True, help="the cluster's agent.ini")
+    parser.add_argument("--node", required=True, help="which node of the cluster this host is")
+    parser.add_argument("command", nargs="?", choices=["run", "status"], default="run")
+    parser.add_argument("--debug", action="store_true", help="log every heartbeat failure")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.node)
+        key = read_secret(cfg.agent_key_file).encode()
+    except ConfigError as exc:
+        print(f"bobry: bad config: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "status":
+        return status_command(cfg, key)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(node)s %(role)s %(levelname)s "
+                                           "%(message)s"))
+    logging.getLogger("bobry").addHandler(handler)
+    logging.getLogger("bobry").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    agent = (ArbiterAgent if cfg.me.role == "arbiter" else DbAgent)(cfg, key)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    try:
+        agent.run()
+    except ConfigError as exc:
+        agent.log.error("bad state or secret: %s", exc)
+        return 2
+    agent.log.info("stopped (PostgreSQL, if running, keeps running)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

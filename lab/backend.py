@@ -1,0 +1,227 @@
+"""The interface every lab backend implements, and what is built on it once for all backends:
+fault injection, PostgreSQL control, status."""
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import agent  # noqa: E402  (agent.py is one file at the top of the repository)
+
+DB_HOSTS = ("pg1", "pg2")
+AGENT_HOSTS = ("pg1", "pg2", "arb")
+CLIENT = "client"
+HOSTS = AGENT_HOSTS + (CLIENT,)
+
+# The lab's own iptables chains, apart from the agent's fence chain: healing a fault never
+# touches a fence, and the agent's unfencing never heals a fault.
+CHAIN_IN, CHAIN_OUT = "bobry-lab-in", "bobry-lab-out"
+
+
+class LabError(Exception):
+    pass
+
+
+def check_host(host, allowed=HOSTS):
+    if host not in allowed:
+        raise LabError(f"unknown host {host!r} (hosts: {', '.join(allowed)})")
+    return host
+
+
+class Backend:
+    """Subclasses provide addresses, config_file, run(), spawn(), the agent's life cycle, up()
+    and down(). Commands are argv lists; a backend decides how they reach the host."""
+
+    name = "?"
+    addresses = {}     # host -> address on the lab network
+    config_file = None  # the agent.ini the hosts use, as a local path
+    lab_dir = None      # where reports and client-side files go
+
+    # -- to implement ----------------------------------------------------------------------
+    def run(self, host, argv, timeout=60, input=None):
+        raise NotImplementedError
+
+    def spawn(self, host, argv, log_path):
+        raise NotImplementedError
+
+    def up(self, progress=print):
+        raise NotImplementedError
+
+    def down(self):
+        raise NotImplementedError
+
+    def start_agent(self, host):
+        raise NotImplementedError
+
+    def signal_agent(self, host, signame):
+        raise NotImplementedError
+
+    def agent_argv(self, host, *args):
+        raise NotImplementedError
+
+    def as_postgres(self, argv):
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------
+    def config(self, host):
+        return agent.load_config(str(self.config_file), host)
+
+    def must(self, host, argv, timeout=60, input=None):
+        result = self.run(host, argv, timeout=timeout, input=input)
+        if result.returncode != 0:
+            raise LabError(f"{host}: {shlex.join(argv)} failed ({result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()}")
+        return result.stdout
+
+    def iptables(self, host, *args):
+        return self.must(host, ["iptables", "-w", "5", *args])
+
+    def install_fault_chains(self, host):
+        for chain, hook in ((CHAIN_IN, "INPUT"), (CHAIN_OUT, "OUTPUT")):
+            if self.run(host, ["iptables", "-w", "5", "-n", "-L", chain]).returncode != 0:
+                self.iptables(host, "-N", chain)
+            if self.run(host, ["iptables", "-w", "5", "-C", hook, "-j", chain]).returncode != 0:
+                self.iptables(host, "-I", hook, "1", "-j", chain)
+
+    def _link_rules(self, host, peer):
+        peer_address = self.addresses[peer]
+        return ((CHAIN_IN, "-s", peer_address), (CHAIN_OUT, "-d", peer_address))
+
+    def cut(self, a, b):
+        """Drop everything between a and b, in both directions, on both ends (DROP, not
+        REJECT: a partition is silence, and connection attempts must wait for their timeouts)."""
+        check_host(a), check_host(b)
+        if a == b:
+            raise LabError("a link joins two different hosts")
+        for host, peer in ((a, b), (b, a)):
+            for chain, flag, address in self._link_rules(host, peer):
+                rule = [flag, address, "-j", "DROP"]
+                if self.run(host, ["iptables", "-w", "5", "-C", chain, *rule]).returncode != 0:
+                    self.iptables(host, "-A", chain, *rule)
+
+    def _uncut(self, a, b):
+        for host, peer in ((a, b), (b, a)):
+            for chain, flag, address in self._link_rules(host, peer):
+                rule = [chain, flag, address, "-j", "DROP"]
+                while self.run(host, ["iptables", "-w", "5", "-D", *rule]).returncode == 0:
+                    pass
+
+    def isolate(self, host):
+        check_host(host)
+        for other in HOSTS:
+            if other != host:
+                self.cut(host, other)
+
+    def heal(self, a=None, b=None):
+        """No host: every fault on every host. One host: all of its links. Two: that link."""
+        if a is None:
+            for host in HOSTS:
+                for chain in (CHAIN_IN, CHAIN_OUT):
+                    self.run(host, ["iptables", "-w", "5", "-F", chain])  # the lab's own chains
+                self.run(host, ["tc", "qdisc", "del", "dev", self.interface, "root"])
+            return
+        check_host(a)
+        for other in ([b] if b else [h for h in HOSTS if h != a]):
+            check_host(other)
+            self._uncut(a, other)
+
+    def set_loss(self, host, probability):
+        """Random loss of incoming packets on the lab interface (this kernel has no netem)."""
+        self.iptables(host, "-A", CHAIN_IN, "-i", self.interface, "-m", "statistic", "--mode",
+                      "random", "--probability", str(probability), "-j", "DROP")
+
+    def cap_bandwidth(self, host, rate="8mbit"):
+        self.must(host, ["tc", "qdisc", "replace", "dev", self.interface, "root", "tbf", "rate",
+                         rate, "burst", "32kbit", "latency", "400ms"])
+
+    interface = "eth0"
+
+    # -- PostgreSQL on a host ---------------------------------------------------------------
+    def pg_ctl(self, host, *args, timeout=90):
+        cfg = self.config(host)
+        return self.run(host, self.as_postgres([f"{cfg.pg_bin}/pg_ctl", "-D", cfg.data_dir,
+                                                *args]), timeout=timeout)
+
+    def stop_pg(self, host):
+        check_host(host, DB_HOSTS)
+        result = self.pg_ctl(host, "stop", "-m", "fast", "-t", "10")
+        if result.returncode != 0:  # a fast stop can hang on an unreachable standby
+            result = self.pg_ctl(host, "stop", "-m", "immediate", "-t", "10")
+        return result
+
+    def start_pg(self, host):
+        check_host(host, DB_HOSTS)
+        cfg = self.config(host)
+        return self.pg_ctl(host, "start", "-w", "-t", "60", "-l", f"{cfg.log_dir}/postgresql.log")
+
+    def psql_argv(self, host, sql=None):
+        cfg = self.config(host)
+        argv = self.as_postgres(["psql", "-X", "-h", cfg.run_dir, "-p", str(cfg.me.pg_port),
+                                 "-U", "postgres", "-d", cfg.app_database])
+        return argv + (["-At", "-v", "ON_ERROR_STOP=1", "-c", sql] if sql else [])
+
+    def sql(self, host, sql, timeout=30):
+        """Rows (lists of strings) of a statement run locally on a database host."""
+        out = self.must(host, self.psql_argv(host, sql), timeout=timeout)
+        return [line.split("|") for line in out.splitlines() if line]
+
+    def dsn(self, **extra):
+        cfg = self.config(DB_HOSTS[0])
+        hosts = ",".join(self.addresses[h] for h in DB_HOSTS)
+        ports = ",".join(str(self.config(h).me.pg_port) for h in DB_HOSTS)
+        parts = {"host": hosts, "port": ports, "dbname": cfg.app_database, "user": cfg.app_user,
+                 "target_session_attrs": "read-write", "connect_timeout": "2", **extra}
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    # -- status --------------------------------------------------------------------------
+    def host_status(self, host):
+        result = self.run(host, self.agent_argv(host, "status"), timeout=20)
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            return {"node": host, "agent": "?", "pg": "?",
+                    "error": (result.stderr or result.stdout).strip()[-300:]}
+
+    def status(self):
+        return [self.host_status(h) for h in AGENT_HOSTS]
+
+    def events(self):
+        """Every agent's events.jsonl, merged in time order."""
+        merged = []
+        for host in AGENT_HOSTS:
+            path = f"{self.config(host).log_dir}/events.jsonl"
+            result = self.run(host, ["cat", path])
+            for line in result.stdout.splitlines():
+                try:
+                    merged.append(json.loads(line))
+                except ValueError:
+                    continue
+        return sorted(merged, key=lambda e: e["t"])
+
+    def primary_with_sync_standby(self):
+        """The name of the primary once its standby streams synchronously, else None."""
+        for st in self.status():
+            for rep in st.get("replication") or []:
+                if rep.get("sync_state") == "sync" and rep.get("state") == "streaming":
+                    return st["node"]
+        return None
+
+    def wait_until(self, what, predicate, timeout, progress=None, interval=0.5):
+        began, shown = time.monotonic(), -1
+        while True:
+            value = predicate()
+            if value:
+                if progress:
+                    progress(f"\r{what}: ready after {time.monotonic() - began:.1f} s\n", end="")
+                return value
+            elapsed = time.monotonic() - began
+            if elapsed > timeout:
+                if progress:
+                    progress("\n", end="")
+                raise LabError(f"timed out after {timeout:.0f} s waiting for {what}")
+            if progress and int(elapsed) != shown:
+                shown = int(elapsed)
+                progress(f"\r{what} … {shown} s", end="")
+            time.sleep(interval)

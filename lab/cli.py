@@ -1,0 +1,180 @@
+"""python -m lab [--backend netns|vagrant] COMMAND …  (python -m lab --help lists them)"""
+import argparse
+import json
+import sys
+
+from lab.backend import DB_HOSTS, HOSTS, LabError, check_host
+
+
+def progress(text, end="\n"):
+    print(text, end=end, file=sys.stderr, flush=True)
+
+
+def make_backend(name):
+    if name == "vagrant":
+        from lab.vagrant import VagrantBackend
+        return VagrantBackend()
+    from lab.netns import NetnsBackend
+    return NetnsBackend()
+
+
+def status_table(rows):
+    header = ("host", "address", "agent", "postgres", "timeline", "fenced", "term", "replication")
+    lines = [header]
+    for st in rows:
+        view = st.get("view") or {}
+        reps = "; ".join(f"{r['standby']} {r['state']} {r['sync_state']} lag {r['lag_bytes']} B"
+                         for r in st.get("replication") or [])
+        if st.get("pg") == "standby":
+            reps = f"receiver {st.get('receiver') or 'down'}"
+        lines.append((st.get("node", "?"), st.get("address", "?"), st.get("agent", "?"),
+                      st.get("pg", "-") if st.get("config_role") != "arbiter" else "-",
+                      str(st.get("timeline", "-")), str(st.get("fenced", "-")),
+                      str(view.get("term", "-")), reps or "-"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in lines)
+
+
+def cmd_up(backend, args):
+    backend.up(progress)
+    backend.wait_until("waiting for a primary with a synchronous standby",
+                       backend.primary_with_sync_standby, args.timeout, progress)
+    print(status_table(backend.status()))
+
+
+def cmd_status(backend, args):
+    rows = backend.status()
+    print(json.dumps(rows, indent=2) if args.json else status_table(rows))
+
+
+def cmd_down(backend, args):
+    backend.down()
+    progress("lab down")
+
+
+def cmd_sh(backend, args):
+    return backend.interactive(check_host(args.host), args.cmd)
+
+
+def cmd_psql(backend, args):
+    check_host(args.host, DB_HOSTS)
+    return backend.interactive(args.host, backend.psql_argv(args.host, args.c))
+
+
+def cmd_dsn(backend, args):
+    print(backend.dsn())
+
+
+def cmd_cut(backend, args):
+    backend.cut(args.a, args.b)
+    print(f"cut the link {args.a} <-> {args.b}")
+
+
+def cmd_isolate(backend, args):
+    backend.isolate(args.host)
+    print(f"isolated {args.host} from {', '.join(h for h in HOSTS if h != args.host)}")
+
+
+def cmd_heal(backend, args):
+    backend.heal(args.a, args.b)
+    what = (f"the link {args.a} <-> {args.b}" if args.b else
+            f"every link of {args.a}" if args.a else "every fault on every host")
+    print(f"healed {what}")
+
+
+def cmd_kill_agent(backend, args):
+    pid = backend.signal_agent(args.host, args.signal)
+    print(f"sent SIG{args.signal} to the agent on {args.host} (pid {pid})")
+
+
+def cmd_start_agent(backend, args):
+    pid = backend.start_agent(args.host)
+    print(f"agent on {args.host} running (pid {pid})")
+
+
+def cmd_stop_pg(backend, args):
+    result = backend.stop_pg(args.host)
+    print(f"stop PostgreSQL on {args.host}: {(result.stdout + result.stderr).strip()}")
+    return result.returncode
+
+
+def cmd_start_pg(backend, args):
+    result = backend.start_pg(args.host)
+    print(f"start PostgreSQL on {args.host}: {(result.stdout + result.stderr).strip()}")
+    return result.returncode
+
+
+def cmd_experiment(backend, args):
+    from lab import experiments
+    result = experiments.EXPERIMENTS[args.name](backend, progress, args)
+    print(json.dumps(result, indent=2) if args.json else experiments.report(args.name, result))
+    return 0 if result.get("ok") else 1
+
+
+def cmd_bench(backend, args):
+    from lab import bench
+    result = bench.failover(backend, progress, args.trials)
+    print(json.dumps(result, indent=2) if args.json else bench.report(result))
+    return 0 if result.get("ok") else 1
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
+    p.add_argument("--backend", choices=["netns", "vagrant"], default="netns",
+                   help="netns: the embedded lab on this machine (default); vagrant: VMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text):
+        sp = sub.add_parser(name, help=help_text)
+        sp.set_defaults(func=func)
+        return sp
+
+    add("up", cmd_up, "build the lab and wait for primary + sync standby").add_argument(
+        "--timeout", type=float, default=180)
+    add("status", cmd_status, "one line per host").add_argument("--json", action="store_true")
+    add("down", cmd_down, "stop everything the lab started and remove it")
+    sp = add("sh", cmd_sh, "run a command on a host")
+    sp.add_argument("host")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER)
+    sp = add("psql", cmd_psql, "psql on a database host (local socket, as postgres)")
+    sp.add_argument("host")
+    sp.add_argument("-c", help="run one statement and exit")
+    add("dsn", cmd_dsn, "the clients' multi-host connection string")
+    sp = add("cut", cmd_cut, "drop all traffic between two hosts")
+    sp.add_argument("a")
+    sp.add_argument("b")
+    add("isolate", cmd_isolate, "cut every link of a host").add_argument("host")
+    sp = add("heal", cmd_heal, "heal every fault, a host's links, or one link")
+    sp.add_argument("a", nargs="?")
+    sp.add_argument("b", nargs="?")
+    sp = add("kill-agent", cmd_kill_agent, "signal a host's agent")
+    sp.add_argument("host")
+    sp.add_argument("--signal", choices=["KILL", "TERM", "STOP", "CONT"], default="KILL")
+    add("start-agent", cmd_start_agent, "start a host's agent").add_argument("host")
+    add("stop-pg", cmd_stop_pg, "stop PostgreSQL on a host (fast)").add_argument("host")
+    add("start-pg", cmd_start_pg, "start PostgreSQL on a host as its data dir says").add_argument(
+        "host")
+    sp = add("experiment", cmd_experiment, "run a scripted experiment and report")
+    sp.add_argument("name", choices=["failover", "jitter"])
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
+    sp = add("bench", cmd_bench, "repeat the failover experiment and print medians")
+    sp.add_argument("what", choices=["failover"])
+    sp.add_argument("--trials", type=int, default=10)
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    backend = make_backend(args.backend)
+    try:
+        return args.func(backend, args) or 0
+    except LabError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
