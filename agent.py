@@ -1102,7 +1102,9 @@ class DbAgent(Agent):
         self.other = cfg.other_db(cfg.me.name)
 
     def role_name(self):
-        return "primary" if self.view.primary == self.cfg.me.name else "standby"
+        if self.view.primary == self.cfg.me.name:
+            return "primary"
+        return "replaced" if self.pg_state == "primary" else "standby"
 
     def status_body(self):
         return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.pg_state,

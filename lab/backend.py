@@ -38,6 +38,7 @@ class Backend:
     addresses = {}     # host -> address on the lab network
     config_file = None  # the agent.ini the hosts use, as a local path
     lab_dir = None      # where reports and client-side files go
+    client_pgpass = None  # on the client host: the passfile with the application's password
 
     # -- to implement ----------------------------------------------------------------------
     def run(self, host, argv, timeout=60, input=None):
@@ -166,6 +167,13 @@ class Backend:
         """Rows (lists of strings) of a statement run locally on a database host."""
         out = self.must(host, self.psql_argv(host, sql), timeout=timeout)
         return [line.split("|") for line in out.splitlines() if line]
+
+    def client_sql(self, sql, dsn=None, timeout=30):
+        """Run SQL from the client host, as the application would (multi-host string by
+        default). Returns the CompletedProcess; raises subprocess.TimeoutExpired."""
+        argv = ["env", f"PGPASSFILE={self.client_pgpass}", "psql", "-X", "-At", "-v",
+                "ON_ERROR_STOP=1", dsn or self.dsn(), "-c", sql]
+        return self.run(CLIENT, argv, timeout=timeout)
 
     def dsn(self, **extra):
         cfg = self.config(DB_HOSTS[0])

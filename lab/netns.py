@@ -40,6 +40,7 @@ class NetnsBackend(Backend):
         self.lab_dir = Path(lab_dir or os.environ.get("BOBRY_LAB_DIR", DEFAULT_DIR))
         self.config_file = self.lab_dir / "agent.ini"
         self.pid_dir = self.lab_dir / "pids"
+        self.client_pgpass = self.lab_dir / "client.pgpass"
 
     @staticmethod
     def ns(host):
@@ -157,9 +158,8 @@ class NetnsBackend(Backend):
                 path.write_text(secrets.token_hex(24) + "\n")
                 path.chmod(0o600)
         app_password = (secrets_dir / "app.password").read_text().strip()
-        client_pgpass = self.lab_dir / "client.pgpass"
-        client_pgpass.write_text(f"*:*:*:app:{app_password}\n")
-        client_pgpass.chmod(0o600)
+        self.client_pgpass.write_text(f"*:*:*:app:{app_password}\n")
+        self.client_pgpass.chmod(0o600)
         for host in HOSTS:
             (self.lab_dir / "hosts" / host).mkdir(mode=0o755, parents=True, exist_ok=True)
         if not self.config_file.exists():
@@ -177,6 +177,7 @@ class NetnsBackend(Backend):
                           ("app_password_file", "app.password"),
                           ("agent_key_file", "agent.key")):
             cluster[key] = str(secrets_dir / name)
+        parser["postgres"]["bin_dir"] = installed_pg_bin()
         host_dir = self.lab_dir / "hosts" / "{node}"
         parser["postgres"]["data_dir"] = str(host_dir / "pgdata" / "data")
         parser["postgres"]["run_dir"] = str(host_dir / "run")
@@ -232,6 +233,16 @@ class NetnsBackend(Backend):
                 _reap(pid)
             if not pids():
                 return
+
+
+def installed_pg_bin():
+    """The newest PostgreSQL (13 or later) that Debian/Ubuntu installed."""
+    root = Path("/usr/lib/postgresql")
+    versions = [int(d.name) for d in root.glob("*")
+                if d.name.isdigit() and int(d.name) >= 13 and (d / "bin" / "initdb").exists()]
+    if not versions:
+        raise LabError(f"no PostgreSQL 13+ under {root} (run provision/local.sh setup)")
+    return str(root / str(max(versions)) / "bin")
 
 
 def _reap(pid):
