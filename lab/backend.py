@@ -65,6 +65,20 @@ class Backend:
     def as_postgres(self, argv):
         raise NotImplementedError
 
+    def work_dir(self, name):
+        """A fresh directory on the client host for an experiment's files."""
+        raise NotImplementedError
+
+    def read_file(self, host, path):
+        """A file's text on a host ("" when it does not exist)."""
+        return self.run(host, ["cat", str(path)]).stdout
+
+    def remote_path(self, local_path):
+        """Where a file of this repository is on the hosts."""
+        raise NotImplementedError
+
+    client_python = "python3"  # on the client host, with psycopg2
+
     # -- shared ----------------------------------------------------------------------------
     def config(self, host):
         return agent.load_config(str(self.config_file), host)
@@ -179,8 +193,12 @@ class Backend:
         cfg = self.config(DB_HOSTS[0])
         hosts = ",".join(self.addresses[h] for h in DB_HOSTS)
         ports = ",".join(str(self.config(h).me.pg_port) for h in DB_HOSTS)
+        # connect_timeout: libpq's floor, 2 s per host. tcp_user_timeout and keepalives: a
+        # session on a host that went silent fails in seconds instead of hanging for minutes.
         parts = {"host": hosts, "port": ports, "dbname": cfg.app_database, "user": cfg.app_user,
-                 "target_session_attrs": "read-write", "connect_timeout": "2", **extra}
+                 "target_session_attrs": "read-write", "connect_timeout": "2",
+                 "tcp_user_timeout": "2000", "keepalives": "1", "keepalives_idle": "2",
+                 "keepalives_interval": "1", "keepalives_count": "2", **extra}
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
     # -- status --------------------------------------------------------------------------
@@ -200,8 +218,7 @@ class Backend:
         merged = []
         for host in AGENT_HOSTS:
             path = f"{self.config(host).log_dir}/events.jsonl"
-            result = self.run(host, ["cat", path])
-            for line in result.stdout.splitlines():
+            for line in self.read_file(host, path).splitlines():
                 try:
                     merged.append(json.loads(line))
                 except ValueError:

@@ -63,6 +63,22 @@ class NetnsBackend(Backend):
     def interactive(self, host, argv):
         return subprocess.call(["ip", "netns", "exec", self.ns(host), *argv])
 
+    client_python = sys.executable  # the hosts share this machine's filesystem and venv
+
+    def work_dir(self, name):
+        path = self.lab_dir / "experiments" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def read_file(self, host, path):  # one filesystem for every host: no need to go there
+        try:
+            return Path(path).read_text()
+        except FileNotFoundError:
+            return ""
+
+    def remote_path(self, local_path):
+        return str(local_path)
+
     def as_postgres(self, argv):
         return ["runuser", "-u", "postgres", "--", *argv]
 

@@ -1,0 +1,161 @@
+"""Issue 3: one scenario per rule, in the embedded lab, with real PostgreSQL, real TCP
+timeouts and real iptables. Timings are asserted with generous bounds; the safety properties
+(who promoted, how often, who is fenced) exactly."""
+import time
+
+from conftest import client_write, eventually
+
+from lab import experiments
+
+# long enough for any decision: failover_timeout (2 s) + a grant + a promotion, three times
+QUIET = 7.0
+
+
+def events_since(lab, t, kind=None):
+    return [e for e in lab.events() if e["t"] >= t and (kind is None or e["event"] == kind)]
+
+
+def promoted(lab, since):
+    return eventually(lambda: events_since(lab, since, "promoted"), 30)
+
+
+def assert_no_failover(lab, since):
+    """Nothing promoted, nothing granted, pg1 still the primary of term 1 and unfenced."""
+    assert events_since(lab, since, "promoted") == []
+    assert events_since(lab, since, "granted") == []
+    status = {s["node"]: s for s in lab.status()}
+    assert status["pg1"]["pg"] == "primary" and status["pg2"]["pg"] == "standby"
+    assert status["arb"]["view"] == {"term": 1, "primary": "pg1", "eligible": "pg2"}
+
+
+def test_rule1_and_5_isolated_primary_fails_over(lab):
+    """M isolated: M fences itself first, S is promoted once, no acknowledged write is lost,
+    the old primary acknowledged nothing after the cut and stays fenced after the heal."""
+    f = experiments.failover(lab, lambda *a, **k: None, settle=2.0)
+    assert f["promotions"] == 1
+    assert f["lost_acked"] == 0 and f["acked"] > 20
+    assert f["acked_by_old_primary_after_cut"] == 0
+    assert f["create_table_ok"], f["create_table_error"]
+    assert f["fenced_at_s"] < f["promoted_at_s"], f
+    assert f["old_primary_fenced"] and f["old_primary_after_heal"] == "replaced"
+    assert f["failover_s"] < 15  # generous: the benchmark measures speed
+    assert lab.host_status("arb")["view"] == {"term": 2, "primary": "pg2", "eligible": None}
+
+
+def test_rule4_primary_standby_link_cut_alone(lab):
+    since = time.time()
+    lab.cut("pg1", "pg2")
+    time.sleep(QUIET)
+    assert_no_failover(lab, since)
+    assert not lab.host_status("pg1")["fenced"]  # pg1 still sees the arbiter
+    log = lab.read_file("arb", f"{lab.config('arb').log_dir}/agent.log")
+    assert "promote from pg2: refused. I still see pg1" in log
+    lab.heal()
+    client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
+
+
+def test_rule2_standby_isolated(lab):
+    since = time.time()
+    lab.isolate("pg2")
+    time.sleep(QUIET)
+    assert_no_failover(lab, since)
+    assert events_since(lab, since, "fenced") == []  # pg1 still sees the arbiter
+    lab.heal()
+    client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
+
+
+def test_arbiter_isolated(lab):
+    since = time.time()
+    lab.isolate("arb")
+    time.sleep(QUIET)
+    assert_no_failover(lab, since)
+    assert events_since(lab, since, "fenced") == []  # pg1 still sees pg2
+    client_write(lab, "create table t(i int); insert into t values (1)")  # writes go on
+
+
+def test_rule3_standby_loses_arbiter_while_primary_fine(lab):
+    since = time.time()
+    lab.cut("pg2", "arb")
+    time.sleep(QUIET)
+    assert_no_failover(lab, since)
+    client_write(lab, "create table t(i int); insert into t values (1)")
+
+
+def test_primary_postgres_stopped_fails_over_and_is_not_restarted(lab):
+    since = time.time()
+    assert lab.stop_pg("pg1").returncode == 0
+    [event] = promoted(lab, since)
+    assert event["node"] == "pg2"
+    client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
+    time.sleep(8)  # beyond restart_grace: pg1's agent asked nothing and started nothing
+    status = lab.host_status("pg1")
+    assert status["pg"] == "down" and status["agent"] == "up"
+    assert events_since(lab, since, "restarted") == []
+    assert len(events_since(lab, since, "promoted")) == 1
+
+
+def test_rule8_primary_agent_restarts_postgres_only_with_the_arbiters_consent(lab):
+    """pg2 cannot take over (its agent is stopped), pg1's PostgreSQL is down and its agent
+    restarts: after restart_grace it asks the arbiter and starts PostgreSQL as primary."""
+    since = time.time()
+    lab.signal_agent("pg2", "TERM")
+    lab.signal_agent("pg1", "TERM")
+    assert lab.stop_pg("pg1").returncode == 0
+    lab.start_agent("pg1")
+    eventually(lambda: events_since(lab, since, "restarted"), 30)
+    log = lab.read_file("arb", f"{lab.config('arb').log_dir}/agent.log")
+    assert "resume from pg1: granted" in log
+    assert lab.host_status("pg1")["pg"] == "primary"
+    lab.start_agent("pg2")
+    assert eventually(lambda: lab.primary_with_sync_standby() == "pg1", 30)
+    assert events_since(lab, since, "promoted") == []
+
+
+def test_rule8_standby_agent_killed_inside_the_failover_window(lab):
+    since = time.time()
+    lab.isolate("pg1")
+    time.sleep(1.0)
+    lab.signal_agent("pg2", "KILL")
+    lab.start_agent("pg2")
+    [event] = promoted(lab, since)
+    time.sleep(QUIET)
+    assert len(events_since(lab, since, "promoted")) == 1
+    assert len(events_since(lab, since, "granted")) == 1
+    assert event["node"] == "pg2" and event["term"] == 2
+
+
+def test_rule8_arbiter_killed_while_primary_isolated_no_double_grant(lab):
+    since = time.time()
+    lab.isolate("pg1")
+    time.sleep(1.0)
+    lab.signal_agent("arb", "KILL")
+    time.sleep(2.0)
+    lab.start_agent("arb")
+    promoted(lab, since)
+    lab.signal_agent("arb", "KILL")  # and again, after the grant: the term is durable
+    lab.signal_agent("pg2", "KILL")
+    lab.start_agent("arb")
+    lab.start_agent("pg2")
+    time.sleep(QUIET)
+    assert len(events_since(lab, since, "granted")) == 1
+    assert len(events_since(lab, since, "promoted")) == 1
+    assert lab.host_status("arb")["view"] == {"term": 2, "primary": "pg2", "eligible": None}
+
+
+def test_rule6_fenced_primary_unfences_when_the_arbiter_confirms(lab):
+    """pg1 loses both peers and fences itself; pg2 cannot be promoted (its agent is paused);
+    once pg1 hears from the arbiter again, it unfences and takes writes."""
+    since = time.time()
+    lab.signal_agent("pg2", "STOP")
+    try:
+        lab.isolate("pg1")
+        eventually(lambda: events_since(lab, since, "fenced"), 10)
+        assert lab.host_status("pg1")["fenced"]
+        lab.heal()
+        eventually(lambda: events_since(lab, since, "unfenced"), 10)
+    finally:
+        lab.signal_agent("pg2", "CONT")
+    assert not lab.host_status("pg1")["fenced"]
+    client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
+    time.sleep(3)
+    assert events_since(lab, since, "promoted") == []

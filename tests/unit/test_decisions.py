@@ -1,0 +1,242 @@
+"""The agent's decisions, rule by rule (README, "Rules"), and over every combination of the
+inputs they read. Pure functions: no I/O, no clock."""
+import itertools
+
+import pytest
+
+import agent
+from agent import DbObservation, View, bootstrap_action, decide_db, decide_grant, decide_resume
+
+T = agent.Timing(check_interval=0.2, probe_timeout=0.3, fence_timeout=1.0, safety_margin=0.3,
+                 failover_timeout=2.0, restart_grace=6.0)
+NOW = 1000.0
+FRESH, LOST, LONG_LOST = NOW - 0.1, NOW - 1.5, NOW - 10.0
+TERM1 = View(1, "pg1", "pg2")
+
+
+def obs(pg="primary", view=TERM1, fenced=False, other=FRESH, arbiter=FRESH, primary=FRESH,
+        down_since=None, standby_signal=False, sync="pg2", me="pg1"):
+    peer = "pg2" if me == "pg1" else "pg1"
+    return DbObservation(now=NOW, started_at=NOW - 100, pg=pg, pg_down_since=down_since,
+                         has_standby_signal=standby_signal, fenced=fenced, view=view,
+                         contact_at={peer: other, "arb": arbiter}, primary_alive_at=primary,
+                         sync_names=sync if pg == "primary" else None)
+
+
+def m(**kw):  # the primary's agent, pg1
+    return decide_db("pg1", "pg2", "arb", obs(me="pg1", **kw), T)
+
+
+def s(**kw):  # the standby's agent, pg2
+    kw.setdefault("pg", "standby")
+    kw.setdefault("standby_signal", True)
+    return decide_db("pg2", "pg1", "arb", obs(me="pg2", **kw), T)
+
+
+# -- rule 1: S promotes only when it lost M for failover_timeout and A grants --------------
+
+def test_rule1_standby_asks_the_arbiter_after_losing_the_primary():
+    d = s(primary=NOW - 2.0)
+    assert d.action == "request_promotion" and "lost pg1 for 2.0 s" in d.reason
+
+
+def test_rule1_standby_waits_out_the_window():
+    assert s(primary=NOW - 1.9).action == "none"
+
+
+def test_rule1_a_granted_view_makes_the_standby_promote():
+    assert s(view=View(2, "pg2", None)).action == "promote"
+
+
+def test_rule1_arbiter_grants_once_and_records_a_new_term():
+    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
+    assert granted and view == View(2, "pg2", None) and "term 2" in reason
+    # the same request again (a lost reply, a restarted agent): the same answer, no new term
+    again, view2, _ = decide_grant(view, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
+    assert again and view2 == view
+    # the old primary can never be granted the term that was just given away
+    other, view3, why = decide_grant(view, "pg1", 1, None, NOW, NOW - 100, T)
+    assert not other and view3 == view and "current term is 2" in why
+
+
+def test_rule1_arbiter_refuses_a_standby_not_in_sync():
+    granted, _, reason = decide_grant(View(2, "pg2", None), "pg1", 2, None, NOW, NOW - 100, T)
+    assert not granted and "not eligible" in reason
+
+
+# -- rule 2: no promotion when S reaches neither M nor A -------------------------------------
+
+def test_rule2_no_promotion_without_the_arbiter():
+    d = s(primary=LONG_LOST, arbiter=LOST, other=LONG_LOST)
+    assert d.action == "none" and "unreachable too" in d.reason
+
+
+# -- rule 3: no promotion when S lost A but M is alive ----------------------------------------
+
+def test_rule3_primary_alive_arbiter_lost():
+    assert s(primary=FRESH, arbiter=LONG_LOST).action == "none"
+
+
+# -- rule 4: no promotion when A still sees M --------------------------------------------------
+
+def test_rule4_arbiter_refuses_while_it_sees_the_primary():
+    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 0.4, NOW, NOW - 100, T)
+    assert not granted and view == TERM1 and "I still see pg1" in reason
+
+
+def test_rule4_arbiter_just_started_counts_from_its_start():
+    granted, _, _ = decide_grant(TERM1, "pg2", 1, None, NOW, NOW - 0.5, T)
+    assert not granted
+
+
+# -- rule 5: M fences itself when it lost S and A for fence_timeout ----------------------------
+
+def test_rule5_fence_when_both_lost():
+    d = m(other=NOW - 1.0, arbiter=NOW - 1.0)
+    assert d.action == "fence" and "lost pg2" in d.reason and "arb" in d.reason
+
+
+@pytest.mark.parametrize("other,arbiter", [(FRESH, LOST), (LOST, FRESH), (NOW - 0.9, LOST)])
+def test_rule5_no_fence_while_one_peer_answers(other, arbiter):
+    assert m(other=other, arbiter=arbiter).action == "none"
+
+
+def test_rule5_timing_inequality_is_enforced():
+    bad = agent.Timing(0.2, 0.3, 1.0, 0.3, 1.7, 6.0)
+    with pytest.raises(agent.ConfigError, match="failover_timeout"):
+        agent.check_timing("agent.ini", bad)
+    agent.check_timing("agent.ini", T)  # the defaults satisfy it
+
+
+# -- rule 6: a fenced M unfences only on A's word that it still is the primary -----------------
+
+def test_rule6_unfence_when_the_arbiter_confirms():
+    d = m(fenced=True, other=LONG_LOST, arbiter=FRESH)
+    assert d.action == "unfence" and "term 1" in d.reason
+
+
+def test_rule6_stay_fenced_without_the_arbiter():
+    assert m(fenced=True, other=FRESH, arbiter=LOST).action == "none"
+
+
+def test_rule6_replaced_primary_fences_and_stays_fenced():
+    replaced = View(2, "pg2", None)
+    assert m(view=replaced).action == "fence"
+    assert m(view=replaced, fenced=True, arbiter=FRESH).action == "none"
+
+
+def test_rule6_unconfirmed_view_never_unfences():
+    assert m(view=View(0, "pg1", "pg2"), fenced=True, arbiter=FRESH).action == "none"
+
+
+# -- rule 7: decisions rest on a window, not one failed probe -----------------------------------
+
+def test_rule7_one_missed_heartbeat_is_not_loss():
+    assert m(other=NOW - 0.5, arbiter=NOW - 0.5).action == "none"
+    assert s(primary=NOW - 0.5).action == "none"
+
+
+def test_rule7_never_heard_counts_from_agent_start():
+    o = DbObservation(now=NOW, started_at=NOW - 0.5, pg="primary", pg_down_since=None,
+                      has_standby_signal=False, fenced=False, view=TERM1, contact_at={},
+                      primary_alive_at=None, sync_names="pg2")
+    assert decide_db("pg1", "pg2", "arb", o, T).action == "none"
+
+
+# -- rule 8: restart safety --------------------------------------------------------------------
+
+def test_rule8_primary_with_postgres_down_leaves_the_failover_a_chance():
+    assert m(pg="down", down_since=NOW - 3).action == "none"
+    d = m(pg="down", down_since=NOW - 6.5)
+    assert d.action == "resume" and "asking arb" in d.reason
+
+
+def test_rule8_resume_only_for_the_current_primary():
+    assert decide_resume(TERM1, "pg1", 1)[0]
+    assert not decide_resume(View(2, "pg2", None), "pg1", 1)[0]
+    assert not decide_resume(TERM1, "pg2", 1)[0]
+
+
+def test_rule8_replaced_primary_with_postgres_down_does_not_start_it():
+    d = m(view=View(2, "pg2", None), pg="down", down_since=LONG_LOST, standby_signal=False)
+    assert d.action == "none" and "not starting" in d.reason
+
+
+def test_rule8_standby_with_postgres_down_starts_it():
+    assert s(pg="down", down_since=LONG_LOST).action == "start_standby"
+
+
+def test_rule8_bootstrap_never_touches_existing_data():
+    for view in (TERM1, View(0, "pg1", "pg2"), View(5, "pg2", None)):
+        assert bootstrap_action("pg1", True, view).action == "adopt"
+    assert bootstrap_action("pg1", False, View(0, "pg1", "pg2")).action == "wait"
+    assert bootstrap_action("pg1", False, TERM1).action == "initdb"
+    assert bootstrap_action("pg2", False, TERM1).action == "basebackup"
+    assert bootstrap_action("pg1", False, View(3, "pg1", None)).action == "refuse"
+
+
+def test_views_only_move_forward():
+    assert agent.newer_view(View(2, "pg2", None), TERM1) == View(2, "pg2", None)
+    assert agent.newer_view(TERM1, View(2, "pg2", None)) == View(2, "pg2", None)
+
+
+def test_new_primary_stops_waiting_for_a_standby_the_arbiter_dropped():
+    d = decide_db("pg2", "pg1", "arb", obs(me="pg2", view=View(2, "pg2", None), sync="pg1"), T)
+    assert d.action == "set_sync" and "''" in d.reason
+
+
+# -- every combination -------------------------------------------------------------------------
+
+AGES = {"fresh": FRESH, "lost": LOST, "long": LONG_LOST, "never": None}
+VIEWS = [View(0, "pg1", "pg2"), TERM1, View(2, "pg2", None), View(3, "pg1", None)]
+
+
+def all_observations(me):
+    for pg, fenced, other, arbiter, primary, view, signal, down in itertools.product(
+            ("primary", "standby", "down"), (False, True), AGES, AGES, AGES, VIEWS,
+            (False, True), (None, NOW - 1, NOW - 10)):
+        yield obs(me=me, pg=pg, fenced=fenced, other=AGES[other], arbiter=AGES[arbiter],
+                  primary=AGES[primary], view=view, standby_signal=signal, down_since=down)
+
+
+@pytest.mark.parametrize("me", ["pg1", "pg2"])
+def test_invariants_over_every_combination(me):
+    peer = "pg2" if me == "pg1" else "pg1"
+    count = 0
+    for o in all_observations(me):
+        d = decide_db(me, peer, "arb", o, T)
+        count += 1
+        assert d.reason, o
+        age = lambda at: NOW - (at if at is not None else o.started_at)  # noqa: E731
+        if d.action == "promote":  # only with the arbiter's grant
+            assert o.view.primary == me and o.pg == "standby"
+        if d.action == "request_promotion":
+            assert o.view.primary != me and o.view.eligible == me and o.pg == "standby"
+            assert age(o.primary_alive_at) >= T.failover_timeout
+            assert age(o.contact_at["arb"]) < T.fence_timeout
+        if d.action == "unfence" and o.pg == "primary":  # a writable primary opens only
+            assert o.view.primary == me and o.view.term > 0  # on the arbiter's fresh word
+            assert age(o.contact_at["arb"]) < T.fence_timeout
+        if d.action == "resume":
+            assert o.view.primary == me and o.pg == "down" and o.view.term > 0
+        if o.pg == "primary" and o.view.primary != me:  # replaced: fenced, whatever else
+            assert d.action == ("none" if o.fenced else "fence")
+        if o.pg == "primary" and o.view.primary == me and not o.fenced:
+            both_lost = (age(o.contact_at[peer]) >= T.fence_timeout
+                         and age(o.contact_at["arb"]) >= T.fence_timeout)
+            assert (d.action == "fence") == both_lost
+        if d.action == "start_standby":
+            assert o.has_standby_signal and o.pg == "down" and o.view.primary != me
+    assert count == 3 * 2 * 4 * 4 * 4 * 4 * 2 * 3
+
+
+def test_grant_invariants_over_every_combination():
+    for view, candidate, term, seen in itertools.product(
+            VIEWS[1:], ("pg1", "pg2"), (0, 1, 2, 3), (None, NOW - 0.1, NOW - 1.9, NOW - 2.0)):
+        granted, new, _ = decide_grant(view, candidate, term, seen, NOW, NOW - 100, T)
+        if new != view:  # a new term: exactly one more, for an eligible candidate, after loss
+            assert granted and new == View(view.term + 1, candidate, None)
+            assert view.eligible == candidate and term == view.term
+            assert NOW - (seen if seen is not None else NOW - 100) >= T.failover_timeout
+        elif granted:  # no new term: only the candidate that already is the primary
+            assert view.primary == candidate
