@@ -62,8 +62,9 @@ class Backend:
     def agent_argv(self, host, *args):
         raise NotImplementedError
 
-    def as_postgres(self, argv):
-        raise NotImplementedError
+    @staticmethod
+    def as_postgres(argv):
+        return ["runuser", "-u", "postgres", "--", *argv]
 
     def work_dir(self, name):
         """A fresh directory on the client host for an experiment's files."""
@@ -104,17 +105,30 @@ class Backend:
         peer_address = self.addresses[peer]
         return ((CHAIN_IN, "-s", peer_address), (CHAIN_OUT, "-d", peer_address))
 
+    def _add_rules(self, host, rules):
+        """Append rules to the lab's chains on a host in one iptables-restore: atomically."""
+        text = "*filter\n" + "".join(f"-A {' '.join(rule)}\n" for rule in rules) + "COMMIT\n"
+        self.must(host, ["sh", "-c", f"printf %s {shlex.quote(text)} | "
+                                     "iptables-restore -w 5 --noflush"])
+
+    def _drop_rules(self, host, peers):
+        rules = []
+        for peer in peers:
+            for chain, flag, address in self._link_rules(host, peer):
+                rule = [flag, address, "-j", "DROP"]
+                if self.run(host, ["iptables", "-w", "5", "-C", chain, *rule]).returncode != 0:
+                    rules.append([chain, *rule])
+        if rules:
+            self._add_rules(host, rules)
+
     def cut(self, a, b):
         """Drop everything between a and b, in both directions, on both ends (DROP, not
         REJECT: a partition is silence, and connection attempts must wait for their timeouts)."""
         check_host(a), check_host(b)
         if a == b:
             raise LabError("a link joins two different hosts")
-        for host, peer in ((a, b), (b, a)):
-            for chain, flag, address in self._link_rules(host, peer):
-                rule = [flag, address, "-j", "DROP"]
-                if self.run(host, ["iptables", "-w", "5", "-C", chain, *rule]).returncode != 0:
-                    self.iptables(host, "-A", chain, *rule)
+        self._drop_rules(a, [b])
+        self._drop_rules(b, [a])
 
     def _uncut(self, a, b):
         for host, peer in ((a, b), (b, a)):
@@ -124,10 +138,15 @@ class Backend:
                     pass
 
     def isolate(self, host):
+        """Cut every link of host. The host's own side goes in at once (one iptables-restore):
+        the isolation starts when this returns, or earlier; the peers' sides follow."""
         check_host(host)
-        for other in HOSTS:
-            if other != host:
-                self.cut(host, other)
+        others = [h for h in HOSTS if h != host]
+        self._drop_rules(host, others)
+        started = time.time()
+        for other in others:
+            self._drop_rules(other, [host])
+        return started
 
     def heal(self, a=None, b=None):
         """No host: every fault on every host. One host: all of its links. Two: that link."""
@@ -135,7 +154,7 @@ class Backend:
             for host in HOSTS:
                 for chain in (CHAIN_IN, CHAIN_OUT):
                     self.run(host, ["iptables", "-w", "5", "-F", chain])  # the lab's own chains
-                self.run(host, ["tc", "qdisc", "del", "dev", self.interface, "root"])
+                self.run(host, ["tc", "qdisc", "del", "dev", self.lab_interface(host), "root"])
             return
         check_host(a)
         for other in ([b] if b else [h for h in HOSTS if h != a]):
@@ -144,14 +163,18 @@ class Backend:
 
     def set_loss(self, host, probability):
         """Random loss of incoming packets on the lab interface (this kernel has no netem)."""
-        self.iptables(host, "-A", CHAIN_IN, "-i", self.interface, "-m", "statistic", "--mode",
+        self.iptables(host, "-A", CHAIN_IN, "-i", self.lab_interface(host), "-m", "statistic",
+                      "--mode",
                       "random", "--probability", str(probability), "-j", "DROP")
 
     def cap_bandwidth(self, host, rate="8mbit"):
-        self.must(host, ["tc", "qdisc", "replace", "dev", self.interface, "root", "tbf", "rate",
+        self.must(host, ["tc", "qdisc", "replace", "dev", self.lab_interface(host), "root", "tbf",
+                         "rate",
                          rate, "burst", "32kbit", "latency", "400ms"])
 
-    interface = "eth0"
+    def lab_interface(self, host):
+        """The host's interface on the lab network."""
+        return "eth0"
 
     # -- PostgreSQL on a host ---------------------------------------------------------------
     def pg_ctl(self, host, *args, timeout=90):

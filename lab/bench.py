@@ -44,4 +44,6 @@ def report(s):
               f"  old primary fenced before the promotion in every trial: "
               f"{s['fenced_before_promotion']}",
               f"  verdict: {'OK' if s['ok'] else 'FAILED'}"]
+    lines += [f"  trial {i}: {', '.join(r['failed_checks'])}"
+              for i, r in enumerate(s["runs"], 1) if r["failed_checks"]]
     return "\n".join(lines)

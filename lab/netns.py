@@ -52,13 +52,12 @@ class NetnsBackend(Backend):
                               capture_output=True, text=True, timeout=timeout)
 
     def spawn(self, host, argv, log_path):
-        """A long-running process on a host (load, probe), recorded so `down` can stop it."""
-        log = open(log_path, "ab")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        log.close()
-        return proc
+        """A long-running process on a host (load, probe) in a process group of its own."""
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        return LocalProcessGroup(proc)
 
     def interactive(self, host, argv):
         return subprocess.call(["ip", "netns", "exec", self.ns(host), *argv])
@@ -78,9 +77,6 @@ class NetnsBackend(Backend):
 
     def remote_path(self, local_path):
         return str(local_path)
-
-    def as_postgres(self, argv):
-        return ["runuser", "-u", "postgres", "--", *argv]
 
     def agent_argv(self, host, *args):
         return [sys.executable, str(REPO / "agent.py"), "--config", str(self.config_file),
@@ -107,9 +103,9 @@ class NetnsBackend(Backend):
             return self.agent_pid(host)
         log_dir = self.lab_dir / "hosts" / host / "log"
         log_dir.mkdir(parents=True, exist_ok=True)
-        proc = self.spawn(host, self.agent_argv(host), log_dir / "agent.log")
-        self._pid_file(host).write_text(str(proc.pid))
-        return proc.pid
+        pid = self.spawn(host, self.agent_argv(host), log_dir / "agent.log").proc.pid
+        self._pid_file(host).write_text(str(pid))
+        return pid
 
     def signal_agent(self, host, signame):
         check_host(host, AGENT_HOSTS)
@@ -259,6 +255,25 @@ def installed_pg_bin():
     if not versions:
         raise LabError(f"no PostgreSQL 13+ under {root} (run provision/local.sh setup)")
     return str(root / str(max(versions)) / "bin")
+
+
+class LocalProcessGroup:
+    """A spawned process and its children, stopped together: TERM, then KILL."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    def stop(self):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def _reap(pid):
