@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg2
 import psycopg2.extensions
@@ -85,6 +85,7 @@ class Config:
     app_database: str
     agent_key_file: str
     client_addresses: tuple
+    strict_sync: bool
     pg_bin: str
     pg_os_user: str
     data_dir: str
@@ -129,6 +130,13 @@ def _parse_cidrs(text):
     return tuple(str(ipaddress.ip_network(p.strip())) for p in text.split(",") if p.strip())
 
 
+def _parse_bool(text):
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError("must be true or false")
+    return value == "true"
+
+
 def _parse_role(text):
     if text not in ROLES:
         raise ValueError(f"must be one of {', '.join(ROLES)}")
@@ -151,6 +159,7 @@ SCHEMA = {
         "app_database": (_parse_text, None),
         "agent_key_file": (_parse_text, None),
         "client_addresses": (_parse_cidrs, None),
+        "strict_sync": (_parse_bool, "false"),
     },
     "timing": {
         "check_interval": (_parse_positive_float, "0.2"),
@@ -263,7 +272,7 @@ def load_config(path, node_name):
         app_password_file=node_path(cluster["app_password_file"]),
         app_database=cluster["app_database"],
         agent_key_file=node_path(cluster["agent_key_file"]),
-        client_addresses=cluster["client_addresses"],
+        client_addresses=cluster["client_addresses"], strict_sync=cluster["strict_sync"],
         pg_bin=pg["bin_dir"], pg_os_user=pg["os_user"],
         data_dir=node_path(pg["data_dir"]), run_dir=node_path(pg["run_dir"]),
         state_dir=node_path(agent["state_dir"]), log_dir=node_path(agent["log_dir"]),
@@ -279,28 +288,36 @@ def load_config(path, node_name):
 @dataclass(frozen=True)
 class View:
     """The arbiter's word on the cluster: who is primary in which term, and which standby is in
-    sync (eligible for promotion). Terms only grow; only the arbiter creates a new one."""
+    sync (eligible for promotion). Only the arbiter makes a new view, and each one it makes has
+    a higher seq; a new term is made only by a promotion it grants."""
 
     term: int  # 0: not yet heard from the arbiter (a local guess from the config)
     primary: str
     eligible: str | None  # the standby that may be promoted, None when none may
+    seq: int = 0
 
     def as_dict(self):
-        return {"term": self.term, "primary": self.primary, "eligible": self.eligible}
+        return {"term": self.term, "primary": self.primary, "eligible": self.eligible,
+                "seq": self.seq}
 
     @staticmethod
     def from_dict(d):
-        term, primary, eligible = d["term"], d["primary"], d.get("eligible")
+        term, primary, eligible, seq = d["term"], d["primary"], d.get("eligible"), d.get("seq", 0)
         if not (isinstance(term, int) and term >= 0 and isinstance(primary, str)
-                and (eligible is None or isinstance(eligible, str))):
+                and isinstance(seq, int) and (eligible is None or isinstance(eligible, str))):
             raise ValueError(f"not a view: {d!r}")
-        return View(term, primary, eligible)
+        return View(term, primary, eligible, seq)
+
+    def changed(self, **fields):
+        """The next view: what changes, and a higher seq."""
+        return replace(self, seq=self.seq + 1, **fields)
 
 
 @dataclass(frozen=True)
 class Decision:
     action: str
     reason: str
+    sync_names: str | None = None  # set_sync, drop_standby: what the primary waits for next
 
 
 @dataclass(frozen=True)
@@ -317,16 +334,24 @@ class DbObservation:
     contact_at: dict           # peer -> end of the last round trip this agent made to it
     primary_alive_at: float | None  # last sign that the view's primary serves (probe or report)
     sync_names: str | None     # local synchronous_standby_names, when running
+    standby_seen_at: float | None = None  # primary: last reply from the other node's walreceiver
+    standby_streaming: bool = False  # primary: the other node streams (caught up, not catchup)
+    standby_synced: bool = False  # primary: it is the sync standby and has every acked commit
+    switchover_requested: bool = False
+    strict_sync: bool = False
 
 
 def _age(obs_now, started_at, at):
     return obs_now - (at if at is not None else started_at)
 
 
-def desired_sync_names(view):
-    """The primary waits for the eligible standby, and for no one when none is eligible: the
-    arbiter has recorded that standby as not eligible *before* this is cleared."""
-    return view.eligible or ""
+def desired_sync_names(view, standby_streaming=False, other=None):
+    """Whom the primary waits for: the eligible standby; or a standby that streams again, so
+    that it can catch up under synchronous replication before the arbiter makes it eligible;
+    else no one -- and then the arbiter has recorded it as not eligible *before* this clears."""
+    if view.eligible:
+        return view.eligible
+    return other if standby_streaming and other else ""
 
 
 def decide_db(me, other, arbiter, obs, timing):
@@ -337,20 +362,21 @@ def decide_db(me, other, arbiter, obs, timing):
     if view.primary == me:
         return _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost)
     primary = view.primary
-    if obs.pg == "primary":
-        if not obs.fenced:
-            return Decision("fence", f"{primary} is the primary of term {view.term}: I was "
-                                     "replaced, so no client may use me")
-        return Decision("none", f"fenced: {primary} replaced me in term {view.term}")
+    primary_lost = age(obs.primary_alive_at)
+    if obs.pg == "primary" and not obs.fenced:
+        return Decision("fence", f"{primary} is the primary of term {view.term}: I was "
+                                 "replaced, so no client may use me")
+    if obs.pg == "primary" or (obs.pg == "down" and not obs.has_standby_signal):
+        if primary_lost >= timing.fence_timeout:
+            return Decision("none", f"replaced by {primary} in term {view.term}; waiting to "
+                                    f"reach it to rejoin (unseen for {primary_lost:.1f} s)")
+        return Decision("rejoin", f"replaced by {primary} in term {view.term}: rewinding to "
+                                  "rejoin as its standby")
     if obs.pg == "down":
-        if obs.has_standby_signal:
-            return Decision("start_standby", f"PostgreSQL is down: starting it as a standby of "
-                                             f"{primary}")
-        return Decision("none", "PostgreSQL is down and its data dir is not a standby's: "
-                                "not starting it")
+        return Decision("start_standby", f"PostgreSQL is down: starting it as a standby of "
+                                         f"{primary}")
     if obs.fenced:
         return Decision("unfence", "I run as a read-only standby: lifting the fence")
-    primary_lost = age(obs.primary_alive_at)
     if view.eligible != me:
         return Decision("none", f"following {primary}; not eligible for promotion in term "
                                 f"{view.term} (not known to be in sync)")
@@ -379,17 +405,39 @@ def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
                                   f"happened: asking {arbiter} to let me restart it as primary")
     other_lost = age(obs.contact_at.get(other))
     if obs.fenced:
-        if arbiter_lost < timing.fence_timeout and view.term > 0:
+        if arbiter_lost < timing.fence_timeout and view.term > 0 \
+                and not obs.switchover_requested:
             return Decision("unfence", f"{arbiter} confirms I am the primary of term {view.term}")
         return Decision("none", f"fenced: waiting for {arbiter} to confirm that I am still "
                                 "the primary")
     if other_lost >= timing.fence_timeout and arbiter_lost >= timing.fence_timeout:
         return Decision("fence", f"lost {other} ({other_lost:.1f} s) and {arbiter} "
                                  f"({arbiter_lost:.1f} s): I may be replaced, fencing myself")
-    wanted = desired_sync_names(view)
+    if obs.switchover_requested:
+        if view.eligible != other:
+            return Decision("refuse_switchover", f"{other} is not in sync: no switchover")
+        if arbiter_lost >= timing.fence_timeout:
+            return Decision("refuse_switchover", f"{arbiter} is unreachable: no switchover")
+        return Decision("handover", f"switchover: fencing myself and asking {arbiter} to make "
+                                    f"{other} the primary of term {view.term + 1}")
+    standby_lost = age(obs.standby_seen_at)
+    if view.eligible == other and standby_lost >= timing.failover_timeout:
+        if obs.strict_sync:
+            return Decision("none", f"{other} streams no more ({standby_lost:.1f} s); "
+                                    "strict_sync: writes wait for it")
+        if arbiter_lost < timing.fence_timeout:
+            return Decision("drop_standby", f"{other} streams no more ({standby_lost:.1f} s): "
+                                            f"asking {arbiter} to mark it not in sync, so "
+                                            "writes resume", sync_names="")
+    if view.eligible is None and obs.standby_synced and arbiter_lost < timing.fence_timeout:
+        return Decision("mark_eligible", f"{other} has caught up under synchronous "
+                                         f"replication: asking {arbiter} to make it eligible")
+    # a walsender row outlives a silent standby: only a recent reply counts as streaming
+    streaming = obs.standby_streaming and standby_lost < timing.failover_timeout
+    wanted = desired_sync_names(view, streaming, other)
     if obs.sync_names is not None and obs.sync_names != wanted:
-        return Decision("set_sync", f"synchronous_standby_names is {obs.sync_names!r}, the "
-                                    f"view of term {view.term} wants {wanted!r}")
+        return Decision("set_sync", f"synchronous_standby_names is {obs.sync_names!r}, "
+                                    f"want {wanted!r} (eligible: {view.eligible})", wanted)
     return Decision("none", f"I am ({me}) the primary of term {view.term}")
 
 
@@ -405,7 +453,7 @@ def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timin
     lost = _age(now, started_at, primary_alive_at)
     if lost < timing.failover_timeout:
         return False, view, f"I still see {view.primary} (last {lost:.1f} s ago)"
-    new = View(view.term + 1, candidate, None)
+    new = view.changed(term=view.term + 1, primary=candidate, eligible=None)
     return True, new, (f"I lost {view.primary} too ({lost:.1f} s): {candidate} is the primary "
                        f"of term {new.term}")
 
@@ -417,6 +465,34 @@ def decide_resume(view, requester, term):
         return True, f"{requester} still is the primary of term {view.term}"
     return False, (f"{view.primary} is the primary of term {view.term}; {requester} asked "
                    f"about term {term}")
+
+
+def decide_eligibility(view, requester, term, standby, eligible):
+    """The primary of the current term says whether its standby is in sync: a standby it
+    stopped waiting for is no longer eligible (recorded before the primary stops waiting), one
+    that caught up under synchronous replication is eligible again."""
+    if requester != view.primary or term != view.term:
+        return False, view, (f"only the primary of term {view.term} ({view.primary}) decides "
+                             "who is in sync")
+    if standby == view.primary:
+        return False, view, f"{standby} is the primary, not a standby"
+    wanted = standby if eligible else None
+    if view.eligible == wanted:
+        return True, view, f"eligible standby already {wanted}"
+    return True, view.changed(eligible=wanted), f"eligible standby now {wanted}"
+
+
+def decide_handover(view, requester, term, target, target_seen_at, now, timing):
+    """A planned switchover: the primary (already fenced) hands its term over to the eligible
+    standby, which the arbiter must see, so that someone picks the new term up."""
+    if requester != view.primary or term != view.term:
+        return False, view, f"{requester} is not the primary of term {term}"
+    if view.eligible != target:
+        return False, view, f"{target} is not eligible (not in sync)"
+    if target_seen_at is None or now - target_seen_at >= timing.fence_timeout:
+        return False, view, f"I do not see {target}"
+    new = view.changed(term=view.term + 1, primary=target, eligible=None)
+    return True, new, f"switchover: {target} is the primary of term {new.term}"
 
 
 def bootstrap_action(me, data_exists, view):
@@ -435,8 +511,8 @@ def bootstrap_action(me, data_exists, view):
 
 
 def newer_view(current, offered):
-    """Views only move forward: take an offered view when its term is newer."""
-    return offered if offered.term > current.term else current
+    """Views only move forward: take an offered view when it is newer."""
+    return offered if (offered.term, offered.seq) > (current.term, current.seq) else current
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,16 +529,20 @@ def newer_view(current, offered):
 # drops (and logs) anything malformed, unauthenticated, addressed to another node, from an
 # unknown node, or with a clock more than MAX_SKEW seconds off.
 #
-#   status  any -> any      body: the sender's status; reply: the receiver's status
-#                           (a status has node, role, pg, fenced and the sender's view)
-#   promote standby -> arb  body: {"term": t}; reply: {"granted": bool, "reason", "view"}
-#   resume  primary -> arb  body: {"term": t}; reply: {"granted": bool, "reason", "view"}
+#   status      any -> any      body: the sender's status; reply: the receiver's status
+#                               (a status has node, role, pg, fenced and the sender's view)
+#   promote     standby -> arb  {"term": t}: make me the primary of term t + 1
+#   resume      primary -> arb  {"term": t}: may I restart my PostgreSQL as primary?
+#   eligibility primary -> arb  {"term": t, "standby": name, "eligible": bool}
+#   handover    primary -> arb  {"term": t, "to": name}: planned switchover (I am fenced)
+#               replies to these four: {"granted": bool, "reason": str, "view": {…}}
+#   switchover  cli -> primary  {}: hand over to the standby; reply {"done": bool, "reason"}
 # --------------------------------------------------------------------------------------------
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 65536
 MAX_SKEW = 30.0
-REQUEST_TYPES = ("status", "promote", "resume")
+REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "switchover")
 
 
 class ProtocolError(Exception):
@@ -632,7 +712,7 @@ def primary_conninfo(cfg, primary):
             "keepalives_count=3 tcp_user_timeout=5000")
 
 
-def pg_settings(cfg, view):
+def pg_settings(cfg, view, sync_names=None):
     """The settings the agent owns, written to bobry.conf (included by postgresql.conf)."""
     settings = {
         "listen_addresses": f"{cfg.me.address},127.0.0.1",
@@ -644,12 +724,17 @@ def pg_settings(cfg, view):
         "max_replication_slots": "5",
         "hot_standby": "on",
         "synchronous_commit": "on",
-        "synchronous_standby_names": desired_sync_names(view),
+        "synchronous_standby_names": (desired_sync_names(view) if sync_names is None
+                                      else sync_names),
         # a dead peer is noticed in seconds, not the default minute; a fast shutdown of an
         # isolated primary cannot hang on its walsender for long either
         "wal_sender_timeout": "5s",
         "wal_receiver_timeout": "5s",
         "wal_retrieve_retry_interval": "1s",
+        # the standby replies every second, so the primary sees within seconds that it is gone
+        "wal_receiver_status_interval": "1s",
+        # WAL kept for a standby that falls behind and for pg_rewind of a replaced primary
+        "wal_keep_size": "256MB",
         "password_encryption": "scram-sha-256",
     }
     if view.primary != cfg.me.name:
@@ -785,6 +870,35 @@ class Fence:
         self._iptables("-F", self.CHAIN)
 
 
+# granted to the replication role, which is no superuser: what pg_rewind reads on its source,
+# and the source's checkpoint timeline, which a rejoining node checks before rewinding
+REPLICATOR_FUNCTIONS = ("pg_ls_dir(text, boolean, boolean)", "pg_stat_file(text, boolean)",
+                        "pg_read_binary_file(text)",
+                        "pg_read_binary_file(text, bigint, bigint, boolean)",
+                        "pg_control_checkpoint()")
+
+STATUS_SQL = """
+select pg_is_in_recovery(), current_setting('synchronous_standby_names'),
+       case when pg_is_in_recovery() then null
+            else (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint end,
+       r.state, r.sync_state, (r.flush_lsn - '0/0'::pg_lsn)::bigint,
+       extract(epoch from clock_timestamp() - r.reply_time)::float8
+from (select 1) as one
+left join pg_stat_replication r on r.application_name = %s
+order by r.reply_time desc nulls last limit 1"""
+
+
+@dataclass(frozen=True)
+class PgStatus:
+    pg: str  # primary | standby | down
+    sync_names: str | None = None
+    lsn: int | None = None             # primary: current WAL position
+    standby_state: str | None = None   # primary: the other node's walsender state
+    standby_sync: str | None = None
+    standby_flush: int | None = None
+    standby_reply_age: float | None = None
+
+
 class LocalPostgres:
     """The node's own PostgreSQL: pg_ctl and friends run as the PostgreSQL OS user."""
 
@@ -823,28 +937,66 @@ class LocalPostgres:
         write_atomically(pgpass_path(self.cfg), f"*:*:*:{self.cfg.replication_user}:{password}\n",
                          owner=self.owner)
 
-    def write_config(self, view, data_dir=None):
+    def write_config(self, view, data_dir=None, sync_names=None):
         data_dir = data_dir or self.cfg.data_dir
-        for name, text in ((self.CONF, render_settings(pg_settings(self.cfg, view))),
+        settings = pg_settings(self.cfg, view, sync_names)
+        for name, text in ((self.CONF, render_settings(settings)),
                            ("pg_hba.conf", render_hba(self.cfg)),
                            ("pg_ident.conf", render_ident(self.cfg))):
             write_atomically(os.path.join(data_dir, name), text, owner=self.owner)
 
-    def status(self, timeout):
-        """(primary|standby|down, synchronous_standby_names or None)."""
+    def status(self, timeout, standby_name):
+        """PgStatus; a PostgreSQL that does not answer in time counts as down."""
         try:
-            rows = pg_query(local_dsn(self.cfg), "select pg_is_in_recovery(), "
-                            "current_setting('synchronous_standby_names')", timeout=timeout)
+            rows = pg_query(local_dsn(self.cfg), STATUS_SQL, (standby_name,), timeout=timeout)
         except (psycopg2.Error, TimeoutError, OSError):
-            return "down", None
-        in_recovery, sync_names = rows[0]
-        return ("standby" if in_recovery else "primary"), sync_names
+            return PgStatus("down")
+        in_recovery, sync_names, lsn, state, sync_state, flush, reply_age = rows[0]
+        return PgStatus("standby" if in_recovery else "primary", sync_names, lsn, state,
+                        sync_state, flush, reply_age)
 
     def start(self):
         result = self._run([self._bin("pg_ctl"), "start", "-w", "-t", "60", "-D",
                             self.cfg.data_dir, "-l", self.logfile], timeout=90)
         if result.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {result.stdout}{result.stderr}".strip())
+
+    def stop_immediate(self):
+        """Immediate: a fast shutdown of a cut-off primary can hang on its walsender."""
+        result = self._run([self._bin("pg_ctl"), "stop", "-m", "immediate", "-t", "30", "-D",
+                            self.cfg.data_dir], timeout=60)
+        if result.returncode != 0 and "not running" not in result.stderr + result.stdout:
+            raise RuntimeError(f"pg_ctl stop failed: {result.stderr.strip()}")
+
+    def timeline(self):
+        """The timeline of the last checkpoint, from pg_control (running or not)."""
+        result = self._run([self._bin("pg_controldata"), "-D", self.cfg.data_dir], timeout=30)
+        for line in result.stdout.splitlines():
+            if line.startswith("Latest checkpoint's TimeLineID:"):
+                return int(line.split(":")[1])
+        raise RuntimeError(f"pg_controldata: {result.stderr.strip() or 'no timeline'}")
+
+    def rewind(self, view):
+        """pg_rewind onto the new primary; the output names the point of divergence."""
+        source = self.cfg.nodes[view.primary]
+        dsn = (f"host={source.address} port={source.pg_port} user={self.cfg.replication_user} "
+               f"dbname=postgres passfile={pgpass_path(self.cfg)} connect_timeout=3")
+        result = self._run([self._bin("pg_rewind"), "-D", self.cfg.data_dir,
+                            "--source-server", dsn], timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_rewind from {source.name} failed: "
+                               f"{(result.stderr or result.stdout).strip()}")
+        return (result.stdout + result.stderr).strip()
+
+    def move_aside(self):
+        """Keep, never delete, a data directory that cannot rejoin: a later bootstrap clones."""
+        aside = f"{self.cfg.data_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(self.cfg.data_dir, aside)
+        return aside
+
+    def make_standby(self, view):
+        write_atomically(os.path.join(self.cfg.data_dir, "standby.signal"), "", owner=self.owner)
+        self.write_config(view)
 
     def reload(self):
         pg_query(local_dsn(self.cfg), "select pg_reload_conf()", timeout=5)
@@ -882,7 +1034,9 @@ class LocalPostgres:
             f"CREATE ROLE {self.cfg.replication_user} WITH LOGIN REPLICATION PASSWORD "
             f"{sql_literal(repl)};",
             f"CREATE ROLE {self.cfg.app_user} WITH LOGIN PASSWORD {sql_literal(app)};",
-            f"CREATE DATABASE {self.cfg.app_database} OWNER {self.cfg.app_user};", ""])
+            f"CREATE DATABASE {self.cfg.app_database} OWNER {self.cfg.app_user};",
+            *(f"GRANT EXECUTE ON FUNCTION pg_catalog.{fn} TO {self.cfg.replication_user};"
+              for fn in REPLICATOR_FUNCTIONS), ""])
         result = self._run([self._bin("postgres"), "--single", "-D", tmp, "-c",
                             "synchronous_commit=local", "postgres"],
                            timeout=120, stdin=sql)
@@ -1090,6 +1244,8 @@ class DbAgent(Agent):
     """The agent of a database node (primary or standby; which one is the arbiter's view)."""
 
     LOCAL_TIMEOUT = 1.0  # the local PostgreSQL answers over a unix socket, or counts as down
+    SWITCHOVER_WAIT = 15.0  # how long a switchover request waits for the loop to carry it out
+    HANDOVER_CATCHUP = 5.0  # a fenced primary waits this long for the standby to flush all
 
     def __init__(self, cfg, key):
         default = View(0, cfg.by_role("primary").name, cfg.by_role("standby").name)
@@ -1100,6 +1256,9 @@ class DbAgent(Agent):
         self.fenced = False
         self.pg_state, self.pg_down_since = "down", None
         self.other = cfg.other_db(cfg.me.name)
+        self.standby_seen_at = None  # primary: last reply from the standby's walreceiver
+        self.sync_barrier = None     # primary: WAL position when the standby became sync
+        self.switchover = None       # {"done": Event, "result": dict} while one is asked for
 
     def role_name(self):
         if self.view.primary == self.cfg.me.name:
@@ -1109,6 +1268,24 @@ class DbAgent(Agent):
     def status_body(self):
         return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.pg_state,
                 "fenced": self.fenced, "view": self.view.as_dict()}
+
+    def handle(self, sender, kind, body):
+        if kind != "switchover":
+            return super().handle(sender, kind, body)
+        if self.view.primary != self.cfg.me.name or self.switchover is not None:
+            return {"done": False, "reason": f"{self.cfg.me.name} is not the primary or a "
+                                             "switchover is under way"}
+        request = {"done": threading.Event(), "result": None}
+        self.switchover = request
+        request["done"].wait(self.SWITCHOVER_WAIT)
+        self.switchover = None
+        return request["result"] or {"done": False, "reason": "timed out"}
+
+    def _finish_switchover(self, done, reason):
+        request = self.switchover
+        if request is not None:
+            request["result"] = {"done": done, "reason": reason, "view": self.view.as_dict()}
+            request["done"].set()
 
     def run(self):
         self.pg.prepare_dirs()
@@ -1122,22 +1299,44 @@ class DbAgent(Agent):
         finally:
             server.shutdown()
 
+    def _observe_standby(self, st, now):
+        """As primary: when the standby last replied, whether it streams, and whether it has
+        every acknowledged commit (it is the sync standby and has flushed past the WAL position
+        at which it became one)."""
+        if st.standby_state in ("streaming", "catchup") and st.standby_reply_age is not None:
+            seen = now - max(0.0, st.standby_reply_age)
+            self.standby_seen_at = max(seen, self.standby_seen_at or seen)
+        sync_now = (st.pg == "primary" and st.sync_names == self.other.name
+                    and st.standby_sync == "sync")
+        if not sync_now:
+            self.sync_barrier = None
+        elif self.sync_barrier is None:
+            self.sync_barrier = st.lsn
+        synced = (sync_now and st.standby_flush is not None
+                  and st.standby_flush >= self.sync_barrier)
+        return st.standby_state == "streaming", synced
+
     def tick(self):
         if not self.pg.data_exists():
             self.bootstrap()
             return
-        self.pg_state, sync_names = self.pg.status(self.LOCAL_TIMEOUT)
+        st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
+        self.pg_state = st.pg
         now = time.monotonic()
         if self.pg_state != "down":
             self.pg_down_since = None
         elif self.pg_down_since is None:
             self.pg_down_since = now
+        streaming, synced = self._observe_standby(st, now)
         contact_at, alive_at = self.observations.snapshot()
         obs = DbObservation(
             now=now, started_at=self.started_at, pg=self.pg_state,
             pg_down_since=self.pg_down_since, has_standby_signal=self.pg.has_standby_signal(),
             fenced=self.fenced, view=self.view, contact_at=contact_at,
-            primary_alive_at=alive_at.get(self.view.primary), sync_names=sync_names)
+            primary_alive_at=alive_at.get(self.view.primary), sync_names=st.sync_names,
+            standby_seen_at=self.standby_seen_at, standby_streaming=streaming,
+            standby_synced=synced, switchover_requested=self.switchover is not None,
+            strict_sync=self.cfg.strict_sync)
         decision = decide_db(self.cfg.me.name, self.other.name, self.cfg.arbiter.name, obs,
                              self.cfg.timing)
         self.say(decision)
@@ -1174,38 +1373,55 @@ class DbAgent(Agent):
         self.events("unfenced", reason=decision.reason, term=self.view.term)
 
     def do_promote(self, decision):
-        # The view has no eligible standby: the new primary does not wait for the old one.
+        # The new view has no eligible standby: the new primary does not wait for the old one.
         self.pg.write_config(self.view)
         self.pg.reload()
         self.pg.promote()
+        self.standby_seen_at = self.sync_barrier = None
         self.events("promoted", term=self.view.term)
         self.log.info("promoted: I am the primary of term %d", self.view.term)
+        # pg_rewind reads the new timeline from pg_control, written by the next checkpoint:
+        # one now lets the old primary rejoin at once. In the background: it may take long.
+        threading.Thread(target=self._checkpoint, name="checkpoint", daemon=True).start()
+
+    def _checkpoint(self):
+        try:
+            pg_query(local_dsn(self.cfg), "checkpoint", timeout=600)
+        except (psycopg2.Error, TimeoutError, OSError) as exc:
+            self.log.warning("checkpoint after the promotion failed: %s", exc)
 
     def do_request_promotion(self, decision):
-        self._ask_arbiter("promote", self.do_promote)
+        if self._ask_arbiter("promote", {}):
+            self.do_promote(decision)
 
     def do_resume(self, decision):
-        def restart(_):
+        if self._ask_arbiter("resume", {}):
             self.pg.write_config(self.view)
             self.pg.start()
             self.events("restarted", term=self.view.term)
-        self._ask_arbiter("resume", restart)
 
-    def _ask_arbiter(self, kind, then):
+    def do_drop_standby(self, decision):
+        if self._ask_arbiter("eligibility", {"standby": self.other.name, "eligible": False}):
+            self.do_set_sync(decision)  # only now, with the arbiter's record made, stop waiting
+
+    def do_mark_eligible(self, decision):
+        self._ask_arbiter("eligibility", {"standby": self.other.name, "eligible": True})
+
+    def _ask_arbiter(self, kind, body):
+        """Ask the arbiter; on a grant, learn (and persist) its view before acting on it."""
         arbiter = self.cfg.arbiter
         try:
-            reply = call(self.cfg, self.key, arbiter, kind, {"term": self.view.term},
+            reply = call(self.cfg, self.key, arbiter, kind, {"term": self.view.term, **body},
                          2 * self.cfg.timing.probe_timeout)
         except (OSError, ProtocolError) as exc:
             self.log.warning("%s: no answer from %s: %s", kind, arbiter.name, exc)
-            return
-        if not reply.get("granted"):
-            self.log.info("%s refused by %s: %s", kind, arbiter.name, reply.get("reason"))
-            return
-        self.learn(reply.get("view", {}), arbiter.name)  # persisted before we act on it
-        if self.view.primary == self.cfg.me.name:
-            self.log.info("%s granted by %s: %s", kind, arbiter.name, reply.get("reason"))
-            then(None)
+            return False
+        granted = bool(reply.get("granted"))
+        self.log.info("%s %s by %s: %s", kind, "granted" if granted else "refused", arbiter.name,
+                      reply.get("reason"))
+        if granted:
+            self.learn(reply.get("view", {}), arbiter.name)
+        return granted
 
     def do_start_standby(self, decision):
         self.pg.write_config(self.view)
@@ -1213,9 +1429,54 @@ class DbAgent(Agent):
         self.events("started_standby", primary=self.view.primary)
 
     def do_set_sync(self, decision):
-        self.pg.write_config(self.view)
+        self.pg.write_config(self.view, sync_names=decision.sync_names)
         self.pg.reload()
-        self.events("sync_standby", names=desired_sync_names(self.view), term=self.view.term)
+        self.events("sync_standby", names=decision.sync_names, term=self.view.term)
+
+    def do_rejoin(self, decision):
+        """Replaced: stop, rewind onto the new primary and start as its standby; if the rewind
+        fails, keep the old data aside and clone afresh (the bootstrap does it next tick)."""
+        source = self.cfg.nodes[self.view.primary]
+        rows = pg_query(remote_dsn(self.cfg, source), "select timeline_id from "
+                        "pg_control_checkpoint()", timeout=2 * self.cfg.timing.probe_timeout)
+        if rows[0][0] <= self.pg.timeline():
+            self.log.info("%s has not checkpointed its new timeline yet: rewinding later",
+                          source.name)
+            return
+        self.pg.stop_immediate()
+        try:
+            output = self.pg.rewind(self.view)
+        except RuntimeError as exc:
+            aside = self.pg.move_aside()
+            self.log.error("%s; old data kept in %s, cloning afresh", exc, aside)
+            self.events("rewind_failed", error=str(exc)[-500:], kept=aside)
+            return
+        diverged = next((line for line in output.splitlines() if "diverged" in line), output)
+        self.log.info("rewound onto %s: %s", self.view.primary, diverged)
+        self.pg.make_standby(self.view)
+        self.pg.start()
+        self.events("rejoined", primary=self.view.primary, term=self.view.term,
+                    divergence=diverged)
+
+    def do_handover(self, decision):
+        """Planned switchover: fence (no new writes), let the standby flush everything, then
+        hand the term over; the standby promotes on the new view, and this node rejoins."""
+        self.do_fence(decision)
+        deadline = time.monotonic() + self.HANDOVER_CATCHUP
+        while time.monotonic() < deadline:
+            st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
+            if st.lsn is not None and st.standby_flush is not None and st.standby_flush >= st.lsn:
+                break
+            time.sleep(0.05)
+        if self._ask_arbiter("handover", {"to": self.other.name}):
+            self._finish_switchover(True, f"{self.other.name} is the primary of term "
+                                          f"{self.view.term}")
+            return
+        self.do_unfence(decision)
+        self._finish_switchover(False, "the arbiter refused the handover")
+
+    def do_refuse_switchover(self, decision):
+        self._finish_switchover(False, decision.reason)
 
 
 class ArbiterAgent(Agent):
@@ -1260,26 +1521,54 @@ class ArbiterAgent(Agent):
         if kind == "status":
             return super().handle(sender, kind, body)
         term = body.get("term")
-        if not isinstance(term, int) or sender not in {n.name for n in self.cfg.db_nodes}:
+        db_names = {n.name for n in self.cfg.db_nodes}
+        if not isinstance(term, int) or sender not in db_names:
             raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
-        with self._grant_lock:
-            now = time.monotonic()
+        with self._grant_lock:  # one decision at a time: never two grants for one term
+            now, view = time.monotonic(), self.view
+            contact_at, alive_at = self.observations.snapshot()
             if kind == "promote":
-                _, alive_at = self.observations.snapshot()
-                granted, new, reason = decide_grant(self.view, sender, term,
-                                                    alive_at.get(self.view.primary), now,
+                granted, new, reason = decide_grant(view, sender, term,
+                                                    alive_at.get(view.primary), now,
                                                     self.started_at, self.cfg.timing)
-                if new != self.view:
-                    self.state.save(new)  # durable before the candidate hears of it
-                    self.view = new
-                    self.events("granted", primary=new.primary, term=new.term, reason=reason)
-            else:
-                granted, reason = decide_resume(self.view, sender, term)
+            elif kind == "resume":
+                granted, reason = decide_resume(view, sender, term)
+                new = view
                 if granted:  # its PostgreSQL comes back now: no promotion for a while
                     self.observations.alive(sender, now)
+            elif kind == "eligibility" and body.get("standby") in db_names \
+                    and isinstance(body.get("eligible"), bool):
+                granted, new, reason = decide_eligibility(view, sender, term, body["standby"],
+                                                          body["eligible"])
+            elif kind == "handover" and body.get("to") in db_names:
+                granted, new, reason = decide_handover(view, sender, term, body["to"],
+                                                       contact_at.get(body["to"]), now,
+                                                       self.cfg.timing)
+            else:
+                raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
+            if new != view:
+                self.state.save(new)  # durable before anyone hears of it
+                self.view = new
+                self.events(ARBITER_EVENTS[kind], primary=new.primary, term=new.term,
+                            eligible=new.eligible, reason=reason)
             self.log.info("%s from %s: %s. %s", kind, sender,
                           "granted" if granted else "refused", reason)
             return {"granted": granted, "reason": reason, "view": self.view.as_dict()}
+
+
+ARBITER_EVENTS = {"promote": "granted", "handover": "handover", "eligibility": "eligibility"}
+
+
+def switchover_command(cfg, key):
+    """Ask the current primary's agent to hand its role to the standby; print the answer."""
+    try:
+        view = call(cfg, key, cfg.me, "status", {}, timeout=2.0)["view"]
+        primary = cfg.nodes[view["primary"]]
+        reply = call(cfg, key, primary, "switchover", {}, timeout=DbAgent.SWITCHOVER_WAIT + 5)
+    except (OSError, ProtocolError, KeyError, TypeError) as exc:
+        reply = {"done": False, "reason": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(reply))
+    return 0 if reply.get("done") else 1
 
 
 def status_command(cfg, key):
@@ -1304,7 +1593,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Bobry failover agent")
     parser.add_argument("--config", required=True, help="the cluster's agent.ini")
     parser.add_argument("--node", required=True, help="which node of the cluster this host is")
-    parser.add_argument("command", nargs="?", choices=["run", "status"], default="run")
+    parser.add_argument("command", nargs="?", choices=["run", "status", "switchover"],
+                        default="run", help="run the agent (default), print this host's "
+                        "status, or ask the primary to hand over to the standby")
     parser.add_argument("--debug", action="store_true", help="log every heartbeat failure")
     args = parser.parse_args(argv)
     try:
@@ -1315,6 +1606,8 @@ def main(argv=None):
         return 2
     if args.command == "status":
         return status_command(cfg, key)
+    if args.command == "switchover":
+        return switchover_command(cfg, key)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(asctime)s %(node)s %(role)s %(levelname)s "
                                            "%(message)s"))

@@ -236,6 +236,16 @@ class Backend:
     def status(self):
         return [self.host_status(h) for h in AGENT_HOSTS]
 
+    def switchover(self):
+        """Ask the agents for a planned switchover (from the primary's host); their answer."""
+        primary = next((st["node"] for st in self.status() if st.get("pg") == "primary"),
+                       DB_HOSTS[0])
+        result = self.run(primary, self.agent_argv(primary, "switchover"), timeout=40)
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            return {"done": False, "reason": (result.stderr or result.stdout).strip()}
+
     def events(self):
         """Every agent's events.jsonl, merged in time order."""
         merged = []

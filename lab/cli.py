@@ -37,6 +37,8 @@ def status_table(rows):
 
 
 def cmd_up(backend, args):
+    if args.strict_sync:
+        backend.strict_sync = True
     backend.up(progress)
     backend.wait_until("waiting for a primary with a synchronous standby",
                        backend.primary_with_sync_standby, args.timeout, progress)
@@ -105,6 +107,12 @@ def cmd_start_pg(backend, args):
     return result.returncode
 
 
+def cmd_switchover(backend, args):
+    answer = backend.switchover()
+    print(json.dumps(answer))
+    return 0 if answer.get("done") else 1
+
+
 def cmd_experiment(backend, args):
     from lab import experiments
     result = experiments.EXPERIMENTS[args.name](backend, progress, args)
@@ -114,7 +122,7 @@ def cmd_experiment(backend, args):
 
 def cmd_bench(backend, args):
     from lab import bench
-    result = bench.failover(backend, progress, args.trials)
+    result = bench.run(backend, progress, args.what, args.trials)
     print(json.dumps(result, indent=2) if args.json else bench.report(result))
     return 0 if result.get("ok") else 1
 
@@ -130,8 +138,11 @@ def parser():
         sp.set_defaults(func=func)
         return sp
 
-    add("up", cmd_up, "build the lab and wait for primary + sync standby").add_argument(
-        "--timeout", type=float, default=180)
+    sp = add("up", cmd_up, "build the lab and wait for primary + sync standby")
+    sp.add_argument("--timeout", type=float, default=180)
+    sp.add_argument("--strict-sync", action="store_true",
+                    help="embedded lab: strict_sync = true (commits always wait for the "
+                         "standby)")
     add("status", cmd_status, "one line per host").add_argument("--json", action="store_true")
     add("down", cmd_down, "stop everything the lab started and remove it")
     sp = add("sh", cmd_sh, "run a command on a host")
@@ -156,11 +167,13 @@ def parser():
     add("start-pg", cmd_start_pg, "start PostgreSQL on a host as its data dir says").add_argument(
         "host")
     sp = add("experiment", cmd_experiment, "run a scripted experiment and report")
-    sp.add_argument("name", choices=["failover", "jitter"])
+    sp.add_argument("name", choices=["failover", "jitter", "pingpong", "switchover"])
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
-    sp = add("bench", cmd_bench, "repeat the failover experiment and print medians")
-    sp.add_argument("what", choices=["failover"])
+    sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")
+    add("switchover", cmd_switchover, "planned switchover: the standby becomes the primary")
+    sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians")
+    sp.add_argument("what", choices=["failover", "switchover"])
     sp.add_argument("--trials", type=int, default=10)
     sp.add_argument("--json", action="store_true")
     return p

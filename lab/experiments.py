@@ -3,7 +3,7 @@
 import statistics
 import time
 
-from lab.backend import AGENT_HOSTS, DB_HOSTS, HOSTS
+from lab.backend import AGENT_HOSTS, DB_HOSTS, HOSTS, LabError
 from lab.load import Pgbench, Probe
 
 
@@ -55,9 +55,38 @@ def _start_load(backend, name):
     return probe, pgbench
 
 
+def _view(backend):
+    return backend.host_status("arb").get("view") or {}
+
+
+def wait_for_rejoin(backend, progress, primary, old, timeout=120):
+    """Seconds until `old` streams as the synchronous standby of `primary` and the arbiter
+    has made it eligible again; None if that did not happen within timeout."""
+    began = time.monotonic()
+
+    def rejoined():
+        return (backend.primary_with_sync_standby() == primary
+                and _view(backend).get("eligible") == old)
+
+    try:
+        backend.wait_until(f"{old} back as the synchronous standby of {primary}", rejoined,
+                           timeout, progress)
+    except LabError:
+        return None
+    return round(time.monotonic() - began, 2)
+
+
+def _checks(figures, expected):
+    figures["failed_checks"] = [f"{k}={figures[k]}" for k, v in expected.items()
+                                if figures[k] != v]
+    figures["ok"] = not figures["failed_checks"]
+    return figures
+
+
 def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
     """Isolate the primary under load; wait for the promotion and for the load to move; run
-    `create table x(i int)` on the former standby; heal; measure."""
+    `create table x(i int)` on the former standby; heal; wait for the old primary to rejoin
+    as the synchronous standby; measure."""
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 120, progress)
     standby = _other(primary)
@@ -82,34 +111,122 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
         port = backend.config(standby).me.pg_port
         create = backend.client_sql("drop table if exists x; create table x(i int)",
                                     dsn=backend.dsn(host=new_address, port=port))
+        fenced_while_isolated = bool(backend.host_status(primary).get("fenced"))
     finally:
         probe.stop()
         pgbench.stop()
         backend.heal()
-    time.sleep(2.0)  # the healed old primary hears that it was replaced
-    old = backend.host_status(primary)
+    rejoined_s = wait_for_rejoin(backend, progress, standby, primary)
     new_ids = [int(row[0]) for row in backend.sql(standby, "select id from bobry_probe")]
-    figures = failover_metrics(probe.records(), backend.events(), cut_at, primary, standby,
+    events = backend.events()
+    figures = failover_metrics(probe.records(), events, cut_at, primary, standby,
                                backend.addresses, new_ids)
+    divergence = [e.get("divergence") for e in events
+                  if e["event"] == "rejoined" and e["node"] == primary and e["t"] >= cut_at]
     figures.update(
         backend=backend.name, old_primary=primary, new_primary=standby,
         cut_at=cut_at, create_table_ok=create.returncode == 0,
         create_table_error=create.stderr.strip() or None,
-        old_primary_fenced=bool(old.get("fenced")),
-        old_primary_after_heal=old.get("role"),
+        old_primary_fenced=fenced_while_isolated, rejoined_s=rejoined_s,
+        divergence=divergence[0] if divergence else None,
         pgbench_restarts=pgbench.restarts(),
         tps=[[round(t - cut_at), tps] for t, tps in pgbench.tps()],
     )
     figures["fenced_before_promotion"] = (figures["fenced_at_s"] is not None
                                           and figures["promoted_at_s"] is not None
                                           and figures["fenced_at_s"] < figures["promoted_at_s"])
-    expected = {"lost_acked": 0, "acked_by_old_primary_after_cut": 0, "promotions": 1,
-                "create_table_ok": True, "old_primary_fenced": True,
-                "fenced_before_promotion": True}
-    figures["failed_checks"] = [f"{k}={figures[k]}" for k, v in expected.items()
-                                if figures[k] != v]
-    figures["ok"] = not figures["failed_checks"]
-    return figures
+    figures["rejoined"] = rejoined_s is not None
+    return _checks(figures, {"lost_acked": 0, "acked_by_old_primary_after_cut": 0,
+                             "promotions": 1, "create_table_ok": True,
+                             "old_primary_fenced": True, "fenced_before_promotion": True,
+                             "rejoined": True})
+
+
+CHECKSUM_SQL = ("select count(*), coalesce(md5(string_agg(id::text, ',' order by id)), '') "
+                "from bobry_probe")
+
+
+def pingpong(backend, progress, args=None, rounds=None):
+    """`rounds` failovers back and forth, each healed and rejoined before the next; at the end
+    both nodes must hold the same probe rows."""
+    rounds = rounds if rounds is not None else getattr(args, "rounds", 3)
+    runs = []
+    for round_no in range(1, rounds + 1):
+        progress(f"pingpong round {round_no}/{rounds}")
+        runs.append(failover(backend, progress, settle=2.0))
+    primary = backend.wait_until("a primary with a synchronous standby",
+                                 backend.primary_with_sync_standby, 60, progress)
+    standby = _other(primary)
+
+    def equal():
+        return backend.sql(primary, CHECKSUM_SQL) == backend.sql(standby, CHECKSUM_SQL)
+
+    try:
+        backend.wait_until("the standby replays everything", equal, 30)
+        data_equal = True
+    except LabError:
+        data_equal = False
+    [[count, checksum]] = backend.sql(primary, CHECKSUM_SQL)
+    figures = {
+        "backend": backend.name, "rounds": rounds,
+        "promotions": sum(r["promotions"] for r in runs),
+        "lost_acked": sum(r["lost_acked"] for r in runs),
+        "acked_by_old_primary_after_cut": sum(r["acked_by_old_primary_after_cut"] for r in runs),
+        "failover_s": [r["failover_s"] for r in runs],
+        "rejoined_s": [r["rejoined_s"] for r in runs],
+        "rows": int(count), "checksum": checksum, "data_equal": data_equal,
+        "round_failures": {i: r["failed_checks"] for i, r in enumerate(runs, 1)
+                           if r["failed_checks"]},
+    }
+    figures["no_round_failed"] = not figures["round_failures"]
+    return _checks(figures, {"promotions": rounds, "lost_acked": 0,
+                             "acked_by_old_primary_after_cut": 0, "data_equal": True,
+                             "no_round_failed": True})
+
+
+def switchover(backend, progress, args=None, baseline=3.0, settle=3.0):
+    """A planned switchover under load: the roles swap, nothing acknowledged is lost."""
+    primary = backend.wait_until("a primary with a synchronous standby",
+                                 backend.primary_with_sync_standby, 120, progress)
+    standby = _other(primary)
+    probe, pgbench = _start_load(backend, "switchover")
+    try:
+        time.sleep(baseline)
+        progress(f"switchover: {primary} hands over to {standby}")
+        started = time.time()
+        answer = backend.switchover()
+        if answer.get("done"):
+            backend.wait_until(f"a write acknowledged by {standby}", lambda: any(
+                r.get("server") == backend.addresses[standby] for r in acked(probe.records())),
+                30, progress)
+            time.sleep(settle)
+    finally:
+        probe.stop()
+        pgbench.stop()
+    rejoined_s = wait_for_rejoin(backend, progress, standby, primary) if answer.get("done") \
+        else None
+    records = probe.records()
+    acks = acked(records)
+    ids = {int(row[0]) for row in backend.sql(standby if answer.get("done") else primary,
+                                              "select id from bobry_probe")}
+    after = [r for r in acks if r["ack"] > started]
+    # the old primary acknowledges until the handover, so the outage is the longest silence
+    # between two acknowledgements from the request on
+    times = [r["ack"] for r in acks]
+    gaps = [b - a for a, b in zip(times, times[1:]) if b > started]
+    handed = [e["t"] for e in backend.events() if e["event"] == "handover" and e["t"] >= started]
+    figures = {
+        "backend": backend.name, "old_primary": primary, "new_primary": standby,
+        "done": bool(answer.get("done")), "reason": answer.get("reason"),
+        "write_outage_s": round(max(gaps), 3) if gaps else None,
+        "acked": len(acks), "lost_acked": sum(1 for r in acks if r["id"] not in ids),
+        "acked_by_old_primary_after_handover": sum(
+            1 for r in after if handed and r["ack"] > handed[0]
+            and r["server"] == backend.addresses[primary]),
+        "rejoined_s": rejoined_s, "rejoined": rejoined_s is not None,
+    }
+    return _checks(figures, {"done": True, "lost_acked": 0,
+                             "acked_by_old_primary_after_handover": 0, "rejoined": True})
 
 
 def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, loss=0.05,
@@ -157,56 +274,99 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
         "promotions": sum(1 for e in events if e["event"] == "promoted"),
         "fences": sum(1 for e in events if e["event"] == "fenced"),
         "grants": sum(1 for e in events if e["event"] == "granted"),
+        "sync_drops": sum(1 for e in events if e["event"] == "eligibility"
+                          and e.get("eligible") is None),
         "acked": len(acks), "lost_acked": sum(1 for r in acks if r["id"] not in ids),
         "probe_failures": sum(1 for r in probe.records() if "error" in r),
         "longest_ack_gap_s": round(max(gaps), 3) if gaps else None,
         "median_tps": statistics.median(tps) if tps else 0,
     }
-    figures["ok"] = figures["promotions"] == 0 and figures["fences"] == 0 \
-        and figures["lost_acked"] == 0
-    return figures
+    return _checks(figures, {"promotions": 0, "fences": 0, "lost_acked": 0})
 
 
-EXPERIMENTS = {"failover": failover, "jitter": jitter}
+EXPERIMENTS = {"failover": failover, "jitter": jitter, "pingpong": pingpong,
+               "switchover": switchover}
 
 
 def _s(value):
     return "-" if value is None else f"+{value:.2f} s"
 
 
-def report(name, f):
-    if name == "jitter":
-        return "\n".join([
-            f"Jitter experiment ({f['backend']} lab): {f['minutes']} min of {f['loss']:.0%} "
+def _verdict(f):
+    return "OK" if f["ok"] else "FAILED: " + ", ".join(f["failed_checks"])
+
+
+def _report_jitter(f):
+    return [f"Jitter experiment ({f['backend']} lab): {f['minutes']} min of {f['loss']:.0%} "
             f"packet loss into every host, {f['bandwidth_cap']} cap on the primary, "
             f"{f['agent_pauses']} agent pauses of {f['pause_s']} s",
-            f"  promotions            {f['promotions']}",
-            f"  fences                {f['fences']}",
-            f"  acknowledged writes   {f['acked']}, lost {f['lost_acked']}, "
-            f"probe failures {f['probe_failures']}, longest gap {f['longest_ack_gap_s']} s",
-            f"  pgbench median tps    {f['median_tps']}",
-            f"  verdict               {'OK' if f['ok'] else 'FAILED'}"])
+            f"  promotions                {f['promotions']}",
+            f"  fences                    {f['fences']}",
+            f"  standby dropped from sync {f['sync_drops']} times",
+            f"  acknowledged writes       {f['acked']}, lost {f['lost_acked']}, probe failures "
+            f"{f['probe_failures']}, longest gap {f['longest_ack_gap_s']} s",
+            f"  pgbench median tps        {f['median_tps']}",
+            f"  verdict                   {_verdict(f)}"]
+
+
+def _report_failover(f):
     old, new = f["old_primary"], f["new_primary"]
     buckets = {}
     for t, tps in f["tps"]:
         buckets[t] = buckets.get(t, 0) + tps
     tps_line = " ".join(f"{t:+d}:{buckets[t]:.0f}" for t in sorted(buckets) if -3 <= t <= 12)
-    return "\n".join([
-        f"Failover experiment ({f['backend']} lab): isolate the primary {old} under load",
-        f"  cut at                          {time.strftime('%H:%M:%S', time.localtime(f['cut_at']))}",
-        f"  {old} fenced itself              {_s(f['fenced_at_s'])}",
-        f"  arb granted {new} a new term      {_s(f['granted_at_s'])}",
-        f"  {new} promoted                   {_s(f['promoted_at_s'])}",
-        f"  first write acked by {new}       {_s(f['failover_s'])}   (failover_s)",
-        f"  write outage                    {f['write_outage_s']} s (last ack before the cut "
-        "to the first after)",
-        f"  acknowledged writes             {f['acked']}, lost {f['lost_acked']}",
-        f"  acked by {old} after the cut     {f['acked_by_old_primary_after_cut']}",
-        f"  promotions                      {f['promotions']}",
-        f"  create table x(i int) on {new}   {'ok' if f['create_table_ok'] else 'FAILED: ' + str(f['create_table_error'])}",  # noqa: E501
-        f"  {old} after the heal             {'fenced' if f['old_primary_fenced'] else 'NOT fenced'} "  # noqa: E501
-        f"({f['old_primary_after_heal']})",
-        f"  pgbench tps by second from the cut (restarted {f['pgbench_restarts']} times):",
-        f"    {tps_line}",
-        f"  verdict                         "
-        f"{'OK' if f['ok'] else 'FAILED: ' + ', '.join(f['failed_checks'])}"])
+    create = "ok" if f["create_table_ok"] else f"FAILED: {f['create_table_error']}"
+    rows = [
+        ("cut at", time.strftime("%H:%M:%S", time.localtime(f["cut_at"]))),
+        (f"{old} fenced itself", _s(f["fenced_at_s"])),
+        (f"arb granted {new} a new term", _s(f["granted_at_s"])),
+        (f"{new} promoted", _s(f["promoted_at_s"])),
+        (f"first write acked by {new}", f"{_s(f['failover_s'])}   (failover_s)"),
+        ("write outage", f"{f['write_outage_s']} s (last ack before the cut to the first "
+                         "after)"),
+        ("acknowledged writes", f"{f['acked']}, lost {f['lost_acked']}"),
+        (f"acked by {old} after the cut", f["acked_by_old_primary_after_cut"]),
+        ("promotions", f["promotions"]),
+        (f"create table x(i int) on {new}", create),
+        (f"{old} while isolated", "fenced" if f["old_primary_fenced"] else "NOT fenced"),
+        (f"{old} after the heal", f"sync standby again after {f['rejoined_s']} s"
+         if f["rejoined"] else "did NOT rejoin"),
+        ("rewind", f["divergence"] or "-"),
+        (f"pgbench tps by second from the cut (restarted {f['pgbench_restarts']} times)",
+         ""),
+    ]
+    lines = [f"Failover experiment ({f['backend']} lab): isolate the primary {old} under load"]
+    lines += [f"  {label:<34}{value}" for label, value in rows]
+    return lines + [f"    {tps_line}", f"  {'verdict':<34}{_verdict(f)}"]
+
+
+def _report_pingpong(f):
+    return [f"Pingpong experiment ({f['backend']} lab): {f['rounds']} failovers back and forth",
+            f"  promotions                {f['promotions']}",
+            f"  failover_s per round      {f['failover_s']}",
+            f"  rejoined after heal (s)   {f['rejoined_s']}",
+            f"  lost acknowledged writes  {f['lost_acked']}",
+            f"  acked by a replaced primary {f['acked_by_old_primary_after_cut']}",
+            f"  probe rows                {f['rows']} on both nodes, md5 {f['checksum']}"
+            if f["data_equal"] else "  probe rows                DIFFER between the nodes",
+            f"  verdict                   {_verdict(f)}"]
+
+
+def _report_switchover(f):
+    return [f"Switchover experiment ({f['backend']} lab): {f['old_primary']} hands over to "
+            f"{f['new_primary']} under load",
+            f"  done                      {f['done']} ({f['reason']})",
+            f"  write outage              {f['write_outage_s']} s",
+            f"  acknowledged writes       {f['acked']}, lost {f['lost_acked']}",
+            f"  acked by the old primary after the handover "
+            f"{f['acked_by_old_primary_after_handover']}",
+            f"  old primary back as sync standby after {f['rejoined_s']} s",
+            f"  verdict                   {_verdict(f)}"]
+
+
+REPORTS = {"failover": _report_failover, "jitter": _report_jitter,
+           "pingpong": _report_pingpong, "switchover": _report_switchover}
+
+
+def report(name, figures):
+    return "\n".join(REPORTS[name](figures))

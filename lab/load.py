@@ -22,10 +22,13 @@ class Probe:
         self.process = None
 
     def prepare(self):
+        """The table, and ids that continue where an earlier run stopped."""
         result = self.backend.client_sql("create table if not exists bobry_probe "
-                                         "(id bigint primary key, at timestamptz default now())")
+                                         "(id bigint primary key, at timestamptz default now());"
+                                         "select coalesce(max(id), 0) + 1 from bobry_probe")
         if result.returncode != 0:
             raise RuntimeError(f"cannot create the probe table: {result.stderr.strip()}")
+        self.argv += ["--first-id", result.stdout.split()[-1]]
 
     def start(self):
         self.process = self.backend.spawn(CLIENT, self.argv, f"{self.out_path}.log")

@@ -36,7 +36,8 @@ class NetnsBackend(Backend):
     name = "netns"
     addresses = ADDRESSES
 
-    def __init__(self, lab_dir=None):
+    def __init__(self, lab_dir=None, strict_sync=False):
+        self.strict_sync = strict_sync  # written into the lab's agent.ini by the first up
         self.lab_dir = Path(lab_dir or os.environ.get("BOBRY_LAB_DIR", DEFAULT_DIR))
         self.config_file = self.lab_dir / "agent.ini"
         self.pid_dir = self.lab_dir / "pids"
@@ -185,6 +186,7 @@ class NetnsBackend(Backend):
             parser[f"node {host}"]["address"] = ADDRESSES[host]
         cluster = parser["cluster"]
         cluster["client_addresses"] = f"{ADDRESSES['client']}/32"
+        cluster["strict_sync"] = "true" if self.strict_sync else "false"
         for key, name in (("replication_password_file", "replication.password"),
                           ("app_password_file", "app.password"),
                           ("agent_key_file", "agent.key")):

@@ -64,10 +64,11 @@ def main(argv=None):
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--deadline", type=float, default=1.0)
     parser.add_argument("--seconds", type=float, default=600, help="stop by itself after")
+    parser.add_argument("--first-id", type=int, default=1, help="ids are unique across runs")
     args = parser.parse_args(argv)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    conn, probe_id = None, 0
+    conn, probe_id = None, args.first_id - 1
     end = time.monotonic() + args.seconds
     with open(args.out, "a", encoding="utf-8") as out:
         while not stop and time.monotonic() < end:

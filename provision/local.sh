@@ -11,9 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 
+# setup [extra command:package …]: install what is missing, then the virtualenv
 setup() {
   local missing=()
-  for cmd in initdb:postgresql iptables:iptables ip:iproute2 runuser:util-linux; do
+  for cmd in initdb:postgresql iptables:iptables ip:iproute2 runuser:util-linux "$@"; do
     if ! command -v "${cmd%%:*}" >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/"${cmd%%:*}" >/dev/null 2>&1; then
       missing+=("${cmd##*:}")
     fi
@@ -41,7 +42,8 @@ case "${1:-}" in
     .venv/bin/python -m lab up
     .venv/bin/python -m lab experiment failover ;;
   test)
-    setup
+    # the tests also check the Vagrantfile (vagrant validate) and the shell scripts
+    setup vagrant:vagrant shellcheck:shellcheck
     shift
     .venv/bin/python -m pytest tests -v -p no:cacheprovider "$@" ;;
   *)

@@ -1,13 +1,10 @@
 """Integration tests run the real thing: network namespaces, iptables, PostgreSQL, agents.
 Each test gets a fresh embedded lab and tears it down, whatever happens."""
 import os
-import time
 
 import pytest
 
-from lab.backend import LabError
-from lab.netns import NetnsBackend
-
+from labtest import fresh_lab
 
 
 def pytest_collection_modifyitems(items):
@@ -20,36 +17,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture
 def lab():
-    backend = NetnsBackend()
-    if backend.exists():
-        raise LabError("a lab is already up: `python -m lab down` first (tests build their own)")
-    try:
-        backend.up(progress=lambda *a, **k: None)
-        backend.wait_until("primary with sync standby", backend.primary_with_sync_standby, 120)
-        yield backend
-    finally:
-        backend.down()
+    yield from fresh_lab()
 
 
-def eventually(predicate, timeout, interval=0.2):
-    """The predicate's first truthy value within timeout, else AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {predicate.__doc__ or predicate}")
-        time.sleep(interval)
-
-
-def role_of(backend, host):
-    return backend.host_status(host).get("pg")
-
-
-def client_write(backend, sql, timeout=10):
-    result = backend.client_sql(sql, timeout=timeout)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
+@pytest.fixture
+def strict_lab():
+    """A lab whose primary never stops waiting for its standby (strict_sync = true)."""
+    yield from fresh_lab(strict_sync=True)

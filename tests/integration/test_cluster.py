@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import client_write, eventually
+from labtest import client_write, eventually
 
 
 def test_up_gives_primary_sync_standby_and_arbiter(lab):
@@ -31,7 +31,10 @@ def test_row_written_through_the_multi_host_string_reaches_the_standby(lab):
     assert eventually(lambda: lab.sql("pg2", "select i from t") == [["42"]], 10)
 
 
-def test_commit_waits_for_the_synchronous_standby(lab):
+def test_commit_waits_for_the_synchronous_standby(strict_lab):
+    """strict_sync: the primary never stops waiting (by default it does, once the arbiter has
+    recorded the standby as not in sync: tests/integration/test_healing.py)."""
+    lab = strict_lab
     client_write(lab, "create table t(i int)")
     lab.cut("pg1", "pg2")
     with pytest.raises(subprocess.TimeoutExpired):  # a client-side timeout, never

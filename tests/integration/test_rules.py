@@ -3,7 +3,8 @@ timeouts and real iptables. Timings are asserted with generous bounds; the safet
 (who promoted, how often, who is fenced) exactly."""
 import time
 
-from conftest import client_write, eventually
+import pytest
+from labtest import client_write, eventually
 
 from lab import experiments
 
@@ -25,7 +26,8 @@ def assert_no_failover(lab, since):
     assert events_since(lab, since, "granted") == []
     status = {s["node"]: s for s in lab.status()}
     assert status["pg1"]["pg"] == "primary" and status["pg2"]["pg"] == "standby"
-    assert status["arb"]["view"] == {"term": 1, "primary": "pg1", "eligible": "pg2"}
+    view = status["arb"]["view"]
+    assert (view["term"], view["primary"]) == (1, "pg1")
 
 
 def test_rule1_and_5_isolated_primary_fails_over(lab):
@@ -37,9 +39,10 @@ def test_rule1_and_5_isolated_primary_fails_over(lab):
     assert f["acked_by_old_primary_after_cut"] == 0
     assert f["create_table_ok"], f["create_table_error"]
     assert f["fenced_at_s"] < f["promoted_at_s"], f
-    assert f["old_primary_fenced"] and f["old_primary_after_heal"] == "replaced"
+    assert f["old_primary_fenced"]
     assert f["failover_s"] < 15  # generous: the benchmark measures speed
-    assert lab.host_status("arb")["view"] == {"term": 2, "primary": "pg2", "eligible": None}
+    view = lab.host_status("arb")["view"]
+    assert (view["term"], view["primary"]) == (2, "pg2")
 
 
 def test_rule4_primary_standby_link_cut_alone(lab):
@@ -47,51 +50,36 @@ def test_rule4_primary_standby_link_cut_alone(lab):
     lab.cut("pg1", "pg2")
     time.sleep(QUIET)
     assert_no_failover(lab, since)
+    assert lab.host_status("arb")["view"]["eligible"] is None  # so pg2 can never be promoted
     assert not lab.host_status("pg1")["fenced"]  # pg1 still sees the arbiter
-    log = lab.read_file("arb", f"{lab.config('arb').log_dir}/agent.log")
-    assert "promote from pg2: refused. I still see pg1" in log
     lab.heal()
     client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
 
 
-def test_rule2_standby_isolated(lab):
+@pytest.mark.parametrize("fault", [("isolate", "pg2"), ("isolate", "arb"), ("cut", "pg2", "arb")],
+                         ids=["rule2_standby_isolated", "arbiter_isolated",
+                              "rule3_standby_loses_arbiter_primary_fine"])
+def test_no_failover_and_no_fence_while_the_primary_is_fine(lab, fault):
     since = time.time()
-    lab.isolate("pg2")
+    getattr(lab, fault[0])(*fault[1:])
     time.sleep(QUIET)
     assert_no_failover(lab, since)
-    assert events_since(lab, since, "fenced") == []  # pg1 still sees the arbiter
-    lab.heal()
+    assert events_since(lab, since, "fenced") == []  # pg1 still sees one of its peers
     client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
 
 
-def test_arbiter_isolated(lab):
-    since = time.time()
-    lab.isolate("arb")
-    time.sleep(QUIET)
-    assert_no_failover(lab, since)
-    assert events_since(lab, since, "fenced") == []  # pg1 still sees pg2
-    client_write(lab, "create table t(i int); insert into t values (1)")  # writes go on
-
-
-def test_rule3_standby_loses_arbiter_while_primary_fine(lab):
-    since = time.time()
-    lab.cut("pg2", "arb")
-    time.sleep(QUIET)
-    assert_no_failover(lab, since)
-    client_write(lab, "create table t(i int); insert into t values (1)")
-
-
-def test_primary_postgres_stopped_fails_over_and_is_not_restarted(lab):
+def test_primary_postgres_stopped_fails_over_and_is_not_restarted_as_primary(lab):
     since = time.time()
     assert lab.stop_pg("pg1").returncode == 0
     [event] = promoted(lab, since)
     assert event["node"] == "pg2"
     client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
-    time.sleep(8)  # beyond restart_grace: pg1's agent asked nothing and started nothing
-    status = lab.host_status("pg1")
-    assert status["pg"] == "down" and status["agent"] == "up"
+    # pg1's agent never restarts it as a primary: it rewinds it and starts it as a standby
+    assert eventually(lambda: lab.primary_with_sync_standby() == "pg2", 60)
+    assert lab.host_status("pg1")["pg"] == "standby"
     assert events_since(lab, since, "restarted") == []
     assert len(events_since(lab, since, "promoted")) == 1
+    assert lab.sql("pg1", "select count(*) from t") == [["1"]]
 
 
 def test_rule8_primary_agent_restarts_postgres_only_with_the_arbiters_consent(lab):
@@ -139,7 +127,8 @@ def test_rule8_arbiter_killed_while_primary_isolated_no_double_grant(lab):
     time.sleep(QUIET)
     assert len(events_since(lab, since, "granted")) == 1
     assert len(events_since(lab, since, "promoted")) == 1
-    assert lab.host_status("arb")["view"] == {"term": 2, "primary": "pg2", "eligible": None}
+    view = lab.host_status("arb")["view"]
+    assert (view["term"], view["primary"]) == (2, "pg2")
 
 
 def test_rule6_fenced_primary_unfences_when_the_arbiter_confirms(lab):

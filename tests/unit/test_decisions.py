@@ -15,12 +15,19 @@ TERM1 = View(1, "pg1", "pg2")
 
 
 def obs(pg="primary", view=TERM1, fenced=False, other=FRESH, arbiter=FRESH, primary=FRESH,
-        down_since=None, standby_signal=False, sync="pg2", me="pg1"):
+        down_since=None, standby_signal=False, sync="pg2", me="pg1", standby=FRESH,
+        streaming=True, synced=True, switchover=False, strict=False):
     peer = "pg2" if me == "pg1" else "pg1"
     return DbObservation(now=NOW, started_at=NOW - 100, pg=pg, pg_down_since=down_since,
                          has_standby_signal=standby_signal, fenced=fenced, view=view,
                          contact_at={peer: other, "arb": arbiter}, primary_alive_at=primary,
-                         sync_names=sync if pg == "primary" else None)
+                         sync_names=sync if pg == "primary" else None, standby_seen_at=standby,
+                         standby_streaming=streaming, standby_synced=synced,
+                         switchover_requested=switchover, strict_sync=strict)
+
+
+def same(a, b):  # views equal but for seq
+    return (a.term, a.primary, a.eligible) == (b.term, b.primary, b.eligible)
 
 
 def m(**kw):  # the primary's agent, pg1
@@ -50,7 +57,8 @@ def test_rule1_a_granted_view_makes_the_standby_promote():
 
 def test_rule1_arbiter_grants_once_and_records_a_new_term():
     granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
-    assert granted and view == View(2, "pg2", None) and "term 2" in reason
+    assert granted and same(view, View(2, "pg2", None)) and view.seq == TERM1.seq + 1
+    assert "term 2" in reason
     # the same request again (a lost reply, a restarted agent): the same answer, no new term
     again, view2, _ = decide_grant(view, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
     assert again and view2 == view
@@ -122,7 +130,9 @@ def test_rule6_stay_fenced_without_the_arbiter():
 def test_rule6_replaced_primary_fences_and_stays_fenced():
     replaced = View(2, "pg2", None)
     assert m(view=replaced).action == "fence"
-    assert m(view=replaced, fenced=True, arbiter=FRESH).action == "none"
+    # fenced until it can rejoin: it never unfences as a primary
+    d = m(view=replaced, fenced=True, arbiter=FRESH, primary=LONG_LOST)
+    assert d.action == "none" and "waiting to reach it" in d.reason
 
 
 def test_rule6_unconfirmed_view_never_unfences():
@@ -158,8 +168,8 @@ def test_rule8_resume_only_for_the_current_primary():
 
 
 def test_rule8_replaced_primary_with_postgres_down_does_not_start_it():
-    d = m(view=View(2, "pg2", None), pg="down", down_since=LONG_LOST, standby_signal=False)
-    assert d.action == "none" and "not starting" in d.reason
+    d = m(view=View(2, "pg2", None), pg="down", down_since=LONG_LOST, primary=LONG_LOST)
+    assert d.action == "none"
 
 
 def test_rule8_standby_with_postgres_down_starts_it():
@@ -181,7 +191,9 @@ def test_views_only_move_forward():
 
 
 def test_new_primary_stops_waiting_for_a_standby_the_arbiter_dropped():
-    d = decide_db("pg2", "pg1", "arb", obs(me="pg2", view=View(2, "pg2", None), sync="pg1"), T)
+    o = obs(me="pg2", view=View(2, "pg2", None), sync="pg1", streaming=False, standby=None,
+            synced=False)
+    d = decide_db("pg2", "pg1", "arb", o, T)
     assert d.action == "set_sync" and "''" in d.reason
 
 
@@ -220,7 +232,11 @@ def test_invariants_over_every_combination(me):
         if d.action == "resume":
             assert o.view.primary == me and o.pg == "down" and o.view.term > 0
         if o.pg == "primary" and o.view.primary != me:  # replaced: fenced, whatever else
-            assert d.action == ("none" if o.fenced else "fence")
+            assert d.action in (("none", "rejoin") if o.fenced else ("fence",))
+        if d.action == "rejoin":  # only a fenced or stopped former primary, onto a live one
+            assert o.view.primary != me and (o.fenced or o.pg == "down")
+            assert o.pg != "standby" and not (o.pg == "down" and o.has_standby_signal)
+            assert age(o.primary_alive_at) < T.fence_timeout
         if o.pg == "primary" and o.view.primary == me and not o.fenced:
             both_lost = (age(o.contact_at[peer]) >= T.fence_timeout
                          and age(o.contact_at["arb"]) >= T.fence_timeout)
@@ -235,8 +251,65 @@ def test_grant_invariants_over_every_combination():
             VIEWS[1:], ("pg1", "pg2"), (0, 1, 2, 3), (None, NOW - 0.1, NOW - 1.9, NOW - 2.0)):
         granted, new, _ = decide_grant(view, candidate, term, seen, NOW, NOW - 100, T)
         if new != view:  # a new term: exactly one more, for an eligible candidate, after loss
-            assert granted and new == View(view.term + 1, candidate, None)
+            assert granted and same(new, View(view.term + 1, candidate, None))
             assert view.eligible == candidate and term == view.term
             assert NOW - (seen if seen is not None else NOW - 100) >= T.failover_timeout
         elif granted:  # no new term: only the candidate that already is the primary
             assert view.primary == candidate
+
+
+# -- issue 4: the standby lost and found, switchover, rejoin -------------------------------------
+
+def test_standby_lost_primary_asks_the_arbiter_before_it_stops_waiting():
+    d = m(standby=NOW - 2.0, other=LONG_LOST)
+    assert d.action == "drop_standby" and d.sync_names == ""
+    assert m(standby=NOW - 1.5).action == "none"  # a late reply is not a lost standby
+
+
+def test_standby_lost_without_the_arbiter_keeps_waiting():
+    assert m(standby=LONG_LOST, other=FRESH, arbiter=LOST).action == "none"
+
+
+def test_strict_sync_never_drops_the_standby():
+    d = m(standby=LONG_LOST, strict=True)
+    assert d.action == "none" and "strict_sync" in d.reason
+
+
+def test_standby_back_primary_waits_for_it_then_asks_to_make_it_eligible():
+    dropped = View(1, "pg1", None, 3)
+    d = m(view=dropped, sync="", streaming=True, synced=False)
+    assert d.action == "set_sync" and d.sync_names == "pg2"
+    assert m(view=dropped, sync="pg2", synced=True).action == "mark_eligible"
+    # a walsender row that no longer gets replies does not count as streaming
+    d = m(view=dropped, sync="pg2", standby=LONG_LOST, synced=False)
+    assert d.action == "set_sync" and d.sync_names == ""
+
+
+def test_arbiter_eligibility_only_from_the_primary_of_the_term():
+    ok, new, _ = agent.decide_eligibility(TERM1, "pg1", 1, "pg2", False)
+    assert ok and new.eligible is None and new.seq == TERM1.seq + 1 and new.term == 1
+    assert agent.newer_view(TERM1, new) == new  # the same term, yet newer
+    for requester, term in (("pg2", 1), ("pg1", 0)):
+        ok, same_view, _ = agent.decide_eligibility(TERM1, requester, term, "pg2", False)
+        assert not ok and same_view == TERM1
+    ok, back, _ = agent.decide_eligibility(new, "pg1", 1, "pg2", True)
+    assert ok and back.eligible == "pg2" and back.seq == new.seq + 1
+
+
+def test_switchover_hands_over_only_to_an_eligible_standby_the_arbiter_sees():
+    assert m(switchover=True).action == "handover"
+    assert m(switchover=True, view=View(1, "pg1", None)).action == "refuse_switchover"
+    ok, new, _ = agent.decide_handover(TERM1, "pg1", 1, "pg2", NOW - 0.1, NOW, T)
+    assert ok and same(new, View(2, "pg2", None))
+    assert not agent.decide_handover(TERM1, "pg1", 1, "pg2", NOW - 5, NOW, T)[0]
+    assert not agent.decide_handover(TERM1, "pg2", 1, "pg1", NOW - 0.1, NOW, T)[0]
+    # a primary fenced for a switchover does not unfence before the handover is decided
+    assert m(switchover=True, fenced=True).action == "none"
+
+
+def test_replaced_primary_rejoins_when_it_reaches_the_new_primary():
+    replaced = View(2, "pg2", None)
+    assert m(view=replaced, fenced=True, primary=FRESH).action == "rejoin"
+    assert m(view=replaced, pg="down", primary=FRESH).action == "rejoin"
+    # once it runs as a standby, the fence goes
+    assert m(view=replaced, pg="standby", fenced=True, standby_signal=True).action == "unfence"

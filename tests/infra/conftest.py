@@ -1,0 +1,60 @@
+"""testinfra against the lab's hosts. The same test file checks the embedded lab's network
+namespaces (built here, torn down after) and the Vagrant lab's VMs (which must be up)."""
+import os
+import tempfile
+
+import pytest
+import testinfra
+from testinfra.backend.local import LocalBackend
+
+from lab.backend import AGENT_HOSTS
+from labtest import fresh_lab
+
+
+class NetnsTestinfraBackend(LocalBackend):
+    """testinfra's local backend, each command run inside a lab host's network namespace."""
+
+    NAME = "netns"
+
+    def __init__(self, namespace, *args, **kwargs):
+        self.namespace = namespace
+        super().__init__(*args, **kwargs)
+
+    def get_pytest_id(self):
+        return self.namespace
+
+    def run(self, command, *args, **kwargs):
+        command = self.get_command(command, *args)
+        return self.run_local("ip netns exec %s sh -c %s", self.namespace, command)
+
+
+def netns_hosts(lab):
+    hosts = {}
+    for name in AGENT_HOSTS:
+        backend = NetnsTestinfraBackend(lab.ns(name))
+        hosts[name] = testinfra.host.Host(backend)
+        backend.set_host(hosts[name])
+    return hosts
+
+
+def vagrant_hosts(lab):
+    with tempfile.NamedTemporaryFile("w", suffix=".ssh-config", delete=False) as f:
+        f.write(lab.vagrant.ssh_config())
+    return {name: testinfra.get_host(f"paramiko://{name}", ssh_config=f.name, sudo=True)
+            for name in AGENT_HOSTS}
+
+
+@pytest.fixture(scope="module")
+def lab(request):
+    if request.config.getoption("--lab-backend") == "vagrant":
+        from lab.vagrant import VagrantBackend
+        yield VagrantBackend()
+        return
+    if os.geteuid() != 0:
+        pytest.skip("the embedded lab needs root (netns, iptables)")
+    yield from fresh_lab()
+
+
+@pytest.fixture(scope="module")
+def hosts(lab):
+    return vagrant_hosts(lab) if lab.name == "vagrant" else netns_hosts(lab)

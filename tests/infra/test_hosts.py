@@ -1,0 +1,85 @@
+"""What each host of a running lab must look like, checked with testinfra."""
+import json
+import time
+
+import pytest
+
+from lab.backend import AGENT_HOSTS, DB_HOSTS
+
+
+def agent_status(lab, host, name):
+    return json.loads(host.check_output(" ".join(lab.agent_argv(name, "status"))))
+
+
+@pytest.mark.parametrize("name", AGENT_HOSTS)
+def test_agent_is_running_and_listening(lab, hosts, name):
+    cfg = lab.config(name)
+    host = hosts[name]
+    if lab.name == "vagrant":
+        service = host.service("bobry-agent")
+        assert service.is_enabled and service.is_running
+    assert host.socket(f"tcp://{cfg.me.address}:{cfg.me.agent_port}").is_listening
+    assert agent_status(lab, host, name)["agent"] == "up"
+
+
+@pytest.mark.parametrize("name", DB_HOSTS)
+def test_postgres_listens_on_the_node_address_with_the_expected_role(lab, hosts, name):
+    cfg = lab.config(name)
+    host = hosts[name]
+    assert host.socket(f"tcp://{cfg.me.address}:{cfg.me.pg_port}").is_listening
+    status = agent_status(lab, host, name)
+    expected = "primary" if status["view"]["primary"] == name else "standby"
+    assert status["pg"] == expected
+
+
+def test_replication_role_is_not_a_superuser(lab, hosts):
+    primary = lab.primary_with_sync_standby()
+    cfg = lab.config(primary)
+    sql = (f"select rolsuper::text || ',' || rolreplication::text from pg_roles "
+           f"where rolname = '{cfg.replication_user}'")
+    argv = lab.psql_argv(primary, sql)
+    out = hosts[primary].check_output(" ".join(f"'{a}'" if " " in a else a for a in argv))
+    assert out.strip() == "false,true"
+
+
+@pytest.mark.parametrize("name", AGENT_HOSTS)
+def test_secret_files_are_root_only(lab, hosts, name):
+    cfg = lab.config(name)
+    for path in (cfg.replication_password_file, cfg.app_password_file, cfg.agent_key_file):
+        secret = hosts[name].file(path)
+        assert secret.exists and secret.mode == 0o600 and secret.user == "root", path
+
+
+@pytest.mark.parametrize("name", DB_HOSTS)
+def test_replication_passfile_belongs_to_postgres(lab, hosts, name):
+    passfile = hosts[name].file(f"{lab.config(name).run_dir}/.pgpass")
+    assert passfile.mode == 0o600 and passfile.user == "postgres"
+
+
+def fence_rules(host):
+    return [line for line in host.check_output("iptables -S bobry-fence").splitlines()
+            if line.startswith("-A")]
+
+
+@pytest.mark.parametrize("name", DB_HOSTS)
+def test_no_fence_rules_while_not_fenced(lab, hosts, name):
+    assert not agent_status(lab, hosts[name], name)["fenced"]
+    assert fence_rules(hosts[name]) == []
+
+
+def test_fence_rules_appear_when_the_primary_fences_itself(lab, hosts):
+    """Last in this file: it fails the primary over."""
+    primary = lab.primary_with_sync_standby()
+    host = hosts[primary]
+    lab.isolate(primary)
+    try:
+        deadline = time.monotonic() + 15
+        while not agent_status(lab, host, primary)["fenced"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rules = fence_rules(host)
+        assert agent_status(lab, host, primary)["fenced"]
+        [rule] = rules
+        port = lab.config(primary).me.pg_port
+        assert f"--dport {port}" in rule and "REJECT" in rule and "! -i lo" in rule
+    finally:
+        lab.heal()

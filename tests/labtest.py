@@ -1,0 +1,41 @@
+"""Helpers for the tests that run a real embedded lab (integration and infra suites)."""
+import time
+
+from lab.backend import LabError
+from lab.netns import NetnsBackend
+
+
+def fresh_lab(strict_sync=False):
+    backend = NetnsBackend(strict_sync=strict_sync)
+    if backend.exists():
+        raise LabError("a lab is already up: `python -m lab down` first (tests build their own)")
+    try:
+        backend.up(progress=lambda *a, **k: None)
+        backend.wait_until("primary with sync standby", backend.primary_with_sync_standby, 120)
+        yield backend
+    finally:
+        backend.down()
+
+
+def eventually(predicate, timeout, interval=0.2):
+    """The predicate's first truthy value within timeout, else AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {predicate.__doc__ or predicate}")
+        time.sleep(interval)
+
+
+def role_of(backend, host):
+    return backend.host_status(host).get("pg")
+
+
+def client_write(backend, sql, timeout=10):
+    result = backend.client_sql(sql, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
