@@ -218,9 +218,10 @@ def check_timing(path, t):
     needed = t.fence_timeout + t.check_interval + t.probe_timeout + t.safety_margin
     if needed > t.failover_timeout + 1e-9:
         raise ConfigError(path, "timing", "failover_timeout",
-                          f"{t.failover_timeout} s is too short: fence_timeout + check_interval + "
-                          f"probe_timeout + safety_margin = {needed:.2f} s must not exceed it, or the "
-                          "standby could promote before the isolated primary has fenced itself")
+                          f"{t.failover_timeout} s is too short: fence_timeout + "
+                          f"check_interval + probe_timeout + safety_margin = {needed:.2f} s must "
+                          "not exceed it, or the standby could promote before the isolated "
+                          "primary has fenced itself")
     if t.probe_timeout >= t.fence_timeout:
         raise ConfigError(path, "timing", "probe_timeout",
                           "must be shorter than fence_timeout: one slow probe must never fence")
@@ -963,6 +964,8 @@ class LocalPostgres:
 
     def stop_immediate(self):
         """Immediate: a fast shutdown of a cut-off primary can hang on its walsender."""
+        if not os.path.exists(os.path.join(self.cfg.data_dir, "postmaster.pid")):
+            return  # not running
         result = self._run([self._bin("pg_ctl"), "stop", "-m", "immediate", "-t", "30", "-D",
                             self.cfg.data_dir], timeout=60)
         if result.returncode != 0 and "not running" not in result.stderr + result.stdout:
@@ -1263,7 +1266,9 @@ class DbAgent(Agent):
     def role_name(self):
         if self.view.primary == self.cfg.me.name:
             return "primary"
-        return "replaced" if self.pg_state == "primary" else "standby"
+        if self.pg_state == "primary" or not self.pg.has_standby_signal():
+            return "replaced"  # a former primary's data, not yet rejoined
+        return "standby"
 
     def status_body(self):
         return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.pg_state,

@@ -219,7 +219,8 @@ def test_invariants_over_every_combination(me):
         d = decide_db(me, peer, "arb", o, T)
         count += 1
         assert d.reason, o
-        age = lambda at: NOW - (at if at is not None else o.started_at)  # noqa: E731
+        def age(at, o=o):
+            return NOW - (at if at is not None else o.started_at)
         if d.action == "promote":  # only with the arbiter's grant
             assert o.view.primary == me and o.pg == "standby"
         if d.action == "request_promotion":
