@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Bobry agent: one program for the primary (M), the synchronous standby (S) and the arbiter (A).
 
-    agent.py --config agent.ini --node pg1            run the agent of node pg1
-    agent.py --config agent.ini --node pg1 status     print this host's status as JSON
+    agent.py --config agent.ini --node pg1              run the agent of node pg1
+    agent.py --config agent.ini --node pg1 status       print this host's status as JSON
+    agent.py --config agent.ini --node pg1 switchover   ask the primary to hand over
 
 The file has four parts, in this order:
   configuration  -- agent.ini parsed and checked; every error names file, section and key
@@ -1490,7 +1491,6 @@ class ArbiterAgent(Agent):
     def __init__(self, cfg, key):
         default = View(1, cfg.by_role("primary").name, cfg.by_role("standby").name)
         super().__init__(cfg, key, default)
-        self._grant_lock = threading.Lock()
 
     def role_name(self):
         return "arbiter"
@@ -1529,7 +1529,7 @@ class ArbiterAgent(Agent):
         db_names = {n.name for n in self.cfg.db_nodes}
         if not isinstance(term, int) or sender not in db_names:
             raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
-        with self._grant_lock:  # one decision at a time: never two grants for one term
+        with self._view_lock:  # one decision at a time: never two grants for one term
             now, view = time.monotonic(), self.view
             contact_at, alive_at = self.observations.snapshot()
             if kind == "promote":

@@ -1,4 +1,4 @@
-"""`python -m lab bench failover|switchover --trials N`: an experiment N times on one fresh lab
+"""`python -m lab bench failover|switchover|standby-loss --trials N`: an experiment N times on one fresh lab
 (the old primary rejoins after each trial, so the next one goes the other way), and medians.
 Speed goals live here, not in the tests: this machine is shared and noisy, so figures are
 medians over trials. The lab is torn down at the end."""
@@ -9,6 +9,7 @@ from lab import experiments
 FIGURES = {
     "failover": ("failover_s", "write_outage_s", "fenced_at_s", "promoted_at_s", "rejoined_s"),
     "switchover": ("write_outage_s", "rejoined_s"),
+    "standby-loss": ("write_outage_s", "resync_s"),
 }
 
 

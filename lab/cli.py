@@ -167,13 +167,14 @@ def parser():
     add("start-pg", cmd_start_pg, "start PostgreSQL on a host as its data dir says").add_argument(
         "host")
     sp = add("experiment", cmd_experiment, "run a scripted experiment and report")
-    sp.add_argument("name", choices=["failover", "jitter", "pingpong", "switchover"])
+    sp.add_argument("name", choices=["failover", "switchover", "standby-loss", "pingpong",
+                                     "jitter"])
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
     sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")
     add("switchover", cmd_switchover, "planned switchover: the standby becomes the primary")
     sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians")
-    sp.add_argument("what", choices=["failover", "switchover"])
+    sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])
     sp.add_argument("--trials", type=int, default=10)
     sp.add_argument("--json", action="store_true")
     return p

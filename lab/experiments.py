@@ -142,6 +142,41 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
                              "rejoined": True})
 
 
+def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0):
+    """Isolate the standby under load: the primary must take writes again within seconds, no
+    one may promote, and after the heal the standby must become eligible again."""
+    primary = backend.wait_until("a primary with a synchronous standby",
+                                 backend.primary_with_sync_standby, 120, progress)
+    standby = _other(primary)
+    probe, pgbench = _start_load(backend, "standby-loss")
+    try:
+        time.sleep(baseline)
+        progress(f"isolating the standby {standby}")
+        cut_at = backend.isolate(standby)
+        time.sleep(cut_for)
+    finally:
+        probe.stop()
+        pgbench.stop()
+        backend.heal()
+    resynced_s = wait_for_rejoin(backend, progress, primary, standby)
+    acks = acked(probe.records())
+    after = [r["ack"] for r in acks if r["ack"] > cut_at]
+    before = [r["ack"] for r in acks if r["ack"] <= cut_at]
+    ids = {int(row[0]) for row in backend.sql(primary, "select id from bobry_probe")}
+    events = [e for e in backend.events() if e["t"] >= cut_at]
+    figures = {
+        "backend": backend.name, "primary": primary, "standby": standby,
+        "write_outage_s": round(min(after) - max(before), 3) if before and after else None,
+        "acked": len(acks), "lost_acked": sum(1 for r in acks if r["id"] not in ids),
+        "promotions": sum(1 for e in events if e["event"] == "promoted"),
+        "fences": sum(1 for e in events if e["event"] == "fenced"),
+        "resync_s": resynced_s, "resynced": resynced_s is not None,
+    }
+    figures["writes_resumed"] = figures["write_outage_s"] is not None
+    return _checks(figures, {"writes_resumed": True, "lost_acked": 0, "promotions": 0,
+                             "fences": 0, "resynced": True})
+
+
 CHECKSUM_SQL = ("select count(*), coalesce(md5(string_agg(id::text, ',' order by id)), '') "
                 "from bobry_probe")
 
@@ -285,7 +320,7 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
 
 
 EXPERIMENTS = {"failover": failover, "jitter": jitter, "pingpong": pingpong,
-               "switchover": switchover}
+               "switchover": switchover, "standby-loss": standby_loss}
 
 
 def _s(value):
@@ -364,7 +399,17 @@ def _report_switchover(f):
             f"  verdict                   {_verdict(f)}"]
 
 
-REPORTS = {"failover": _report_failover, "jitter": _report_jitter,
+def _report_standby_loss(f):
+    return [f"Standby-loss experiment ({f['backend']} lab): isolate the standby {f['standby']} "
+            "under load",
+            f"  writes on {f['primary']} stopped for  {f['write_outage_s']} s",
+            f"  acknowledged writes       {f['acked']}, lost {f['lost_acked']}",
+            f"  promotions, fences        {f['promotions']}, {f['fences']}",
+            f"  standby eligible again    {f['resync_s']} s after the heal",
+            f"  verdict                   {_verdict(f)}"]
+
+
+REPORTS = {"standby-loss": _report_standby_loss, "failover": _report_failover, "jitter": _report_jitter,
            "pingpong": _report_pingpong, "switchover": _report_switchover}
 
 
