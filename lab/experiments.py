@@ -44,7 +44,11 @@ def failover_metrics(records, events, cut_at, primary, standby, addresses, new_i
     }
 
 
-def _start_load(backend, name):
+def _under_load(backend, progress, name):
+    """A primary with a synchronous standby, and the probe and pgbench running against it:
+    (primary, standby, probe, pgbench)."""
+    primary = backend.wait_until("a primary with a synchronous standby",
+                                 backend.primary_with_sync_standby, 120, progress)
     work = backend.work_dir(name)
     probe = Probe(backend, work / "probe.jsonl")
     pgbench = Pgbench(backend, work / "pgbench.log")
@@ -52,7 +56,7 @@ def _start_load(backend, name):
     pgbench.prepare()
     probe.start()
     pgbench.start()
-    return probe, pgbench
+    return primary, _other(primary), probe, pgbench
 
 
 def _view(backend):
@@ -87,10 +91,7 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
     """Isolate the primary under load; wait for the promotion and for the load to move; run
     `create table x(i int)` on the former standby; heal; wait for the old primary to rejoin
     as the synchronous standby; measure."""
-    primary = backend.wait_until("a primary with a synchronous standby",
-                                 backend.primary_with_sync_standby, 120, progress)
-    standby = _other(primary)
-    probe, pgbench = _start_load(backend, "failover")
+    primary, standby, probe, pgbench = _under_load(backend, progress, "failover")
     new_address = backend.addresses[standby]
     try:
         time.sleep(baseline)
@@ -145,10 +146,7 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
 def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0):
     """Isolate the standby under load: the primary must take writes again within seconds, no
     one may promote, and after the heal the standby must become eligible again."""
-    primary = backend.wait_until("a primary with a synchronous standby",
-                                 backend.primary_with_sync_standby, 120, progress)
-    standby = _other(primary)
-    probe, pgbench = _start_load(backend, "standby-loss")
+    primary, standby, probe, pgbench = _under_load(backend, progress, "standby-loss")
     try:
         time.sleep(baseline)
         progress(f"isolating the standby {standby}")
@@ -221,10 +219,7 @@ def pingpong(backend, progress, args=None, rounds=None):
 
 def switchover(backend, progress, args=None, baseline=3.0, settle=3.0):
     """A planned switchover under load: the roles swap, nothing acknowledged is lost."""
-    primary = backend.wait_until("a primary with a synchronous standby",
-                                 backend.primary_with_sync_standby, 120, progress)
-    standby = _other(primary)
-    probe, pgbench = _start_load(backend, "switchover")
+    primary, standby, probe, pgbench = _under_load(backend, progress, "switchover")
     try:
         time.sleep(baseline)
         progress(f"switchover: {primary} hands over to {standby}")
@@ -270,9 +265,7 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
     host, a bandwidth cap on the primary, and SIGSTOP pauses of `pause` s (half of
     fence_timeout) of one agent after another. Nothing may fence or promote."""
     minutes = minutes if minutes is not None else getattr(args, "minutes", 5.0)
-    primary = backend.wait_until("a primary with a synchronous standby",
-                                 backend.primary_with_sync_standby, 120, progress)
-    probe, pgbench = _start_load(backend, "jitter")
+    primary, _, probe, pgbench = _under_load(backend, progress, "jitter")
     start = time.time()
     paused = []
     try:
