@@ -1,7 +1,6 @@
 """testinfra against the lab's hosts. The same test file checks the embedded lab's network
 namespaces (built here, torn down after) and the Vagrant lab's VMs (which must be up)."""
 import os
-import tempfile
 
 import pytest
 import testinfra
@@ -37,10 +36,10 @@ def netns_hosts(lab):
     return hosts
 
 
-def vagrant_hosts(lab):
-    with tempfile.NamedTemporaryFile("w", suffix=".ssh-config", delete=False) as f:
-        f.write(lab.vagrant.ssh_config())
-    return {name: testinfra.get_host(f"paramiko://{name}", ssh_config=f.name, sudo=True)
+def vagrant_hosts(lab, directory):
+    ssh_config = directory / "ssh-config"
+    ssh_config.write_text(lab.vagrant.ssh_config())
+    return {name: testinfra.get_host(f"ssh://{name}", ssh_config=str(ssh_config), sudo=True)
             for name in AGENT_HOSTS}
 
 
@@ -56,5 +55,7 @@ def lab(request):
 
 
 @pytest.fixture(scope="module")
-def hosts(lab):
-    return vagrant_hosts(lab) if lab.name == "vagrant" else netns_hosts(lab)
+def hosts(lab, tmp_path_factory):
+    if lab.name == "vagrant":
+        return vagrant_hosts(lab, tmp_path_factory.mktemp("vagrant"))
+    return netns_hosts(lab)
