@@ -27,6 +27,8 @@ def status_table(rows):
                          for r in st.get("replication") or [])
         if st.get("pg") == "standby":
             reps = f"receiver {st.get('receiver') or 'down'}"
+        if st.get("config_role") == "arbiter" and view:
+            reps = f"view: {view.get('primary')} primary, eligible {view.get('eligible')}"
         lines.append((st.get("node", "?"), st.get("address", "?"), st.get("agent", "?"),
                       st.get("pg", "-") if st.get("config_role") != "arbiter" else "-",
                       str(st.get("timeline", "-")), str(st.get("fenced", "-")),
