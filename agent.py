@@ -842,13 +842,15 @@ class EventLog:
 class Fence:
     """The agent's own iptables chain, jumped to from INPUT. The lab's fault injection uses a
     different chain, so healing a partition never lifts a fence and the other way round.
-    REJECT (not DROP): fenced clients fail at once and move on to the other host."""
+    REJECT (not DROP): fenced clients fail at once and move on to the other host. The other
+    database node stays let through: during a switchover it must go on streaming while no
+    client can write."""
 
     CHAIN = "bobry-fence"
 
-    def __init__(self, pg_port):
-        self.rule = ["-p", "tcp", "--dport", str(pg_port), "!", "-i", "lo",
-                     "-j", "REJECT", "--reject-with", "tcp-reset"]
+    def __init__(self, pg_port, peer_address):
+        self.rule = ["-p", "tcp", "--dport", str(pg_port), "!", "-s", f"{peer_address}/32",
+                     "!", "-i", "lo", "-j", "REJECT", "--reject-with", "tcp-reset"]
 
     @staticmethod
     def _iptables(*args, check=True):
@@ -882,7 +884,7 @@ REPLICATOR_FUNCTIONS = ("pg_ls_dir(text, boolean, boolean)", "pg_stat_file(text,
 STATUS_SQL = """
 select pg_is_in_recovery(), current_setting('synchronous_standby_names'),
        case when pg_is_in_recovery() then null
-            else (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint end,
+            else (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint end,
        r.state, r.sync_state, (r.flush_lsn - '0/0'::pg_lsn)::bigint,
        extract(epoch from clock_timestamp() - r.reply_time)::float8
 from (select 1) as one
@@ -894,7 +896,7 @@ order by r.reply_time desc nulls last limit 1"""
 class PgStatus:
     pg: str  # primary | standby | down
     sync_names: str | None = None
-    lsn: int | None = None             # primary: current WAL position
+    lsn: int | None = None             # primary: WAL flushed (all a standby could have)
     standby_state: str | None = None   # primary: the other node's walsender state
     standby_sync: str | None = None
     standby_flush: int | None = None
@@ -1256,7 +1258,7 @@ class DbAgent(Agent):
         super().__init__(cfg, key, default)
         self.view = self.state.load()
         self.pg = LocalPostgres(cfg)
-        self.fence = Fence(cfg.me.pg_port)
+        self.fence = Fence(cfg.me.pg_port, cfg.other_db(cfg.me.name).address)
         self.fenced = False
         self.pg_state, self.pg_down_since = "down", None
         self.other = cfg.other_db(cfg.me.name)
@@ -1468,10 +1470,18 @@ class DbAgent(Agent):
         """Planned switchover: fence (no new writes), let the standby flush everything, then
         hand the term over; the standby promotes on the new view, and this node rejoins."""
         self.do_fence(decision)
-        deadline = time.monotonic() + self.HANDOVER_CATCHUP
-        while time.monotonic() < deadline:
+        began = time.monotonic()
+        while True:
             st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
             if st.lsn is not None and st.standby_flush is not None and st.standby_flush >= st.lsn:
+                self.log.info("%s has flushed all my WAL (%.2f s after the fence)",
+                              self.other.name, time.monotonic() - began)
+                break
+            if time.monotonic() - began >= self.HANDOVER_CATCHUP:
+                self.log.warning("%s is still %s bytes behind after %.0f s: handing over "
+                                 "anyway (it is the synchronous standby: it has every "
+                                 "acknowledged commit)", self.other.name,
+                                 (st.lsn or 0) - (st.standby_flush or 0), self.HANDOVER_CATCHUP)
                 break
             time.sleep(0.05)
         if self._ask_arbiter("handover", {"to": self.other.name}):
@@ -1585,7 +1595,7 @@ def status_command(cfg, key):
     except (OSError, ProtocolError) as exc:
         out.update(agent="down", agent_error=str(exc))
     if cfg.me.role != "arbiter":
-        out["fenced"] = Fence(cfg.me.pg_port).is_fenced()
+        out["fenced"] = Fence(cfg.me.pg_port, cfg.other_db(cfg.me.name).address).is_fenced()
         try:
             out.update(LocalPostgres(cfg).timeline_and_replication())
         except (psycopg2.Error, TimeoutError, OSError):
