@@ -1325,8 +1325,9 @@ class DbAgent(Agent):
         return st.standby_state == "streaming", synced
 
     def tick(self):
-        if not self.pg.data_exists():
-            self.bootstrap()
+        step = bootstrap_action(self.cfg.me.name, self.pg.data_exists(), self.view)
+        if step.action != "adopt":
+            self.bootstrap(step)
             return
         st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
         self.pg_state = st.pg
@@ -1350,8 +1351,7 @@ class DbAgent(Agent):
         self.say(decision)
         getattr(self, "do_" + decision.action)(decision)
 
-    def bootstrap(self):
-        decision = bootstrap_action(self.cfg.me.name, False, self.view)
+    def bootstrap(self, decision):
         self.say(decision)
         if decision.action == "initdb":
             self.pg.initdb(self.view)

@@ -148,3 +148,12 @@ def test_rule6_fenced_primary_unfences_when_the_arbiter_confirms(lab):
     client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
     time.sleep(3)
     assert events_since(lab, since, "promoted") == []
+
+
+def test_rule7_a_degraded_network_neither_fences_nor_promotes(lab):
+    """One minute of the jitter experiment (the README's figure is five): 5 % loss into every
+    host, a bandwidth cap on the primary, 0.5 s SIGSTOP pauses of each agent in turn."""
+    f = experiments.jitter(lab, lambda *a, **k: None, minutes=1.0, every=12.0)
+    assert f["promotions"] == 0 and f["fences"] == 0 and f["lost_acked"] == 0, f
+    assert f["agent_pauses"] == 4 and f["acked"] > 100  # the faults and the load really ran
+    assert lab.primary_with_sync_standby() == "pg1"
