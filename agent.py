@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -208,24 +210,32 @@ def _read_section(path, parser, section, schema_name):
 
 
 def check_timing(path, t):
-    """Refuse timings under which S could promote before an isolated M has fenced itself.
+    """Refuse timings under which S could be promoted while M's PostgreSQL port is open.
 
-    M's last round trip with a peer ends at C; the peer counted M alive at C - probe_timeout
-    at the earliest, so the grant comes no sooner than C - probe_timeout + failover_timeout.
-    M fences no later than C + fence_timeout + check_interval (+ the iptables call, which
-    safety_margin covers). Hence fence_timeout + check_interval + probe_timeout + safety_margin
-    <= failover_timeout.
+    The kernel enforces M's fence (see Fence): M's port is open only until a lease expires,
+    and M extends the lease to at most fence_timeout after a moment `a` at which a peer
+    provably heard M say "I am a running primary" (the peer echoed M's stamp `a`). That peer
+    counted M alive at `a` or later, and a promotion needs both S and A to have lost M for
+    failover_timeout: the grant comes at a + failover_timeout or later. The kernel applies a
+    renewal a little after the agent computed it; the agent closes the port itself when that
+    took longer than safety_margin. So the port closes by a + fence_timeout + safety_margin,
+    and fence_timeout + safety_margin < failover_timeout keeps it closed before any grant.
+    The loop's speed, probe timeouts and blocking calls do not enter: a slow or frozen agent
+    simply stops extending the lease.
     """
-    needed = t.fence_timeout + t.check_interval + t.probe_timeout + t.safety_margin
-    if needed > t.failover_timeout + 1e-9:
+    needed = t.fence_timeout + t.safety_margin
+    if needed >= t.failover_timeout - 1e-9:
         raise ConfigError(path, "timing", "failover_timeout",
-                          f"{t.failover_timeout} s is too short: fence_timeout + "
-                          f"check_interval + probe_timeout + safety_margin = {needed:.2f} s must "
-                          "not exceed it, or the standby could promote before the isolated "
-                          "primary has fenced itself")
+                          f"{t.failover_timeout} s is too short: it must exceed fence_timeout + "
+                          f"safety_margin = {needed:.2f} s, or the standby could be promoted "
+                          "while the isolated primary's lease still holds its port open")
     if t.probe_timeout >= t.fence_timeout:
         raise ConfigError(path, "timing", "probe_timeout",
                           "must be shorter than fence_timeout: one slow probe must never fence")
+    if t.check_interval + t.probe_timeout >= t.fence_timeout:
+        raise ConfigError(path, "timing", "check_interval",
+                          "check_interval + probe_timeout must be shorter than fence_timeout: "
+                          "a healthy primary's lease would lapse between two heartbeats")
     if t.restart_grace <= t.failover_timeout:
         raise ConfigError(path, "timing", "restart_grace",
                           "must exceed failover_timeout: a failover gets the first chance")
@@ -331,9 +341,9 @@ class DbObservation:
     pg: str                    # local PostgreSQL: primary | standby | down
     pg_down_since: float | None
     has_standby_signal: bool   # the data dir would start as a standby
-    fenced: bool
+    fenced: bool               # this agent holds no lease: the port is closed to clients
     view: View
-    contact_at: dict           # peer -> end of the last round trip this agent made to it
+    contact_at: dict           # peer -> latest moment the peer provably heard this agent
     primary_alive_at: float | None  # last sign that the view's primary serves (probe or report)
     sync_names: str | None     # local synchronous_standby_names, when running
     standby_seen_at: float | None = None  # primary: last reply from the other node's walreceiver
@@ -341,19 +351,53 @@ class DbObservation:
     standby_synced: bool = False  # primary: it is the sync standby and has every acked commit
     switchover_requested: bool = False
     strict_sync: bool = False
+    confirm_after: float | None = None  # fenced primary: only the arbiter's word on a view
+    #                                     it sent after this moment may reopen the port
+    port_open: bool | None = None  # the kernel lets clients in (None: taken as not fenced)
+    handover_unsettled: bool = False  # a handover request of ours got no answer
 
 
 def _age(obs_now, started_at, at):
     return obs_now - (at if at is not None else started_at)
 
 
-def desired_sync_names(view, standby_streaming=False, other=None):
-    """Whom the primary waits for: the eligible standby; or a standby that streams again, so
-    that it can catch up under synchronous replication before the arbiter makes it eligible;
-    else no one -- and then the arbiter has recorded it as not eligible *before* this clears."""
+def desired_sync_names(view, standby_streaming=False, other=None, strict=False):
+    """Whom the primary waits for: the eligible standby; with strict_sync, always the other
+    node; or a standby that streams again, so that it can catch up under synchronous
+    replication before the arbiter makes it eligible; else no one -- and a primary may only
+    move to no one through drop_standby, on the arbiter's durable word that no one is
+    eligible."""
     if view.eligible:
         return view.eligible
+    if strict and other:
+        return other
     return other if standby_streaming and other else ""
+
+
+def lease_extension(held_until, anchor, now, timing, opening=False):
+    """Until when a primary's lease may run (monotonic), or None: closed. It runs to
+    fence_timeout after the latest moment a peer provably heard this node as a running primary
+    (anchor), and never revives a lease that lapsed: after a lapse only the arbiter's fresh
+    word opens a new one (decide_db's unfence, opening=True)."""
+    if opening:
+        until = None if anchor is None else anchor + timing.fence_timeout
+        return until if until is not None and until > now else None
+    if held_until is None or now >= held_until:
+        return None
+    if anchor is None:
+        return held_until
+    return max(held_until, anchor + timing.fence_timeout)
+
+
+def standby_heard(previous_reply_time, previous_seen_at, reply_time, now):
+    """(reply_time, seen_at): the primary hears from its standby when the walreceiver's
+    reply_time changes. reply_time is stamped with the standby's clock, so only its change
+    counts, timed on the primary's own clock: an offset between the hosts changes nothing."""
+    if reply_time is None:
+        return previous_reply_time, previous_seen_at
+    if reply_time != previous_reply_time:
+        return reply_time, now
+    return previous_reply_time, previous_seen_at
 
 
 def decide_db(me, other, arbiter, obs, timing):
@@ -365,7 +409,8 @@ def decide_db(me, other, arbiter, obs, timing):
         return _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost)
     primary = view.primary
     primary_lost = age(obs.primary_alive_at)
-    if obs.pg == "primary" and not obs.fenced:
+    port_open = (not obs.fenced) if obs.port_open is None else obs.port_open
+    if obs.pg == "primary" and port_open:
         return Decision("fence", f"{primary} is the primary of term {view.term}: I was "
                                  "replaced, so no client may use me")
     if obs.pg == "primary" or (obs.pg == "down" and not obs.has_standby_signal):
@@ -407,8 +452,13 @@ def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
                                   f"happened: asking {arbiter} to let me restart it as primary")
     other_lost = age(obs.contact_at.get(other))
     if obs.fenced:
-        if arbiter_lost < timing.fence_timeout and view.term > 0 \
-                and not obs.switchover_requested:
+        if obs.handover_unsettled:
+            return Decision("settle_handover", f"my handover request got no answer: asking "
+                                               f"{arbiter} to settle it before I may reopen")
+        confirmed = obs.contact_at.get(arbiter)
+        fresh = (confirmed is not None and arbiter_lost < timing.fence_timeout
+                 and (obs.confirm_after is None or confirmed > obs.confirm_after))
+        if fresh and view.term > 0 and not obs.switchover_requested:
             return Decision("unfence", f"{arbiter} confirms I am the primary of term {view.term}")
         return Decision("none", f"fenced: waiting for {arbiter} to confirm that I am still "
                                 "the primary")
@@ -436,8 +486,15 @@ def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
                                          f"replication: asking {arbiter} to make it eligible")
     # a walsender row outlives a silent standby: only a recent reply counts as streaming
     streaming = obs.standby_streaming and standby_lost < timing.failover_timeout
-    wanted = desired_sync_names(view, streaming, other)
+    wanted = desired_sync_names(view, streaming, other, obs.strict_sync)
     if obs.sync_names is not None and obs.sync_names != wanted:
+        if wanted == "":  # to stop waiting, the arbiter's durable word first, in its reply
+            if arbiter_lost < timing.fence_timeout:
+                return Decision("drop_standby", f"{other} streams no more: asking {arbiter} to "
+                                                "confirm that no standby is eligible before "
+                                                "writes stop waiting for it", sync_names="")
+            return Decision("none", f"{other} streams no more and {arbiter} is unreachable: "
+                                    f"writes keep waiting for {obs.sync_names!r}")
         return Decision("set_sync", f"synchronous_standby_names is {obs.sync_names!r}, "
                                     f"want {wanted!r} (eligible: {view.eligible})", wanted)
     return Decision("none", f"I am ({me}) the primary of term {view.term}")
@@ -469,13 +526,19 @@ def decide_resume(view, requester, term):
                    f"about term {term}")
 
 
-def decide_eligibility(view, requester, term, standby, eligible):
+def decide_eligibility(view, requester, term, seq, standby, eligible):
     """The primary of the current term says whether its standby is in sync: a standby it
     stopped waiting for is no longer eligible (recorded before the primary stops waiting), one
-    that caught up under synchronous replication is eligible again."""
+    that caught up under synchronous replication is eligible again. The request names the
+    view (term, seq) it was based on: one based on an older view -- a late or replayed
+    request, or a primary that missed a reply -- is refused, and the reply's view corrects
+    the primary."""
     if requester != view.primary or term != view.term:
         return False, view, (f"only the primary of term {view.term} ({view.primary}) decides "
                              "who is in sync")
+    if seq != view.seq:
+        return False, view, (f"the request is based on view seq {seq}, the current one is "
+                             f"{view.seq}: decide again on the current view")
     if standby == view.primary:
         return False, view, f"{standby} is the primary, not a standby"
     wanted = standby if eligible else None
@@ -484,17 +547,30 @@ def decide_eligibility(view, requester, term, standby, eligible):
     return True, view.changed(eligible=wanted), f"eligible standby now {wanted}"
 
 
-def decide_handover(view, requester, term, target, target_seen_at, now, timing):
+def decide_handover(view, requester, term, seq, target, target_seen_at, now, timing):
     """A planned switchover: the primary (already fenced) hands its term over to the eligible
-    standby, which the arbiter must see, so that someone picks the new term up."""
+    standby, which the arbiter must see, so that someone picks the new term up. The request
+    names the view (term, seq) it is based on: a late one, after the primary gave up waiting
+    and settled (decide_settle), is refused."""
     if requester != view.primary or term != view.term:
         return False, view, f"{requester} is not the primary of term {term}"
+    if seq != view.seq:
+        return False, view, f"the request is based on view seq {seq}, the current one is {view.seq}"
     if view.eligible != target:
         return False, view, f"{target} is not eligible (not in sync)"
     if target_seen_at is None or now - target_seen_at >= timing.fence_timeout:
         return False, view, f"I do not see {target}"
     new = view.changed(term=view.term + 1, primary=target, eligible=None)
     return True, new, f"switchover: {target} is the primary of term {new.term}"
+
+
+def decide_settle(view, requester, term):
+    """A primary that got no answer to its handover request asks to settle it: while it still
+    is the primary of the term, a new seq makes any late copy of that request stale; if the
+    handover happened, the reply's view says so."""
+    if requester != view.primary or term != view.term:
+        return False, view, f"{view.primary} is the primary of term {view.term}"
+    return True, view.changed(), f"{requester} stays the primary of term {view.term}"
 
 
 def bootstrap_action(me, data_exists, view):
@@ -532,19 +608,23 @@ def newer_view(current, offered):
 # unknown node, or with a clock more than MAX_SKEW seconds off.
 #
 #   status      any -> any      body: the sender's status; reply: the receiver's status
-#                               (a status has node, role, pg, fenced and the sender's view)
+#                               (a status has node, role, pg, fenced, the sender's view, its
+#                               stamp -- its monotonic clock -- and the echo of the stamp and
+#                               pg of the addressee's latest status: see Observations)
 #   promote     standby -> arb  {"term": t}: make me the primary of term t + 1
 #   resume      primary -> arb  {"term": t}: may I restart my PostgreSQL as primary?
-#   eligibility primary -> arb  {"term": t, "standby": name, "eligible": bool}
-#   handover    primary -> arb  {"term": t, "to": name}: planned switchover (I am fenced)
-#               replies to these four: {"granted": bool, "reason": str, "view": {…}}
+#   eligibility primary -> arb  {"term": t, "seq": s, "standby": name, "eligible": bool}
+#   handover    primary -> arb  {"term": t, "seq": s, "to": name}: planned switchover (fenced)
+#   settle      primary -> arb  {"term": t}: my handover got no answer; make it stale
+#               replies to these five: {"granted": bool, "reason": str, "view": {…}}
 #   switchover  cli -> primary  {}: hand over to the standby; reply {"done": bool, "reason"}
 # --------------------------------------------------------------------------------------------
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 65536
 MAX_SKEW = 30.0
-REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "switchover")
+REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "settle",
+                 "switchover")
 
 
 class ProtocolError(Exception):
@@ -705,6 +785,12 @@ def pgpass_path(cfg):
     return os.path.join(cfg.run_dir, ".pgpass")
 
 
+def write_pgpass(cfg, owner=None):
+    """The replication role's passfile: replication, pg_rewind and the health probes."""
+    password = read_secret(cfg.replication_password_file)
+    write_atomically(pgpass_path(cfg), f"*:*:*:{cfg.replication_user}:{password}\n", owner=owner)
+
+
 def primary_conninfo(cfg, primary):
     # connect_timeout and keepalives: a walreceiver must not sit in TCP SYN back-off after a
     # partition heals, nor keep a dead connection for minutes.
@@ -840,38 +926,97 @@ class EventLog:
 
 
 class Fence:
-    """The agent's own iptables chain, jumped to from INPUT. The lab's fault injection uses a
-    different chain, so healing a partition never lifts a fence and the other way round.
-    REJECT (not DROP): fenced clients fail at once and move on to the other host. The other
-    database node stays let through: during a switchover it must go on streaming while no
-    client can write."""
+    """The fence, enforced by the kernel: an nftables table of the agent's own in which the
+    PostgreSQL port takes packets (other than over loopback) only while the element of the set
+    `lease` lives. A primary's element carries a timeout that the agent extends only while a
+    peer hears it (lease_extension), so a primary cut off from its peers, or whose agent is
+    frozen, stuck or dead, is fenced by the kernel on time; a standby's element has none.
+    REJECT with a TCP reset: fenced clients fail at once and move on to the other host, and
+    answers to sessions opened earlier never leave. During a switchover the other database
+    node alone is let through (set `handover`), so that it can stream the last WAL. The lab's
+    fault injection uses iptables chains of its own: healing a partition never lifts a fence
+    and the other way round."""
 
-    CHAIN = "bobry-fence"
+    TABLE = "bobry_fence"
+    VERSION = "bobry fence v2"
 
-    def __init__(self, pg_port, peer_address):
-        self.rule = ["-p", "tcp", "--dport", str(pg_port), "!", "-s", f"{peer_address}/32",
-                     "!", "-i", "lo", "-j", "REJECT", "--reject-with", "tcp-reset"]
+    def __init__(self, pg_port):
+        self.port = pg_port
+        self.comment = f"{self.VERSION} port {pg_port}"
 
-    @staticmethod
-    def _iptables(*args, check=True):
-        return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True,
-                              timeout=10, check=check)
+    def _nft(self, *args, script=None, check=True):
+        result = subprocess.run(["nft", *args] if script is None else ["nft", "-f", "-"],
+                                input=script, capture_output=True, text=True, timeout=10)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"nft failed: {result.stderr.strip()}")
+        return result
 
     def install(self):
-        if self._iptables("-n", "-L", self.CHAIN, check=False).returncode != 0:
-            self._iptables("-N", self.CHAIN)
-        if self._iptables("-C", "INPUT", "-j", self.CHAIN, check=False).returncode != 0:
-            self._iptables("-I", "INPUT", "1", "-j", self.CHAIN)
+        """Make the table, closed, unless this very table is there already: a restarted agent
+        keeps the kernel's state (a lease it did not open lapses on its own)."""
+        listed = self._nft("list", "table", "inet", self.TABLE, check=False)
+        if listed.returncode == 0 and f'comment "{self.comment}"' in listed.stdout:
+            return
+        port, t = self.port, self.TABLE
+        delete = f"delete table inet {t}\n" if listed.returncode == 0 else ""
+        self._nft(script=delete + f"""table inet {t} {{
+  comment "{self.comment}"
+  set lease {{ type inet_service; flags timeout; }}
+  set handover {{ type ipv4_addr; flags timeout; }}
+  chain input {{ type filter hook input priority -10; policy accept;
+    iifname "lo" accept
+    tcp dport @lease accept
+    tcp dport {port} ip saddr @handover accept
+    tcp dport {port} reject with tcp reset
+  }}
+  chain output {{ type filter hook output priority -10; policy accept;
+    oifname "lo" accept
+    tcp sport @lease accept
+    tcp sport {port} ip daddr @handover accept
+    tcp sport {port} reject with tcp reset
+  }}
+}}
+""")
 
-    def is_fenced(self):
-        return self._iptables("-C", self.CHAIN, *self.rule, check=False).returncode == 0
+    def lease(self):
+        """The kernel's word: None (closed), float('inf') (open for good) or seconds left."""
+        listed = self._nft("list", "set", "inet", self.TABLE, "lease", check=False)
+        return parse_lease(listed.stdout, self.port) if listed.returncode == 0 else None
 
-    def apply(self):
-        if not self.is_fenced():
-            self._iptables("-A", self.CHAIN, *self.rule)
+    def open_for(self, seconds):
+        """Flush and add in one transaction: a plain add would keep an old expiry."""
+        ms = max(1, int(seconds * 1000))
+        self._nft(script=f"flush set inet {self.TABLE} lease\n"
+                         f"add element inet {self.TABLE} lease {{ {self.port} timeout {ms}ms }}\n")
 
-    def lift(self):
-        self._iptables("-F", self.CHAIN)
+    def open(self):
+        self._nft(script=f"flush set inet {self.TABLE} lease\n"
+                         f"add element inet {self.TABLE} lease {{ {self.port} }}\n")
+
+    def close(self):
+        self._nft("flush", "set", "inet", self.TABLE, "lease")
+
+    def let_through(self, address, seconds):
+        self._nft(script=f"flush set inet {self.TABLE} handover\nadd element inet "
+                         f"{self.TABLE} handover {{ {address} timeout {int(seconds * 1000)}ms }}\n")
+
+    def stop_letting_through(self):
+        self._nft("flush", "set", "inet", self.TABLE, "handover", check=False)
+
+
+def parse_lease(listing, port):
+    """What `nft list set` says of the lease: None, inf (no timeout) or seconds left."""
+    match = re.search(r"elements = \{ " + str(port) + r"(?P<rest>[^,}]*)", listing)
+    if not match:
+        return None
+    expires = re.search(r"expires ((?:\d+d)?(?:\d+h)?(?:\d+m(?!s))?(?:\d+s)?(?:\d+ms)?)",
+                        match.group("rest"))
+    if not expires:
+        return float("inf")
+    total = 0.0
+    for value, unit in re.findall(r"(\d+)(ms|d|h|m|s)", expires.group(1)):
+        total += int(value) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    return total
 
 
 # granted to the replication role, which is no superuser: what pg_rewind reads on its source,
@@ -886,7 +1031,7 @@ select pg_is_in_recovery(), current_setting('synchronous_standby_names'),
        case when pg_is_in_recovery() then null
             else (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint end,
        r.state, r.sync_state, (r.flush_lsn - '0/0'::pg_lsn)::bigint,
-       extract(epoch from clock_timestamp() - r.reply_time)::float8
+       extract(epoch from r.reply_time)::float8
 from (select 1) as one
 left join pg_stat_replication r on r.application_name = %s
 order by r.reply_time desc nulls last limit 1"""
@@ -900,7 +1045,7 @@ class PgStatus:
     standby_state: str | None = None   # primary: the other node's walsender state
     standby_sync: str | None = None
     standby_flush: int | None = None
-    standby_reply_age: float | None = None
+    standby_reply_time: float | None = None  # the standby's clock: only its changes count
 
 
 class LocalPostgres:
@@ -913,12 +1058,15 @@ class LocalPostgres:
         self.owner = pwd.getpwnam(cfg.pg_os_user)
         self.logfile = os.path.join(cfg.log_dir, "postgresql.log")
 
-    def _run(self, argv, timeout, stdin=None, env=None):
+    lock_fd = None  # the agent's lock (AgentLock), handed to children that write the data dir
+
+    def _run(self, argv, timeout, stdin=None, env=None, holds_lock=False):
         switch = os.geteuid() == 0 and self.owner.pw_uid != 0
+        keep = (self.lock_fd,) if holds_lock and self.lock_fd is not None else ()
         return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
                               user=self.owner.pw_uid if switch else None,
                               group=self.owner.pw_gid if switch else None,
-                              extra_groups=[] if switch else None,
+                              extra_groups=[] if switch else None, pass_fds=keep,
                               cwd="/", env={**os.environ, **(env or {})})
 
     def _bin(self, name):
@@ -937,9 +1085,7 @@ class LocalPostgres:
             os.makedirs(d, mode=0o700, exist_ok=True)
             if owner is not None:
                 os.chown(d, owner.pw_uid, owner.pw_gid)
-        password = read_secret(self.cfg.replication_password_file)
-        write_atomically(pgpass_path(self.cfg), f"*:*:*:{self.cfg.replication_user}:{password}\n",
-                         owner=self.owner)
+        write_pgpass(self.cfg, self.owner)
 
     def write_config(self, view, data_dir=None, sync_names=None):
         data_dir = data_dir or self.cfg.data_dir
@@ -955,9 +1101,9 @@ class LocalPostgres:
             rows = pg_query(local_dsn(self.cfg), STATUS_SQL, (standby_name,), timeout=timeout)
         except (psycopg2.Error, TimeoutError, OSError):
             return PgStatus("down")
-        in_recovery, sync_names, lsn, state, sync_state, flush, reply_age = rows[0]
+        in_recovery, sync_names, lsn, state, sync_state, flush, reply_time = rows[0]
         return PgStatus("standby" if in_recovery else "primary", sync_names, lsn, state,
-                        sync_state, flush, reply_age)
+                        sync_state, flush, reply_time)
 
     def start(self):
         result = self._run([self._bin("pg_ctl"), "start", "-w", "-t", "60", "-D",
@@ -988,7 +1134,7 @@ class LocalPostgres:
         dsn = (f"host={source.address} port={source.pg_port} user={self.cfg.replication_user} "
                f"dbname=postgres passfile={pgpass_path(self.cfg)} connect_timeout=3")
         result = self._run([self._bin("pg_rewind"), "-D", self.cfg.data_dir,
-                            "--source-server", dsn], timeout=600)
+                            "--source-server", dsn], timeout=600, holds_lock=True)
         if result.returncode != 0:
             raise RuntimeError(f"pg_rewind from {source.name} failed: "
                                f"{(result.stderr or result.stdout).strip()}")
@@ -1028,7 +1174,7 @@ class LocalPostgres:
         tmp = self._fresh_dir()
         result = self._run([self._bin("initdb"), "-D", tmp, "-U", "postgres", "--data-checksums",
                             "--auth-local=peer", "--auth-host=scram-sha-256", "--no-locale",
-                            "-E", "UTF8"], timeout=300)
+                            "-E", "UTF8"], timeout=300, holds_lock=True)
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed: {result.stderr.strip()}")
         with open(os.path.join(tmp, "postgresql.conf"), "a", encoding="utf-8") as f:
@@ -1055,7 +1201,7 @@ class LocalPostgres:
         tmp = self._fresh_dir()
         result = self._run([self._bin("pg_basebackup"), "-h", primary.address, "-p",
                             str(primary.pg_port), "-U", self.cfg.replication_user, "-D", tmp,
-                            "-X", "stream", "-c", "fast", "-w"], timeout=900,
+                            "-X", "stream", "-c", "fast", "-w"], timeout=900, holds_lock=True,
                            env={"PGPASSFILE": pgpass_path(self.cfg), "PGCONNECT_TIMEOUT": "3",
                                 "PGAPPNAME": f"{self.cfg.me.name}-basebackup"})
         if result.returncode != 0:
@@ -1093,16 +1239,39 @@ class LocalPostgres:
 
 
 class Observations:
-    """Written by the observer threads and the server, read as a snapshot by the loop."""
+    """Written by the observer threads and the server, read as a snapshot by the loop.
+
+    Every status a node sends carries a stamp (its own monotonic clock) and echoes the stamp
+    (and pg state) of the latest status it received from the addressee. An echo of one of our
+    stamps proves that the peer heard us at that moment (our clock) or later: contact counts
+    from there, and when we said then that we were a running primary, the peer has counted us
+    alive from there on -- the only moments a primary's lease may be anchored on."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.contact_at = {}  # peer -> end of our last successful round trip to its agent
-        self.alive_at = {}    # node -> last sign that it serves as primary
+        self.contact_at = {}  # peer -> latest moment (our clock) the peer provably heard us
+        self.alive_at = {}    # node -> last sign that it serves as primary (our clock)
+        self.lease_anchor = None  # latest moment a peer provably heard us as running primary
+        self.stamps = {}      # peer -> {"stamp", "pg"} of its latest status: echoed back to it
 
-    def contact(self, peer, at):
+    def heard(self, peer, echo, now):
+        """The peer echoed one of our stamps (a later one than any before counts)."""
+        if not isinstance(echo, dict) or not isinstance(echo.get("stamp"), (int, float)):
+            return
+        at = min(float(echo["stamp"]), now)
         with self._lock:
-            self.contact_at[peer] = at
+            self.contact_at[peer] = max(at, self.contact_at.get(peer, at))
+            if echo.get("pg") == "primary":
+                self.lease_anchor = max(at, self.lease_anchor or at)
+
+    def remember_stamp(self, peer, body):
+        if isinstance(body.get("stamp"), (int, float)):
+            with self._lock:
+                self.stamps[peer] = {"stamp": body["stamp"], "pg": body.get("pg")}
+
+    def echo_for(self, peer):
+        with self._lock:
+            return self.stamps.get(peer)
 
     def alive(self, node, at):
         with self._lock:
@@ -1111,6 +1280,27 @@ class Observations:
     def snapshot(self):
         with self._lock:
             return dict(self.contact_at), dict(self.alive_at)
+
+
+class RateLimitedLog:
+    """One warning per kind of trouble and interval, with how often it happened meanwhile:
+    a peer that is down, or a flood, cannot fill the log."""
+
+    def __init__(self, log, interval=30.0):
+        self.log, self.interval = log, interval
+        self._last = {}  # kind -> (monotonic time logged, count since)
+        self._lock = threading.Lock()
+
+    def __call__(self, kind, message, *args):
+        now = time.monotonic()
+        with self._lock:
+            logged, count = self._last.get(kind, (None, 0))
+            if logged is not None and now - logged < self.interval:
+                self._last[kind] = (logged, count + 1)
+                return
+            self._last[kind] = (now, 0)
+        suffix = f" ({count} more since the last such line)" if count else ""
+        self.log.warning(message + suffix, *args)
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -1130,6 +1320,33 @@ class _RoleFilter(logging.Filter):
         return True
 
 
+class AgentLock:
+    """One agent, and its children, per node: an exclusive flock on a file in the state
+    directory, held by the agent and handed to the long-running children that write the data
+    directory (initdb, pg_basebackup, pg_rewind). A child left running by a killed agent keeps
+    holding it, so that the restarted agent waits for it instead of colliding with it."""
+
+    def __init__(self, state_dir):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(state_dir, "agent.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def acquire(self, log, stop):
+        said = False
+        while not stop.is_set():
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if not said:
+                    log.warning("waiting for %s: another agent of this node, or a pg_rewind, "
+                                "pg_basebackup or initdb left by a previous one, still holds it",
+                                self.path)
+                    said = True
+                stop.wait(0.5)
+        return False
+
+
 class Agent:
     """What every agent does: serve peers, exchange heartbeats, learn newer views, and log one
     sentence per decision (when it changes, and every REPEAT_LOG seconds while it holds)."""
@@ -1145,12 +1362,17 @@ class Agent:
         self.events = EventLog(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
         self.log = logging.getLogger("bobry")
         self.log.addFilter(_RoleFilter(self))
+        self.warn = RateLimitedLog(self.log)
         self._view_lock = threading.Lock()
         self.view = default_view
         self._last_said = (None, 0.0)
+        self.last_decision = None  # (action, reason, monotonic time), for status
+        self.probe = {"target": None, "ok_at": None, "error": None, "failures": 0}
 
     # -- views ---------------------------------------------------------------------------
     def learn(self, offered, source):
+        """Take a newer view, persisted before it counts. A view that cannot be persisted
+        raises OSError: the caller must not count the exchange as contact."""
         try:
             view = View.from_dict(offered)
         except (ValueError, KeyError, TypeError) as exc:
@@ -1169,19 +1391,30 @@ class Agent:
             self.view = view
 
     # -- peers ---------------------------------------------------------------------------
-    def status_body(self):
+    def own_status(self):
         raise NotImplementedError
 
+    def status_body(self, to=None):
+        """Our status for a peer, stamped, with the echo of the peer's latest stamp."""
+        body = self.own_status()
+        body["stamp"] = time.monotonic()
+        body["echo"] = self.observations.echo_for(to) if to else None
+        return body
+
     def note_status(self, sender, body, at):
+        """A peer's status (request or reply): its view is learned (and persisted) first;
+        only then does the exchange count as contact (Observations.heard)."""
         if isinstance(body.get("view"), dict):
             self.learn(body["view"], sender)
         if body.get("pg") == "primary":
             self.observations.alive(sender, at)
+        self.observations.remember_stamp(sender, body)
+        self.observations.heard(sender, body.get("echo"), at)
 
     def handle(self, sender, kind, body):
         if kind == "status":
             self.note_status(sender, body, time.monotonic())
-            return self.status_body()
+            return self.status_body(sender)
         raise ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
 
     def _heartbeats(self, peer):
@@ -1189,11 +1422,9 @@ class Agent:
         while not self.stop.is_set():
             began = time.monotonic()
             try:
-                body = call(self.cfg, self.key, peer, "status", self.status_body(),
+                body = call(self.cfg, self.key, peer, "status", self.status_body(peer.name),
                             self.cfg.timing.probe_timeout)
-                at = time.monotonic()
-                self.observations.contact(peer.name, at)
-                self.note_status(peer.name, body, at)
+                self.note_status(peer.name, body, time.monotonic())
             except (OSError, ProtocolError) as exc:
                 self.log.debug("no heartbeat from %s: %s", peer.name, exc)
             self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
@@ -1205,15 +1436,32 @@ class Agent:
             began = time.monotonic()
             primary = self.view.primary
             if primary != self.cfg.me.name:
-                try:
-                    rows = pg_query(remote_dsn(self.cfg, self.cfg.nodes[primary]),
-                                    "select pg_is_in_recovery()",
-                                    timeout=self.cfg.timing.probe_timeout)
-                    if not rows[0][0]:
-                        self.observations.alive(primary, time.monotonic())
-                except (psycopg2.Error, TimeoutError, OSError):
-                    pass
+                self._probe_once(primary)
             self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+
+    def _probe_once(self, primary):
+        probe = self.probe
+        probe["target"] = primary
+        try:
+            rows = pg_query(remote_dsn(self.cfg, self.cfg.nodes[primary]),
+                            "select pg_is_in_recovery()", timeout=self.cfg.timing.probe_timeout)
+        except (psycopg2.Error, TimeoutError, OSError) as exc:
+            error = " ".join(str(exc).split()) or type(exc).__name__
+        else:
+            if not rows[0][0]:
+                self.observations.alive(primary, time.monotonic())
+                probe.update(ok_at=time.monotonic(), error=None)
+                return
+            error = "in recovery (not a primary)"
+        probe["failures"] += 1
+        probe["error"] = error
+        self.warn(f"probe-{primary}", "probe of %s's PostgreSQL failed: %s", primary, error)
+
+    def probe_status(self):
+        probe = self.probe
+        return {"target": probe["target"], "error": probe["error"], "failures": probe["failures"],
+                "ok_age_s": None if probe["ok_at"] is None
+                else round(time.monotonic() - probe["ok_at"], 3)}
 
     def start_observers(self, peers):
         server = AgentServer(self.cfg, self.key, self.handle, self.log)
@@ -1224,14 +1472,26 @@ class Agent:
         threading.Thread(target=self._probe_primary, name="probe", daemon=True).start()
         return server
 
+    def hold_lock(self):
+        """The node's lock (AgentLock), waited for; False when asked to stop meanwhile."""
+        self.lock = AgentLock(self.cfg.state_dir)
+        return self.lock.acquire(self.log, self.stop)
+
     # -- the loop ------------------------------------------------------------------------
     def say(self, decision):
         """Log the decision when it changes (figures aside) or has held for REPEAT_LOG s."""
         shape = (decision.action, "".join(c for c in decision.reason if not c.isdigit()))
         now = time.monotonic()
+        self.last_decision = (decision.action, decision.reason, now)
         if shape != self._last_said[0] or now - self._last_said[1] >= self.REPEAT_LOG:
             self.log.info("%s. %s", decision.action, decision.reason)
             self._last_said = (shape, now)
+
+    def decision_status(self):
+        if self.last_decision is None:
+            return None
+        action, reason, at = self.last_decision
+        return {"action": action, "reason": reason, "age_s": round(time.monotonic() - at, 3)}
 
     def run_loop(self, tick):
         interval = self.cfg.timing.check_interval
@@ -1258,13 +1518,21 @@ class DbAgent(Agent):
         super().__init__(cfg, key, default)
         self.view = self.state.load()
         self.pg = LocalPostgres(cfg)
-        self.fence = Fence(cfg.me.pg_port, cfg.other_db(cfg.me.name).address)
-        self.fenced = False
+        self.fence = Fence(cfg.me.pg_port)
+        # What this process holds: "closed", "standby" (open, no timeout) or "primary" (open
+        # until lease_until). A lease left by a previous process is not ours: it lapses.
+        self._lease_lock = threading.Lock()
+        self.lease_mode, self.lease_until = "closed", None
+        self.fenced = True
+        self.confirm_after = self.started_at
+        self.handover_unsettled = False
         self.pg_state, self.pg_down_since = "down", None
         self.other = cfg.other_db(cfg.me.name)
-        self.standby_seen_at = None  # primary: last reply from the standby's walreceiver
+        self.reply_time = None       # primary: the standby's last reply_time (its clock)
+        self.standby_seen_at = None  # primary: when that reply_time last changed (our clock)
         self.sync_barrier = None     # primary: WAL position when the standby became sync
         self.switchover = None       # {"done": Event, "result": dict} while one is asked for
+        self._switchover_lock = threading.Lock()
 
     def role_name(self):
         if self.view.primary == self.cfg.me.name:
@@ -1273,47 +1541,117 @@ class DbAgent(Agent):
             return "replaced"  # a former primary's data, not yet rejoined
         return "standby"
 
-    def status_body(self):
+    def own_status(self):
         return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.pg_state,
-                "fenced": self.fenced, "view": self.view.as_dict()}
+                "fenced": self.fenced, "view": self.view.as_dict(),
+                "lease": self.lease_status(), "probe": self.probe_status(),
+                "decision": self.decision_status()}
 
     def handle(self, sender, kind, body):
         if kind != "switchover":
             return super().handle(sender, kind, body)
-        if self.view.primary != self.cfg.me.name or self.switchover is not None:
-            return {"done": False, "reason": f"{self.cfg.me.name} is not the primary or a "
-                                             "switchover is under way"}
         request = {"done": threading.Event(), "result": None}
-        self.switchover = request
+        with self._switchover_lock:
+            if self.view.primary != self.cfg.me.name or self.switchover is not None:
+                return {"done": False, "reason": f"{self.cfg.me.name} is not the primary or a "
+                                                 "switchover is under way"}
+            self.switchover = request
         request["done"].wait(self.SWITCHOVER_WAIT)
-        self.switchover = None
+        with self._switchover_lock:
+            self.switchover = None
         return request["result"] or {"done": False, "reason": "timed out"}
 
     def _finish_switchover(self, done, reason):
-        request = self.switchover
+        with self._switchover_lock:
+            request = self.switchover
         if request is not None:
             request["result"] = {"done": done, "reason": reason, "view": self.view.as_dict()}
             request["done"].set()
 
     def run(self):
         self.pg.prepare_dirs()
+        if not self.hold_lock():
+            return
+        self.pg.lock_fd = self.lock.fd
         self.fence.install()
-        self.fenced = self.fence.is_fenced()  # what iptables says, not what we remember
-        self.log.info("starting: view %s, %s", self.view.as_dict(),
-                      "fenced" if self.fenced else "not fenced")
+        self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
+                      describe_lease(self.fence.lease()))
         server = self.start_observers([self.other, self.cfg.arbiter])
+        threading.Thread(target=self._keep_lease, name="lease", daemon=True).start()
         try:
             self.run_loop(self.tick)
         finally:
             server.shutdown()
 
+    # -- the lease -----------------------------------------------------------------------
+    def _keep_lease(self):
+        """Extend the primary's lease as peers hear it; apart from the loop, so that a slow
+        PostgreSQL or a blocking call there cannot make a healthy primary's lease lapse."""
+        while not self.stop.is_set():
+            try:
+                self.extend_lease()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                self.warn("lease", "could not extend the lease: %s", exc)
+            self.stop.wait(self.cfg.timing.check_interval / 2)
+
+    def extend_lease(self, opening=False, anchor=None):
+        """Set the kernel's lease to what lease_extension allows, when that gains at least
+        check_interval (fewer nft calls); close the port when the kernel took longer than
+        safety_margin to take it (the lease might then run past its term)."""
+        timing = self.cfg.timing
+        with self._lease_lock:
+            if self.lease_mode != "primary" and not opening:
+                return
+            now = time.monotonic()
+            if self.view.primary != self.cfg.me.name:
+                self._close_lease()
+                return
+            anchor = max(anchor or 0.0, self.observations.lease_anchor or 0.0) or None
+            until = lease_extension(self.lease_until, anchor, now, timing, opening)
+            if until is None:
+                self._close_lease()
+                return
+            if not opening and until - self.lease_until < timing.check_interval:
+                return
+            self.fence.open_for(until - now)
+            if time.monotonic() - now > timing.safety_margin:
+                self._close_lease()
+                raise RuntimeError("the kernel took the lease late: closed the port instead")
+            self.lease_mode, self.lease_until = "primary", until
+
+    def _close_lease(self):
+        self.fence.close()
+        self.lease_mode, self.lease_until = "closed", None
+
+    def lease_status(self):
+        mode, until = self.lease_mode, self.lease_until
+        if mode == "primary" and until is not None:
+            return {"mode": mode, "left_s": round(until - time.monotonic(), 3)}
+        return {"mode": mode}
+
+    def _observe_fence(self, now):
+        """Fenced unless this process holds a live lease that the kernel has too; a lapse
+        (frozen agent, lost peers) is noticed here, and counts from now for confirm_after."""
+        kernel = self.fence.lease()
+        with self._lease_lock:
+            if self.lease_mode == "primary" and (kernel is None or self.lease_until is None
+                                                  or now >= self.lease_until):
+                self.lease_mode, self.lease_until = "closed", None
+            held = self.lease_mode != "closed" and kernel is not None
+        if not held and not self.fenced:
+            self.fenced, self.confirm_after = True, now
+            self.events("fenced", reason="the lease lapsed", term=self.view.term)
+            self._end_client_sessions()
+        self.fenced = not held
+        return kernel is not None
+
     def _observe_standby(self, st, now):
-        """As primary: when the standby last replied, whether it streams, and whether it has
-        every acknowledged commit (it is the sync standby and has flushed past the WAL position
-        at which it became one)."""
-        if st.standby_state in ("streaming", "catchup") and st.standby_reply_age is not None:
-            seen = now - max(0.0, st.standby_reply_age)
-            self.standby_seen_at = max(seen, self.standby_seen_at or seen)
+        """As primary: when the standby last replied (on our clock), whether it streams, and
+        whether it has every acknowledged commit (it is the sync standby and has flushed past
+        the WAL position at which it became one)."""
+        if st.standby_state in ("streaming", "catchup"):
+            self.reply_time, self.standby_seen_at = standby_heard(
+                self.reply_time, self.standby_seen_at, st.standby_reply_time, now)
         sync_now = (st.pg == "primary" and st.sync_names == self.other.name
                     and st.standby_sync == "sync")
         if not sync_now:
@@ -1336,6 +1674,7 @@ class DbAgent(Agent):
             self.pg_down_since = None
         elif self.pg_down_since is None:
             self.pg_down_since = now
+        port_open = self._observe_fence(now)
         streaming, synced = self._observe_standby(st, now)
         contact_at, alive_at = self.observations.snapshot()
         obs = DbObservation(
@@ -1345,7 +1684,8 @@ class DbAgent(Agent):
             primary_alive_at=alive_at.get(self.view.primary), sync_names=st.sync_names,
             standby_seen_at=self.standby_seen_at, standby_streaming=streaming,
             standby_synced=synced, switchover_requested=self.switchover is not None,
-            strict_sync=self.cfg.strict_sync)
+            strict_sync=self.cfg.strict_sync, confirm_after=self.confirm_after,
+            port_open=port_open, handover_unsettled=self.handover_unsettled)
         decision = decide_db(self.cfg.me.name, self.other.name, self.cfg.arbiter.name, obs,
                              self.cfg.timing)
         self.say(decision)
@@ -1367,30 +1707,53 @@ class DbAgent(Agent):
         pass
 
     def do_fence(self, decision):
-        self.fence.apply()
-        self.fenced = True
-        self.events("fenced", reason=decision.reason, term=self.view.term)
+        with self._lease_lock:
+            self._close_lease()
+        if not self.fenced:
+            self.fenced, self.confirm_after = True, time.monotonic()
+            self.events("fenced", reason=decision.reason, term=self.view.term)
+        self._end_client_sessions()
+
+    def _end_client_sessions(self):
         try:
             self.pg.terminate_clients()  # sessions opened before the fence end now
         except (psycopg2.Error, TimeoutError, OSError) as exc:
             self.log.warning("fenced, but could not end client sessions: %s", exc)
 
     def do_unfence(self, decision):
-        self.fence.lift()
+        if self.view.primary == self.cfg.me.name:
+            self.extend_lease(opening=True)
+            if self.lease_mode != "primary":
+                self.log.info("no peer has heard me as the primary recently: staying fenced")
+                return
+        else:
+            with self._lease_lock:
+                self.fence.open()
+                self.lease_mode, self.lease_until = "standby", None
         self.fenced = False
         self.events("unfenced", reason=decision.reason, term=self.view.term)
 
-    def do_promote(self, decision):
-        # The new view has no eligible standby: the new primary does not wait for the old one.
-        self.pg.write_config(self.view)
+    def do_promote(self, decision, asked_at=None):
+        """The new view has no eligible standby: the new primary waits for the old one only
+        with strict_sync. Its port now needs a primary's lease: one anchored on our promotion
+        request when the arbiter granted it (it heard us then, and can grant no other term
+        before we make a standby eligible), else closed until the arbiter hears us."""
+        self.extend_lease(opening=True, anchor=asked_at)
+        self.fenced = self.lease_mode != "primary"
+        if self.fenced:
+            self.confirm_after = time.monotonic()
+        self.pg.write_config(self.view, sync_names=self.wanted_sync_names())
         self.pg.reload()
         self.pg.promote()
-        self.standby_seen_at = self.sync_barrier = None
+        self.reply_time = self.standby_seen_at = self.sync_barrier = None
         self.events("promoted", term=self.view.term)
         self.log.info("promoted: I am the primary of term %d", self.view.term)
         # pg_rewind reads the new timeline from pg_control, written by the next checkpoint:
         # one now lets the old primary rejoin at once. In the background: it may take long.
         threading.Thread(target=self._checkpoint, name="checkpoint", daemon=True).start()
+
+    def wanted_sync_names(self):
+        return desired_sync_names(self.view, other=self.other.name, strict=self.cfg.strict_sync)
 
     def _checkpoint(self):
         try:
@@ -1399,37 +1762,45 @@ class DbAgent(Agent):
             self.log.warning("checkpoint after the promotion failed: %s", exc)
 
     def do_request_promotion(self, decision):
-        if self._ask_arbiter("promote", {}):
-            self.do_promote(decision)
+        asked_at = time.monotonic()
+        if self._ask_arbiter("promote", {}) == "granted":
+            self.do_promote(decision, asked_at)
 
     def do_resume(self, decision):
-        if self._ask_arbiter("resume", {}):
-            self.pg.write_config(self.view)
+        if self._ask_arbiter("resume", {}) == "granted":
+            self.pg.write_config(self.view, sync_names=self.wanted_sync_names())
             self.pg.start()
             self.events("restarted", term=self.view.term)
 
     def do_drop_standby(self, decision):
-        if self._ask_arbiter("eligibility", {"standby": self.other.name, "eligible": False}):
-            self.do_set_sync(decision)  # only now, with the arbiter's record made, stop waiting
+        """Stop waiting for the standby only on the arbiter's reply to this very request
+        (based on our view's term and seq), with a durable view in which no one is eligible."""
+        answer = self._ask_arbiter("eligibility", {"standby": self.other.name,
+                                                   "eligible": False, "seq": self.view.seq})
+        if answer == "granted" and self.view.eligible is None \
+                and self.view.primary == self.cfg.me.name:
+            self.do_set_sync(decision)
 
     def do_mark_eligible(self, decision):
-        self._ask_arbiter("eligibility", {"standby": self.other.name, "eligible": True})
+        self._ask_arbiter("eligibility", {"standby": self.other.name, "eligible": True,
+                                          "seq": self.view.seq})
 
     def _ask_arbiter(self, kind, body):
-        """Ask the arbiter; on a grant, learn (and persist) its view before acting on it."""
+        """Ask the arbiter: "granted", "refused" or "unknown" (no answer: it may or may not
+        have acted). Any answer's view is learned (and persisted) before acting on it."""
         arbiter = self.cfg.arbiter
         try:
             reply = call(self.cfg, self.key, arbiter, kind, {"term": self.view.term, **body},
                          2 * self.cfg.timing.probe_timeout)
         except (OSError, ProtocolError) as exc:
             self.log.warning("%s: no answer from %s: %s", kind, arbiter.name, exc)
-            return False
-        granted = bool(reply.get("granted"))
+            return "unknown"
+        granted = reply.get("granted") is True
         self.log.info("%s %s by %s: %s", kind, "granted" if granted else "refused", arbiter.name,
                       reply.get("reason"))
-        if granted:
-            self.learn(reply.get("view", {}), arbiter.name)
-        return granted
+        if isinstance(reply.get("view"), dict):
+            self.learn(reply["view"], arbiter.name)
+        return "granted" if granted else "refused"
 
     def do_start_standby(self, decision):
         self.pg.write_config(self.view)
@@ -1467,8 +1838,10 @@ class DbAgent(Agent):
                     divergence=diverged)
 
     def do_handover(self, decision):
-        """Planned switchover: fence (no new writes), let the standby flush everything, then
-        hand the term over; the standby promotes on the new view, and this node rejoins."""
+        """Planned switchover: fence (no new writes; the standby alone still streams), let it
+        flush everything, then hand the term over; the standby promotes on the new view, and
+        this node rejoins. Without an answer, stay fenced until the arbiter settles it."""
+        self.fence.let_through(self.other.address, self.HANDOVER_CATCHUP + 2)
         self.do_fence(decision)
         began = time.monotonic()
         while True:
@@ -1484,15 +1857,30 @@ class DbAgent(Agent):
                                  (st.lsn or 0) - (st.standby_flush or 0), self.HANDOVER_CATCHUP)
                 break
             time.sleep(0.05)
-        if self._ask_arbiter("handover", {"to": self.other.name}):
+        answer = self._ask_arbiter("handover", {"to": self.other.name, "seq": self.view.seq})
+        self.fence.stop_letting_through()
+        if answer == "granted":
             self._finish_switchover(True, f"{self.other.name} is the primary of term "
                                           f"{self.view.term}")
             return
-        self.do_unfence(decision)
-        self._finish_switchover(False, "the arbiter refused the handover")
+        self.handover_unsettled = answer == "unknown"
+        self.confirm_after = time.monotonic()  # reopen only on the arbiter's word from now on
+        self._finish_switchover(False, "the arbiter refused the handover" if answer == "refused"
+                                else "no answer from the arbiter: fenced until it settles")
+
+    def do_settle_handover(self, decision):
+        if self._ask_arbiter("settle", {}) != "unknown":
+            self.handover_unsettled = False
+            self.confirm_after = time.monotonic()
 
     def do_refuse_switchover(self, decision):
         self._finish_switchover(False, decision.reason)
+
+
+def describe_lease(lease):
+    if lease is None:
+        return "closed (fenced)"
+    return "open" if lease == float("inf") else f"open for {lease:.3f} s (a lease)"
 
 
 class ArbiterAgent(Agent):
@@ -1505,13 +1893,17 @@ class ArbiterAgent(Agent):
     def role_name(self):
         return "arbiter"
 
-    def status_body(self):
+    def own_status(self):
         return {"node": self.cfg.me.name, "role": "arbiter", "pg": "none", "fenced": False,
-                "view": self.view.as_dict()}
+                "view": self.view.as_dict(), "probe": self.probe_status(),
+                "decision": self.decision_status()}
 
     def run(self):
-        for d in (self.cfg.state_dir, self.cfg.log_dir):
+        for d in (self.cfg.state_dir, self.cfg.log_dir, self.cfg.run_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        write_pgpass(self.cfg)  # the probe of the primary's PostgreSQL authenticates with it
+        if not self.hold_lock():
+            return
         self.view = self.state.load()
         if not os.path.exists(self.state.path):
             self.state.save(self.view)  # term 1 exists durably before anyone is told of it
@@ -1535,7 +1927,7 @@ class ArbiterAgent(Agent):
     def handle(self, sender, kind, body):
         if kind == "status":
             return super().handle(sender, kind, body)
-        term = body.get("term")
+        term, seq = body.get("term"), body.get("seq")
         db_names = {n.name for n in self.cfg.db_nodes}
         if not isinstance(term, int) or sender not in db_names:
             raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
@@ -1552,13 +1944,15 @@ class ArbiterAgent(Agent):
                 if granted:  # its PostgreSQL comes back now: no promotion for a while
                     self.observations.alive(sender, now)
             elif kind == "eligibility" and body.get("standby") in db_names \
-                    and isinstance(body.get("eligible"), bool):
-                granted, new, reason = decide_eligibility(view, sender, term, body["standby"],
-                                                          body["eligible"])
-            elif kind == "handover" and body.get("to") in db_names:
-                granted, new, reason = decide_handover(view, sender, term, body["to"],
+                    and isinstance(body.get("eligible"), bool) and isinstance(seq, int):
+                granted, new, reason = decide_eligibility(view, sender, term, seq,
+                                                          body["standby"], body["eligible"])
+            elif kind == "handover" and body.get("to") in db_names and isinstance(seq, int):
+                granted, new, reason = decide_handover(view, sender, term, seq, body["to"],
                                                        contact_at.get(body["to"]), now,
                                                        self.cfg.timing)
+            elif kind == "settle":
+                granted, new, reason = decide_settle(view, sender, term)
             else:
                 raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
             if new != view:
@@ -1571,7 +1965,8 @@ class ArbiterAgent(Agent):
             return {"granted": granted, "reason": reason, "view": self.view.as_dict()}
 
 
-ARBITER_EVENTS = {"promote": "granted", "handover": "handover", "eligibility": "eligibility"}
+ARBITER_EVENTS = {"promote": "granted", "handover": "handover", "eligibility": "eligibility",
+                  "settle": "settled"}
 
 
 def switchover_command(cfg, key):
@@ -1591,11 +1986,14 @@ def status_command(cfg, key):
     out = {"node": cfg.me.name, "address": cfg.me.address, "config_role": cfg.me.role}
     try:
         body = call(cfg, key, cfg.me, "status", {}, timeout=2.0)
-        out.update(agent="up", role=body.get("role"), view=body.get("view"))
+        out.update(agent="up", **{k: body.get(k) for k in ("role", "view", "lease", "probe",
+                                                            "decision")})
     except (OSError, ProtocolError) as exc:
         out.update(agent="down", agent_error=str(exc))
     if cfg.me.role != "arbiter":
-        out["fenced"] = Fence(cfg.me.pg_port, cfg.other_db(cfg.me.name).address).is_fenced()
+        lease = Fence(cfg.me.pg_port).lease()  # the kernel's word, whatever the agent says
+        out["fenced"] = lease is None
+        out["port"] = describe_lease(lease)
         try:
             out.update(LocalPostgres(cfg).timeline_and_replication())
         except (psycopg2.Error, TimeoutError, OSError):
@@ -1635,6 +2033,9 @@ def main(argv=None):
     except ConfigError as exc:
         agent.log.error("bad state or secret: %s", exc)
         return 2
+    except RuntimeError as exc:  # e.g. nft missing: the fence cannot be installed
+        agent.log.error("cannot run: %s", exc)
+        return 1
     agent.log.info("stopped (PostgreSQL, if running, keeps running)")
     return 0
 

@@ -29,9 +29,11 @@ def on_disk(a):
 @pytest.mark.parametrize("sender,kind,body", [
     ("pg2", "promote", {"term": "1"}),                      # not an int
     ("arb", "promote", {"term": 1}),                        # not a database node
-    ("pg1", "eligibility", {"term": 1, "standby": "pg2"}),  # no "eligible"
-    ("pg1", "eligibility", {"term": 1, "standby": "x", "eligible": False}),
-    ("pg1", "handover", {"term": 1, "to": "nobody"}),
+    ("pg1", "eligibility", {"term": 1, "seq": 0, "standby": "pg2"}),  # no "eligible"
+    ("pg1", "eligibility", {"term": 1, "seq": 0, "standby": "x", "eligible": False}),
+    ("pg1", "eligibility", {"term": 1, "standby": "pg2", "eligible": False}),  # no seq
+    ("pg1", "handover", {"term": 1, "seq": 0, "to": "nobody"}),
+    ("pg1", "handover", {"term": 1, "to": "pg2"}),  # no seq
     ("pg1", "reboot", {"term": 1}),
 ])
 def test_bad_requests_are_refused_and_change_nothing(arbiter, sender, kind, body):
@@ -47,11 +49,11 @@ def test_no_promotion_while_the_arbiter_has_just_started(arbiter):
 
 
 def test_a_new_view_is_on_disk_before_the_reply(arbiter):
-    reply = arbiter.handle("pg1", "eligibility", {"term": 1, "standby": "pg2",
+    reply = arbiter.handle("pg1", "eligibility", {"term": 1, "seq": 0, "standby": "pg2",
                                                   "eligible": False})
     assert reply["granted"] and reply["view"]["eligible"] is None
     assert on_disk(arbiter) == reply["view"]
-    refused = arbiter.handle("pg2", "eligibility", {"term": 1, "standby": "pg2",
+    refused = arbiter.handle("pg2", "eligibility", {"term": 1, "seq": 1, "standby": "pg2",
                                                     "eligible": True})
     assert not refused["granted"] and on_disk(arbiter) == reply["view"]
 

@@ -92,9 +92,14 @@ def test_two_primaries(tmp_path):
 
 
 def test_timing_that_lets_the_standby_promote_before_the_fence(tmp_path):
-    text = shipped().replace("failover_timeout = 2.0", "failover_timeout = 1.5")
+    text = shipped().replace("failover_timeout = 2.0", "failover_timeout = 1.3")
     message = error_of(tmp_path, text)
-    assert "[timing] failover_timeout" in message and "fenced itself" in message
+    assert "[timing] failover_timeout" in message and "lease still holds" in message
+
+
+def test_timing_under_which_a_healthy_lease_would_lapse(tmp_path):
+    text = shipped().replace("check_interval = 0.2", "check_interval = 0.8")
+    assert "[timing] check_interval" in error_of(tmp_path, text)
 
 
 def test_probe_timeout_not_shorter_than_fence_timeout(tmp_path):

@@ -1,0 +1,377 @@
+"""The findings of the hostile review (issue "Close every known path…"), one test or more each,
+named after the finding. Where the lab cannot produce the timing, the agent's own code runs
+here against stand-ins for the world: a real ArbiterAgent (its decisions and state file) behind
+a message path that can lose replies, and recorders for PostgreSQL and the kernel's fence."""
+import dataclasses
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import agent
+from agent import DbObservation, View, decide_db
+
+REPO = Path(__file__).resolve().parents[2]
+T = agent.Timing(check_interval=0.2, probe_timeout=0.3, fence_timeout=1.0, safety_margin=0.3,
+                 failover_timeout=2.0, restart_grace=6.0)
+NOW = 1000.0
+
+
+def primary_obs(**kw):
+    base = dict(now=NOW, started_at=NOW - 100, pg="primary", pg_down_since=None,
+                has_standby_signal=False, fenced=False, view=View(1, "pg1", "pg2", 4),
+                contact_at={"pg2": NOW - 0.1, "arb": NOW - 0.1}, primary_alive_at=None,
+                sync_names="pg2", standby_seen_at=NOW - 0.1, standby_streaming=True,
+                standby_synced=True)
+    base.update(kw)
+    return DbObservation(**base)
+
+
+# -- stand-ins ----------------------------------------------------------------------------------
+
+class Recorder:
+    """PostgreSQL and the fence, as far as the actions under test touch them."""
+
+    def __init__(self):
+        self.calls = []
+        self.lease_left = None
+
+    def write_config(self, view, data_dir=None, sync_names=None):
+        self.calls.append(("write_config", sync_names))
+
+    def reload(self):
+        self.calls.append(("reload",))
+
+    def terminate_clients(self):
+        self.calls.append(("terminate_clients",))
+
+    def status(self, timeout, standby):  # the standby has flushed everything
+        return agent.PgStatus("primary", "pg2", 100, "streaming", "sync", 100, 1.0)
+
+    # the fence
+    def open_for(self, seconds):
+        self.lease_left = seconds
+
+    def open(self):
+        self.lease_left = float("inf")
+
+    def close(self):
+        self.lease_left = None
+
+    def lease(self):
+        return self.lease_left
+
+    def let_through(self, address, seconds):
+        self.calls.append(("let_through", address))
+
+    def stop_letting_through(self):
+        self.calls.append(("stop_letting_through",))
+
+
+def lab_config(tmp_path, node):
+    cfg = agent.load_config(str(REPO / "agent.ini"), node)
+    for d in ("state", "log"):
+        (tmp_path / node / d).mkdir(parents=True, exist_ok=True)
+    return dataclasses.replace(cfg, state_dir=str(tmp_path / node / "state"),
+                               log_dir=str(tmp_path / node / "log"))
+
+
+class Wire:
+    """Requests from a DbAgent go straight to a real ArbiterAgent's handle(); a reply can be
+    lost after the arbiter acted on the request."""
+
+    def __init__(self, arbiter):
+        self.arbiter, self.lose_next_reply, self.down = arbiter, False, False
+
+    def __call__(self, cfg, key, peer, kind, body, timeout):
+        if self.down:
+            raise socket.timeout("timed out")
+        reply = self.arbiter.handle(cfg.me.name, kind, body)
+        if self.lose_next_reply:
+            self.lose_next_reply = False
+            raise socket.timeout("timed out")  # the arbiter acted; pg1 never hears of it
+        return reply
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    arb = agent.ArbiterAgent(lab_config(tmp_path, "arb"), b"k" * 32)
+    arb.view = View(1, "pg1", None, 4)
+    arb.state.save(arb.view)
+    pg1 = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    pg1.view = arb.view
+    pg1.pg = pg1.fence = Recorder()
+    wire = Wire(arb)
+    monkeypatch.setattr(agent, "call", wire)
+    return arb, pg1, wire
+
+
+def act(node, obs):
+    decision = decide_db("pg1", "pg2", "arb", obs, T)
+    getattr(node, "do_" + decision.action)(decision)
+    return decision
+
+
+# -- 1. the primary stops waiting on a stale view -----------------------------------------------
+
+def test_finding1_primary_never_stops_waiting_on_its_local_view():
+    """eligible None locally, the standby silent: clearing synchronous_standby_names needs the
+    arbiter's word first (drop_standby), and without the arbiter writes keep waiting."""
+    silent = dict(view=View(1, "pg1", None, 5), sync_names="pg2", standby_streaming=False,
+                  standby_seen_at=NOW - 10, standby_synced=False)
+    d = decide_db("pg1", "pg2", "arb", primary_obs(**silent), T)
+    assert d.action == "drop_standby" and d.sync_names == ""
+    cut_off = primary_obs(contact_at={"pg2": NOW - 10, "arb": NOW - 1.5}, **silent)
+    d = decide_db("pg1", "pg2", "arb", cut_off, T)
+    assert d.action in ("none", "fence") and d.sync_names is None
+
+
+def test_finding1_lost_reply_to_mark_eligible_never_releases_writes(cluster):
+    """The lab reproduction, with the real arbiter: it records `eligible pg2` but its reply to
+    pg1 is lost; pg2 stops streaming. pg1 may clear synchronous_standby_names only after the
+    arbiter has durably recorded that no standby is eligible, in its reply to that request."""
+    arb, pg1, wire = cluster
+    wire.lose_next_reply = True
+    act(pg1, primary_obs(view=pg1.view, sync_names="pg2"))  # mark_eligible, reply lost
+    assert arb.view.eligible == "pg2" and pg1.view.eligible is None
+    for _ in range(3):  # the standby is silent now
+        obs = primary_obs(view=pg1.view, sync_names="pg2", standby_streaming=False,
+                          standby_seen_at=NOW - 10, standby_synced=False)
+        act(pg1, obs)
+        cleared = ("write_config", "") in pg1.pg.calls
+        assert not cleared or arb.state.load().eligible is None, \
+            "pg1 stopped waiting while the arbiter's durable view still made pg2 eligible"
+        if cleared:
+            break
+    assert cleared and pg1.view.eligible is None
+
+
+def test_finding1_a_stale_eligibility_request_is_refused():
+    """A delayed mark_eligible based on view seq 4 arrives after the drop made seq 5."""
+    dropped = View(1, "pg1", None, 5)
+    ok, view, reason = agent.decide_eligibility(dropped, "pg1", 1, 4, "pg2", True)
+    assert not ok and view == dropped and "seq 4" in reason
+    ok, view, _ = agent.decide_eligibility(dropped, "pg1", 1, 5, "pg2", True)
+    assert ok and view.eligible == "pg2" and view.seq == 6
+
+
+# -- 3. a restarted agent forgets how long it has been cut off ----------------------------------
+
+def test_finding3_a_lease_is_never_revived_nor_adopted():
+    """A lease that lapsed, or one a previous process left, is not extended by new contact:
+    only the arbiter's confirmation opens a new one (unfence)."""
+    assert agent.lease_extension(None, NOW - 0.1, NOW, T) is None  # never held by us
+    assert agent.lease_extension(NOW - 0.01, NOW - 0.1, NOW, T) is None  # lapsed
+    assert agent.lease_extension(NOW + 0.5, NOW - 0.1, NOW, T) == pytest.approx(NOW + 0.9)
+    assert agent.lease_extension(NOW + 0.5, None, NOW, T) == NOW + 0.5
+    assert agent.lease_extension(None, NOW - 0.2, NOW, T, opening=True) == pytest.approx(
+        NOW + 0.8)
+    assert agent.lease_extension(None, NOW - 1.2, NOW, T, opening=True) is None
+
+
+def test_finding3_a_restarted_primary_agent_starts_fenced(tmp_path):
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    assert node.fenced and node.lease_mode == "closed" and node.confirm_after == node.started_at
+
+
+# -- 4. a switchover unfences when the arbiter did not answer -----------------------------------
+
+def test_finding4_handover_without_an_answer_stays_fenced_until_settled(cluster):
+    arb, pg1, wire = cluster
+    arb.view = View(1, "pg1", "pg2", 4)
+    arb.state.save(arb.view)
+    pg1.view = arb.view
+    pg1.switchover = {"done": threading.Event(), "result": None}
+    arb.observations.heard("pg2", {"stamp": time.monotonic(), "pg": "standby"},
+                           time.monotonic())
+    wire.lose_next_reply = True  # the arbiter records the handover; pg1 hears nothing
+    pg1.do_handover(agent.Decision("handover", "test"))
+    assert arb.view.primary == "pg2"  # it did happen
+    assert pg1.fenced and pg1.handover_unsettled and pg1.fence.lease() is None
+    obs = primary_obs(view=pg1.view, fenced=True, handover_unsettled=True,
+                      contact_at={"pg2": NOW - 0.1, "arb": NOW - 0.05},
+                      confirm_after=NOW - 0.5)
+    assert decide_db("pg1", "pg2", "arb", obs, T).action == "settle_handover"
+    pg1.do_settle_handover(None)
+    assert pg1.view.primary == "pg2" and not pg1.handover_unsettled  # learned: replaced
+
+
+def test_finding4_a_late_handover_request_is_stale_after_settling():
+    view = View(1, "pg1", "pg2", 4)
+    ok, settled, _ = agent.decide_settle(view, "pg1", 1)
+    assert ok and settled.seq == 5 and settled.primary == "pg1"
+    ok, after, _ = agent.decide_handover(settled, "pg1", 1, 4, "pg2", NOW, NOW, T)
+    assert not ok and after == settled
+
+
+def test_finding4_switchover_requests_are_set_under_a_lock(tmp_path):
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    node.view = View(1, "pg1", "pg2", 4)
+    node.SWITCHOVER_WAIT = 0.3
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        node.handle("cli", "switchover", {}))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    busy = [a for a in answers if "under way" in a["reason"]]
+    assert len(busy) == 7 and node.switchover is None
+
+
+# -- 5. contact is counted before the reply's view is learned ------------------------------------
+
+class FailingState(agent.StateFile):
+    def save(self, view):
+        raise OSError(28, "No space left on device")
+
+
+def test_finding5_a_view_that_cannot_be_persisted_is_no_contact(tmp_path):
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    node.view = View(1, "pg1", "pg2", 4)
+    node.state = FailingState(node.state.path, node.view)
+    stamp = time.monotonic()
+    newer = {"pg": "none", "view": View(2, "pg2", None, 5).as_dict(),
+             "stamp": 1.0, "echo": {"stamp": stamp, "pg": "primary"}}
+    with pytest.raises(OSError):
+        node.note_status("arb", newer, time.monotonic())
+    assert "arb" not in node.observations.contact_at and node.observations.lease_anchor is None
+    assert node.view.term == 1
+
+
+def test_finding5_the_view_is_learned_before_the_contact_counts(tmp_path):
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    node.view = View(1, "pg1", "pg2", 4)
+    seen = []
+    original = node.observations.heard
+
+    def heard(peer, echo, now):
+        seen.append(node.view.term)
+        original(peer, echo, now)
+
+    node.observations.heard = heard
+    node.note_status("arb", {"pg": "none", "view": View(2, "pg2", None, 5).as_dict(),
+                             "stamp": 1.0, "echo": {"stamp": time.monotonic(), "pg": "primary"}},
+                     time.monotonic())
+    assert seen == [2]
+
+
+def test_finding5_contact_is_what_the_peer_provably_heard():
+    """An echo of our stamp is contact from that stamp; only a stamp sent as a running
+    primary anchors the lease; a reply that echoes nothing is no contact."""
+    obs = agent.Observations()
+    obs.heard("arb", None, NOW)
+    assert obs.contact_at == {} and obs.lease_anchor is None
+    obs.heard("arb", {"stamp": NOW - 0.3, "pg": "standby"}, NOW)
+    assert obs.contact_at == {"arb": NOW - 0.3} and obs.lease_anchor is None
+    obs.heard("pg2", {"stamp": NOW - 0.2, "pg": "primary"}, NOW)
+    assert obs.lease_anchor == NOW - 0.2
+    obs.heard("pg2", {"stamp": NOW + 5, "pg": "primary"}, NOW)  # never in our future
+    assert obs.lease_anchor == NOW
+
+
+# -- 6. the fence can be skipped or come late ----------------------------------------------------
+
+def test_finding6_the_timing_inequality_is_the_kernels():
+    agent.check_timing("agent.ini", T)
+    with pytest.raises(agent.ConfigError, match="failover_timeout"):
+        agent.check_timing("agent.ini", dataclasses.replace(T, failover_timeout=1.3))
+    with pytest.raises(agent.ConfigError, match="check_interval"):
+        agent.check_timing("agent.ini", dataclasses.replace(T, check_interval=0.7))
+
+
+def test_finding6_a_slow_postgres_status_does_not_skip_the_fence():
+    """pg 'down' because a status query timed out: the primary's lease still lapses on its
+    own (the kernel), and a replaced node whose port is open is fenced whatever pg says."""
+    d = decide_db("pg1", "pg2", "arb", primary_obs(view=View(2, "pg2", None, 6), pg="primary",
+                                                   fenced=True, port_open=True), T)
+    assert d.action == "fence"
+    assert agent.lease_extension(NOW - 0.001, None, NOW, T) is None
+
+
+def test_finding6_the_lease_is_parsed_from_the_kernels_listing():
+    listing = "table inet bobry_fence {\n\tset lease {\n\t\telements = { 5432 timeout 1s " \
+              "expires 873ms }\n\t}\n}"
+    assert agent.parse_lease(listing, 5432) == pytest.approx(0.873)
+    assert agent.parse_lease("elements = { 5432 }", 5432) == float("inf")
+    assert agent.parse_lease("set lease {\n flags timeout\n}", 5432) is None
+    assert agent.parse_lease("elements = { 5432 timeout 2m expires 1m2s5ms }", 5432) == \
+        pytest.approx(62.005)
+
+
+# -- 7. clock offset between hosts ---------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [-2.0, 0.0, 5.0])
+def test_finding7_standby_liveness_is_judged_on_the_primarys_clock(offset):
+    """A standby replying every second with its clock `offset` s off: heard at each reply."""
+    reply_time, seen_at = None, None
+    for tick in range(50):
+        now = NOW + tick * 0.2
+        standby_clock = 1.7e9 + int(now - NOW) + offset  # a new reply_time every second
+        reply_time, seen_at = agent.standby_heard(reply_time, seen_at, standby_clock, now)
+        assert now - seen_at < 1.0 + 1e-9
+    # the standby goes silent: its reply_time stops changing, and it is lost on our clock
+    for tick in range(1, 15):
+        reply_time, seen_at2 = agent.standby_heard(reply_time, seen_at, reply_time,
+                                                   now + tick * 0.2)
+        assert seen_at2 == seen_at
+
+
+# -- 9. strict_sync is forgotten after a failover -------------------------------------------------
+
+def test_finding9_strict_sync_holds_from_the_new_primarys_first_moment(tmp_path):
+    granted = View(2, "pg2", None, 6)
+    assert agent.desired_sync_names(granted, other="pg1", strict=True) == "pg1"
+    assert agent.desired_sync_names(granted, other="pg1", strict=False) == ""
+    cfg = dataclasses.replace(lab_config(tmp_path, "pg2"), strict_sync=True)
+    node = agent.DbAgent(cfg, b"k" * 32)
+    node.view = granted
+    assert node.wanted_sync_names() == "pg1"
+    d = decide_db("pg2", "pg1", "arb", primary_obs(view=granted, sync_names="",
+                                                   standby_streaming=False, standby_synced=False,
+                                                   strict_sync=True), T)
+    assert d.action == "set_sync" and d.sync_names == "pg1"
+
+
+# -- 11. children outlive a killed agent ----------------------------------------------------------
+
+def test_finding11_a_restarted_agent_waits_for_a_leftover_child(tmp_path):
+    """The lock passes to pg_rewind/pg_basebackup-like children: while one outlives its agent,
+    the next agent waits; once it is gone, the next agent runs."""
+    state = tmp_path / "state"
+    first = agent.AgentLock(str(state))
+    assert first.acquire(agent.logging.getLogger("t"), threading.Event())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"],
+                             pass_fds=(first.fd,))
+    os.close(first.fd)  # the agent is killed; its child lives on with the lock
+    try:
+        stop = threading.Event()
+        threading.Timer(0.5, stop.set).start()
+        began = time.monotonic()
+        assert not agent.AgentLock(str(state)).acquire(agent.logging.getLogger("t"), stop)
+        assert time.monotonic() - began >= 0.45
+        child.wait(5)
+        assert agent.AgentLock(str(state)).acquire(agent.logging.getLogger("t"),
+                                                   threading.Event())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_finding11_data_directory_children_hold_the_lock(tmp_path):
+    cfg = lab_config(tmp_path, "pg1")
+    pg = agent.LocalPostgres(cfg)
+    lock = agent.AgentLock(cfg.state_dir)
+    pg.lock_fd = lock.fd
+    probe = ["sh", "-c", f"flock -n {lock.fd} && echo inherited"]  # run as PostgreSQL's user
+    held = pg._run(probe, timeout=10, holds_lock=True)
+    assert held.stdout.strip() == "inherited", held.stderr
+    plain = pg._run(probe, timeout=10)
+    assert plain.returncode != 0 and "inherited" not in plain.stdout
+    fcntl.flock(lock.fd, fcntl.LOCK_UN)
