@@ -932,13 +932,13 @@ class Fence:
     peer hears it (lease_extension), so a primary cut off from its peers, or whose agent is
     frozen, stuck or dead, is fenced by the kernel on time; a standby's element has none.
     REJECT with a TCP reset: fenced clients fail at once and move on to the other host, and
-    answers to sessions opened earlier never leave. During a switchover the other database
+    answers to sessions opened earlier never leave (only the resets themselves do). During a switchover the other database
     node alone is let through (set `handover`), so that it can stream the last WAL. The lab's
     fault injection uses iptables chains of its own: healing a partition never lifts a fence
     and the other way round."""
 
     TABLE = "bobry_fence"
-    VERSION = "bobry fence v2"
+    VERSION = "bobry fence v3"  # a table of another version is replaced (closed) at start
 
     def __init__(self, pg_port):
         self.port = pg_port
@@ -973,6 +973,7 @@ class Fence:
     oifname "lo" accept
     tcp sport @lease accept
     tcp sport {port} ip daddr @handover accept
+    tcp sport {port} tcp flags & rst == rst accept
     tcp sport {port} reject with tcp reset
   }}
 }}

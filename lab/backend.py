@@ -105,6 +105,14 @@ class Backend:
         peer_address = self.addresses[peer]
         return ((CHAIN_IN, "-s", peer_address), (CHAIN_OUT, "-d", peer_address))
 
+    NEW_ONLY = ["-m", "conntrack", "--ctstate", "NEW"]
+
+    def _one_way_rules(self, a, b):
+        """Rules that drop new connections from a to b, on both ends; traffic of connections
+        already open, and connections from b to a, pass."""
+        return {a: [[CHAIN_OUT, "-d", self.addresses[b], *self.NEW_ONLY, "-j", "DROP"]],
+                b: [[CHAIN_IN, "-s", self.addresses[a], *self.NEW_ONLY, "-j", "DROP"]]}
+
     def _add_rules(self, host, rules):
         """Append rules to the lab's chains on a host in one iptables-restore: atomically."""
         text = "*filter\n" + "".join(f"-A {' '.join(rule)}\n" for rule in rules) + "COMMIT\n"
@@ -121,19 +129,32 @@ class Backend:
         if rules:
             self._add_rules(host, rules)
 
-    def cut(self, a, b):
+    def cut(self, a, b, one_way=False):
         """Drop everything between a and b, in both directions, on both ends (DROP, not
-        REJECT: a partition is silence, and connection attempts must wait for their timeouts)."""
+        REJECT: a partition is silence, and connection attempts must wait for their timeouts).
+        one_way: drop only new connections from a to b (b can still connect to a)."""
         check_host(a), check_host(b)
         if a == b:
             raise LabError("a link joins two different hosts")
+        if one_way:
+            for host, rules in self._one_way_rules(a, b).items():
+                missing = [r for r in rules
+                           if self.run(host, ["iptables", "-w", "5", "-C", *r]).returncode != 0]
+                if missing:
+                    self._add_rules(host, missing)
+            return
         self._drop_rules(a, [b])
         self._drop_rules(b, [a])
 
     def _uncut(self, a, b):
+        rules = {a: [], b: []}
         for host, peer in ((a, b), (b, a)):
             for chain, flag, address in self._link_rules(host, peer):
-                rule = [chain, flag, address, "-j", "DROP"]
+                rules[host].append([chain, flag, address, "-j", "DROP"])
+            for side, one_way in self._one_way_rules(host, peer).items():
+                rules[side] += one_way
+        for host, host_rules in rules.items():
+            for rule in host_rules:
                 while self.run(host, ["iptables", "-w", "5", "-D", *rule]).returncode == 0:
                     pass
 
@@ -247,16 +268,22 @@ class Backend:
             return {"done": False, "reason": (result.stderr or result.stdout).strip()}
 
     def events(self):
-        """Every agent's events.jsonl, merged in time order."""
+        """Every agent's events.jsonl and the port watcher's record (port_open, port_closed
+        of each database host, seen from the network), merged in time order."""
+        sources = [(host, f"{self.config(host).log_dir}/events.jsonl") for host in AGENT_HOSTS]
+        sources += [self.portwatch_log()] if self.portwatch_log() else []
         merged = []
-        for host in AGENT_HOSTS:
-            path = f"{self.config(host).log_dir}/events.jsonl"
+        for host, path in sources:
             for line in self.read_file(host, path).splitlines():
                 try:
                     merged.append(json.loads(line))
                 except ValueError:
                     continue
         return sorted(merged, key=lambda e: e["t"])
+
+    def portwatch_log(self):
+        """(host, path) of the port watcher's record, or None where the lab has none."""
+        return None
 
     def primary_with_sync_standby(self):
         """The name of the primary once its standby streams synchronously, else None."""

@@ -71,8 +71,9 @@ def cmd_dsn(backend, args):
 
 
 def cmd_cut(backend, args):
-    backend.cut(args.a, args.b)
-    print(f"cut the link {args.a} <-> {args.b}")
+    backend.cut(args.a, args.b, one_way=args.one_way)
+    print(f"cut new connections {args.a} -> {args.b}" if args.one_way
+          else f"cut the link {args.a} <-> {args.b}")
 
 
 def cmd_isolate(backend, args):
@@ -157,6 +158,8 @@ def parser():
     sp = add("cut", cmd_cut, "drop all traffic between two hosts")
     sp.add_argument("a")
     sp.add_argument("b")
+    sp.add_argument("--one-way", action="store_true",
+                    help="drop only new connections from a to b (b can still connect to a)")
     add("isolate", cmd_isolate, "cut every link of a host").add_argument("host")
     sp = add("heal", cmd_heal, "heal every fault, a host's links, or one link")
     sp.add_argument("a", nargs="?")

@@ -17,6 +17,9 @@ SUBNET = "10.89.0.0/24"
 ADDRESSES = {"pg1": "10.89.0.11", "pg2": "10.89.0.12", "arb": "10.89.0.13",
              "client": "10.89.0.20"}
 SWITCH = "bobry-switch"
+# The port watcher's host: on the lab network, but outside the fault model (never cut), so it
+# sees from the network when each database port opens and closes (lab/portwatch.py).
+WATCH, WATCH_ADDRESS = "watch", "10.89.0.30"
 DEFAULT_DIR = "/var/tmp/bobry-lab"
 
 
@@ -130,23 +133,40 @@ class NetnsBackend(Backend):
     def up(self, progress=print):
         if os.geteuid() != 0:
             raise LabError("the embedded lab needs root (network namespaces, iptables)")
-        for tool in ("iptables", "ip", "runuser"):
+        for tool in ("iptables", "ip", "runuser", "nft"):
             if not shutil.which(tool):
                 raise LabError(f"{tool} is not installed (see README: provision/local.sh setup)")
         self._network()
         self._files()
         for host in AGENT_HOSTS:
             self.start_agent(host)
+        self._start_portwatch()
         progress(f"lab up in {self.lab_dir}: agents on {', '.join(AGENT_HOSTS)}")
+
+    def portwatch_log(self):
+        return WATCH, str(self.lab_dir / "portwatch.jsonl")
+
+    def _start_portwatch(self):
+        pid_file = self.pid_dir / "portwatch.pid"
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            return
+        targets = [f"{h}={ADDRESSES[h]}:{self.config(h).me.pg_port}" for h in DB_HOSTS]
+        argv = [sys.executable, str(REPO / "lab" / "portwatch.py"), "--out",
+                self.portwatch_log()[1]] + [a for t in targets for a in ("--target", t)]
+        with open(self.lab_dir / "portwatch.log", "ab") as log:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.ns(WATCH), *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        pid_file.write_text(str(proc.pid))
 
     def _network(self):
         existing = _ip("netns", "list").stdout.split()
-        for ns in [SWITCH] + [self.ns(h) for h in HOSTS]:
+        for ns in [SWITCH] + [self.ns(h) for h in HOSTS + (WATCH,)]:
             if ns not in existing:
                 _ip("netns", "add", ns)
         _ip("-n", SWITCH, "link", "add", "br0", "type", "bridge", check=False)
         _ip("-n", SWITCH, "link", "set", "br0", "up")
-        for host, address in ADDRESSES.items():
+        for host, address in {**ADDRESSES, WATCH: WATCH_ADDRESS}.items():
             ns = self.ns(host)
             if _ip("-n", ns, "link", "show", "eth0", check=False).returncode != 0:
                 _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", host,
@@ -155,7 +175,8 @@ class NetnsBackend(Backend):
             _ip("-n", SWITCH, "link", "set", host, "master", "br0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", "eth0", "up")
-            self.install_fault_chains(host)
+            if host != WATCH:
+                self.install_fault_chains(host)
         # the guard: from the root namespace the lab subnet is unreachable, never routed out
         if SUBNET not in _ip("route", "show", "type", "unreachable").stdout:
             _ip("route", "add", "unreachable", SUBNET)
@@ -219,7 +240,7 @@ class NetnsBackend(Backend):
                 except Exception as exc:  # noqa: BLE001 -- down must go on whatever happened
                     print(f"down: stopping PostgreSQL on {host}: {exc}", file=sys.stderr)
         existing = _ip("netns", "list").stdout.split()
-        for ns in [self.ns(h) for h in HOSTS] + [SWITCH]:
+        for ns in [self.ns(h) for h in HOSTS + (WATCH,)] + [SWITCH]:
             if ns in existing:
                 self._stop_processes_in(ns)
                 _ip("netns", "del", ns, check=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The embedded lab on this Debian/Ubuntu machine, as root:
-#   provision/local.sh setup   install PostgreSQL, iptables, iproute2 and a Python venv (.venv)
+#   provision/local.sh setup   install PostgreSQL, iptables, nftables, iproute2 and a Python venv (.venv)
 #   provision/local.sh demo    setup, bring the lab up, run the failover experiment, tear down
 #   provision/local.sh test    setup, run the whole test suite (what CI runs)
 set -euo pipefail
@@ -14,7 +14,7 @@ fi
 # setup [extra command:package …]: install what is missing, then the virtualenv
 setup() {
   local missing=()
-  for cmd in initdb:postgresql iptables:iptables ip:iproute2 runuser:util-linux "$@"; do
+  for cmd in initdb:postgresql iptables:iptables nft:nftables ip:iproute2 runuser:util-linux "$@"; do
     if ! command -v "${cmd%%:*}" >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/"${cmd%%:*}" >/dev/null 2>&1; then
       missing+=("${cmd##*:}")
     fi
@@ -25,7 +25,7 @@ setup() {
   if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      postgresql iptables iproute2 python3-venv "${missing[@]}" >/dev/null
+      postgresql iptables nftables iproute2 python3-venv "${missing[@]}" >/dev/null
   fi
   if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

@@ -8,7 +8,7 @@ src=/vagrant
 etc=/etc/bobry
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(postgresql iptables iproute2 python3 python3-psycopg2)
+packages=(postgresql iptables nftables iproute2 python3 python3-psycopg2)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
