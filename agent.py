@@ -662,6 +662,8 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 
 
 def _wait_ready(conn, deadline):
+    """Until the async connection is ready. poll(), not select(): select() refuses a
+    descriptor above 1023, which an agent serving many connections may well get."""
     while True:
         state = conn.poll()
         if state == psycopg2.extensions.POLL_OK:
@@ -669,10 +671,10 @@ def _wait_ready(conn, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("PostgreSQL did not answer in time")
-        if state == psycopg2.extensions.POLL_READ:
-            select.select([conn.fileno()], [], [], remaining)
-        else:
-            select.select([], [conn.fileno()], [], remaining)
+        poller = select.poll()  # anew each time: libpq may change sockets while connecting
+        poller.register(conn.fileno(), select.POLLIN if state == psycopg2.extensions.POLL_READ
+                        else select.POLLOUT)
+        poller.poll(remaining * 1000)
 
 
 def pg_query(dsn, sql, params=None, timeout=1.0):
