@@ -520,16 +520,19 @@ def newer_view(current, offered):
 # --------------------------------------------------------------------------------------------
 # adapters: the wire protocol
 #
-# Every message is one line of UTF-8 JSON, at most MAX_MESSAGE bytes, on a TCP connection that
-# carries one request and one reply and is then closed:
+# A TCP connection carries one request and one reply and is then closed. Each message (version
+# 2) is one line of at most MAX_MESSAGE bytes: a MAC, a space, UTF-8 JSON, a newline:
 #
-#   {"v": 1, "from": "pg2", "to": "arb", "ts": 1764120000.5, "nonce": "9f1c…",
-#    "type": "status" | "promote" | "resume" | "reply", "body": {…}, "mac": "<hex>"}
+#   <mac> {"v": 2, "from": "pg2", "to": "arb", "ts": 1764120000.5, "nonce": "9f1c…",
+#          "type": "status" | "promote" | "resume" | "reply", "body": {…}}
 #
-# mac = HMAC-SHA256(cluster key, the message without "mac" as JSON with sorted keys and no
-# spaces). A reply has type "reply", swaps from/to and carries the request's nonce. A receiver
-# drops (and logs) anything malformed, unauthenticated, addressed to another node, from an
-# unknown node, or with a clock more than MAX_SKEW seconds off.
+# mac = hex HMAC-SHA256(cluster key, the JSON's bytes as sent). A receiver checks the length,
+# then the MAC over the bytes received, and only then parses the JSON: nothing from a sender
+# without the key is ever parsed. A reply has type "reply", swaps from/to and carries the
+# request's nonce, which the caller checks. A receiver drops anything too long, without a
+# valid MAC, malformed, addressed to another node, from an unknown node, with a clock more than
+# MAX_SKEW seconds off, or replayed: a request whose (sender, nonce) it accepted within the
+# last MAX_SKEW seconds (ReplayCache). It logs what it drops.
 #
 #   status      any -> any      body: the sender's status; reply: the receiver's status
 #                               (a status has node, role, pg, fenced and the sender's view)
@@ -541,81 +544,127 @@ def newer_view(current, offered):
 #   switchover  cli -> primary  {}: hand over to the standby; reply {"done": bool, "reason"}
 # --------------------------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE = 65536
 MAX_SKEW = 30.0
 REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "switchover")
 
 
 class ProtocolError(Exception):
-    pass
+    """What is wrong with a message; kind names the sort of drop, for the log."""
+
+    def __init__(self, message, kind="refused"):
+        super().__init__(message)
+        self.kind = kind
 
 
-def _mac(key, message):
-    canonical = json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+def _mac(key, payload):
+    return hmac.new(key, payload, hashlib.sha256).hexdigest()
 
 
 def seal(key, sender, to, kind, body, nonce=None, now=None):
+    """One message as the line to send: MAC, space, JSON, newline."""
     message = {"v": PROTOCOL_VERSION, "from": sender, "to": to,
                "ts": time.time() if now is None else now,
                "nonce": nonce or os.urandom(8).hex(), "type": kind, "body": body}
-    message["mac"] = _mac(key, message)
-    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    payload = json.dumps(message, separators=(",", ":")).encode()  # ASCII: no newline inside
+    return _mac(key, payload).encode() + b" " + payload + b"\n"
 
 
-def unseal(key, line, me, known_nodes, now=None):
-    """The checked message, or ProtocolError saying what is wrong with it."""
+class ReplayCache:
+    """The (sender, nonce) of each request accepted while its timestamp could still pass the
+    MAX_SKEW check, so that a captured request cannot be played again. Bounded: past LIMIT
+    entries the oldest goes, and its sender's messages no newer than it are refused from then
+    on, so that an eviction never reopens a replay."""
+
+    LIMIT = 4096
+
+    def __init__(self, limit=LIMIT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._seen = {}   # (sender, nonce) -> ts, in the order accepted
+        self._floor = {}  # sender -> ts of its newest entry evicted before it expired
+
+    def admit(self, sender, nonce, ts, now):
+        with self._lock:
+            while self._seen:
+                (old_sender, old_nonce), old_ts = next(iter(self._seen.items()))
+                expired = now - old_ts > MAX_SKEW  # would fail the timestamp check now
+                if not expired and len(self._seen) < self.limit:
+                    break
+                if not expired:
+                    self._floor[old_sender] = max(old_ts, self._floor.get(old_sender, old_ts))
+                del self._seen[(old_sender, old_nonce)]
+            floor = self._floor.get(sender)
+            if (sender, nonce) in self._seen or (floor is not None and ts <= floor):
+                raise ProtocolError(f"replay: {sender} already sent nonce {nonce}", "replay")
+            self._seen[(sender, nonce)] = ts
+
+
+def unseal(key, line, me, known_nodes, now=None, replays=None):
+    """The checked message, or ProtocolError saying what is wrong with it. With a ReplayCache,
+    a request already accepted (same sender and nonce) is refused as a replay."""
     if len(line) > MAX_MESSAGE:
-        raise ProtocolError("message too long")
-    try:
-        message = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("not JSON") from None
-    if not isinstance(message, dict) or not isinstance(message.get("mac"), str):
-        raise ProtocolError("not a message")
-    mac = message.pop("mac")
-    if not hmac.compare_digest(mac, _mac(key, message)):
-        raise ProtocolError("bad mac (wrong key or altered)")
+        raise ProtocolError("message too long", "too long")
+    line = line[:-1] if line.endswith(b"\n") else line
+    mac, space, payload = line.partition(b" ")
+    if not space or len(mac) != 64:
+        raise ProtocolError("no MAC (not a version 2 message)", "no mac")
+    if not hmac.compare_digest(mac, _mac(key, payload).encode()):
+        raise ProtocolError("bad mac (wrong key or altered)", "bad mac")
+    try:  # authenticated bytes, but a key holder's bug must not crash the server either
+        message = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ProtocolError("not JSON", "malformed") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a message", "malformed")
     if message.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported version {message.get('v')!r}")
+        raise ProtocolError(f"unsupported version {message.get('v')!r}", "malformed")
     if message.get("to") != me:
-        raise ProtocolError(f"addressed to {message.get('to')!r}, not to me")
+        raise ProtocolError(f"addressed to {message.get('to')!r}, not to me", "misaddressed")
     if message.get("from") not in known_nodes:
-        raise ProtocolError(f"from unknown node {message.get('from')!r}")
+        raise ProtocolError(f"from unknown node {message.get('from')!r}", "misaddressed")
     if message.get("type") not in REQUEST_TYPES + ("reply",):
-        raise ProtocolError(f"unknown type {message.get('type')!r}")
+        raise ProtocolError(f"unknown type {message.get('type')!r}", "malformed")
     ts = message.get("ts")
     current = time.time() if now is None else now
-    if not isinstance(ts, (int, float)) or abs(current - ts) > MAX_SKEW:
-        raise ProtocolError("timestamp missing or too far off")
-    if not isinstance(message.get("body"), dict) or not isinstance(message.get("nonce"), str):
-        raise ProtocolError("no body or nonce")
+    if not isinstance(ts, (int, float)) or not abs(current - ts) <= MAX_SKEW:  # NaN too
+        raise ProtocolError("timestamp missing or too far off", "stale")
+    nonce = message.get("nonce")
+    if not isinstance(message.get("body"), dict) or not isinstance(nonce, str) \
+            or not 0 < len(nonce) <= 64:
+        raise ProtocolError("no body or nonce", "malformed")
+    if replays is not None:
+        replays.admit(message["from"], nonce, ts, current)
     return message
 
 
 def _read_line(sock, deadline):
-    data = b""
-    while not data.endswith(b"\n"):
+    """One line, newline included, of at most MAX_MESSAGE bytes (never more is read); what
+    follows it is ignored."""
+    data = bytearray()
+    while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("timed out")
         sock.settimeout(remaining)
-        chunk = sock.recv(4096)
+        chunk = sock.recv(min(65536, MAX_MESSAGE + 1 - len(data)))
         if not chunk:
             raise ConnectionError("connection closed")
-        data += chunk
-        if len(data) > MAX_MESSAGE:
-            raise ProtocolError("message too long")
-    return data
+        end = chunk.find(b"\n")
+        data += chunk if end < 0 else chunk[:end + 1]
+        if len(data) > MAX_MESSAGE or (end < 0 and len(data) == MAX_MESSAGE):
+            raise ProtocolError("message too long", "too long")
+        if end >= 0:
+            return bytes(data)
 
 
 def call(cfg, key, peer, kind, body, timeout):
     """One request to a peer's agent and its checked reply body. Raises OSError or
     ProtocolError; never waits longer than timeout in all."""
     deadline = time.monotonic() + timeout
-    request = seal(key, cfg.me.name, peer.name, kind, body)
-    nonce = json.loads(request)["nonce"]
+    nonce = os.urandom(8).hex()
+    request = seal(key, cfg.me.name, peer.name, kind, body, nonce=nonce)
     with socket.create_connection((peer.address, peer.agent_port), timeout=timeout) as sock:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(request)
@@ -633,6 +682,7 @@ class AgentServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, cfg, key, handle, log):
         self.cfg, self.key, self.handle_request, self.log = cfg, key, handle, log
+        self.replays = ReplayCache()
         super().__init__((cfg.me.address, cfg.me.agent_port), _RequestHandler)
 
 
@@ -644,9 +694,10 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         peer = self.client_address[0]
         try:
             line = _read_line(self.request, time.monotonic() + self.READ_TIMEOUT)
-            message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes)
+            message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes,
+                             replays=server.replays)
             if message["type"] == "reply":
-                raise ProtocolError("a reply where a request was expected")
+                raise ProtocolError("a reply where a request was expected", "malformed")
             body = server.handle_request(message["from"], message["type"], message["body"])
             self.request.sendall(seal(server.key, server.cfg.me.name, message["from"], "reply",
                                       body, nonce=message["nonce"]))
