@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pwd
+import resource
 import select
 import shutil
 import signal
@@ -532,7 +533,10 @@ def newer_view(current, offered):
 # request's nonce, which the caller checks. A receiver drops anything too long, without a
 # valid MAC, malformed, addressed to another node, from an unknown node, with a clock more than
 # MAX_SKEW seconds off, or replayed: a request whose (sender, nonce) it accepted within the
-# last MAX_SKEW seconds (ReplayCache). It logs what it drops.
+# last MAX_SKEW seconds (ReplayCache). The server runs at most MAX_PER_SOURCE handlers per
+# source address and MAX_STRANGERS in all for addresses that are not the cluster's nodes, closes
+# any other connection at once and one without a whole line after READ_TIMEOUT. Drops are
+# logged at most once per DropLog.INTERVAL per kind, with a count (DropLog).
 #
 #   status      any -> any      body: the sender's status; reply: the receiver's status
 #                               (a status has node, role, pg, fenced and the sender's view)
@@ -661,11 +665,13 @@ def _read_line(sock, deadline):
 
 def call(cfg, key, peer, kind, body, timeout):
     """One request to a peer's agent and its checked reply body. Raises OSError or
-    ProtocolError; never waits longer than timeout in all."""
+    ProtocolError; never waits longer than timeout in all. The connection leaves from this
+    node's address, which the peer's server counts as a cluster node's."""
     deadline = time.monotonic() + timeout
     nonce = os.urandom(8).hex()
     request = seal(key, cfg.me.name, peer.name, kind, body, nonce=nonce)
-    with socket.create_connection((peer.address, peer.agent_port), timeout=timeout) as sock:
+    with socket.create_connection((peer.address, peer.agent_port), timeout=timeout,
+                                  source_address=(cfg.me.address, 0)) as sock:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(request)
         reply = unseal(key, _read_line(sock, deadline), cfg.me.name, cfg.nodes)
@@ -674,24 +680,123 @@ def call(cfg, key, peer, kind, body, timeout):
     return reply["body"]
 
 
+class DropLog:
+    """Logs dropped input at most once per INTERVAL seconds for each kind ("bad mac",
+    "replay", "too long", "too many connections", "idle", ...), with how many of that kind
+    were dropped since its last line: a flood costs a few lines, not one per connection."""
+
+    INTERVAL = 10.0
+
+    def __init__(self, log, interval=INTERVAL):
+        self.log, self.interval = log, interval
+        self._lock = threading.Lock()
+        self._kinds = {}  # kind -> [count since its last line, time of that line, latest]
+
+    def __call__(self, kind, source, detail):
+        with self._lock:
+            entry = self._kinds.setdefault(kind, [0, None, None])
+            entry[0] += 1
+            entry[2] = f"from {source}: {detail}"
+        self.flush(kind)
+
+    def flush(self, only=None, force=False):
+        """Log each kind (or only that one) with drops not yet logged and no line for an
+        interval (or at once: force). The server calls it between connections and when it
+        shuts down, so that a count is never held long nor lost."""
+        now, lines = time.monotonic(), []
+        with self._lock:
+            for kind, entry in self._kinds.items():
+                if (only in (None, kind) and entry[0] and (force or entry[1] is None
+                                                           or now - entry[1] >= self.interval)):
+                    lines.append((kind, entry[0], entry[2]))
+                    entry[0], entry[1] = 0, now
+        for kind, count, latest in lines:
+            self.log.warning("dropped (%s) %d since the last such line, the latest %s",
+                             kind, count, latest)
+
+
+def raise_fd_limit():
+    """Open files up to the hard limit: the server caps its connections, not the kernel."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass  # e.g. an unlimited hard limit, which the kernel does not take as a soft one
+
+
 class AgentServer(socketserver.ThreadingTCPServer):
-    """Answers peers. handle(sender, kind, body) -> reply body; bad input is logged, dropped."""
+    """Answers peers. handle(sender, kind, body) -> reply body; bad input is dropped and logged
+    (DropLog). One thread per connection within caps: MAX_PER_SOURCE per source address, and
+    MAX_STRANGERS in all for addresses that are not the cluster's nodes (strangers cannot crowd
+    the nodes out); a connection over a cap is closed at once."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 4096  # a burst waits in the kernel (up to somaxconn), not in SYN retries
+    MAX_PER_SOURCE = 8
+    MAX_STRANGERS = 64
 
     def __init__(self, cfg, key, handle, log):
         self.cfg, self.key, self.handle_request, self.log = cfg, key, handle, log
+        self.drops = DropLog(log)
         self.replays = ReplayCache()
+        self.members = {n.address for n in cfg.nodes.values()}
+        self._slots_lock = threading.Lock()
+        self._busy = {}      # source address -> its handlers running
+        self._strangers = 0  # handlers running for addresses that are no node's
         super().__init__((cfg.me.address, cfg.me.agent_port), _RequestHandler)
+
+    def verify_request(self, request, client_address):
+        """Take a handler slot for this connection, or refuse it (socketserver closes it)."""
+        source = client_address[0]
+        member = source in self.members
+        with self._slots_lock:
+            mine, strangers = self._busy.get(source, 0), self._strangers
+            if mine < self.MAX_PER_SOURCE and (member or strangers < self.MAX_STRANGERS):
+                self._busy[source] = mine + 1
+                self._strangers += not member
+                return True
+        self.drops("too many connections", source,
+                   f"{mine} handlers busy for it, {strangers} for addresses of no node")
+        return False
+
+    def _release(self, source):
+        with self._slots_lock:
+            self._busy[source] -= 1
+            if not self._busy[source]:
+                del self._busy[source]
+            self._strangers -= source not in self.members
+
+    def process_request(self, request, client_address):
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(client_address[0])  # no thread started: the slot is free again
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address[0])
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
+
+    def service_actions(self):
+        self.drops.flush()
+
+    def shutdown(self):
+        super().shutdown()
+        self.drops.flush(force=True)
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
-    READ_TIMEOUT = 2.0  # a peer that connects and says nothing costs one thread this long
+    READ_TIMEOUT = 2.0  # a connection without a whole line by then is closed ("idle")
 
     def handle(self):
-        server = self.server
-        peer = self.client_address[0]
+        server, source = self.server, self.client_address[0]
         try:
             line = _read_line(self.request, time.monotonic() + self.READ_TIMEOUT)
             message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes,
@@ -699,12 +804,18 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             if message["type"] == "reply":
                 raise ProtocolError("a reply where a request was expected", "malformed")
             body = server.handle_request(message["from"], message["type"], message["body"])
-            self.request.sendall(seal(server.key, server.cfg.me.name, message["from"], "reply",
-                                      body, nonce=message["nonce"]))
+            reply = seal(server.key, server.cfg.me.name, message["from"], "reply", body,
+                         nonce=message["nonce"])
+            self.request.settimeout(self.READ_TIMEOUT)
+            self.request.sendall(reply)
         except ProtocolError as exc:
-            server.log.warning("dropped a message from %s: %s", peer, exc)
+            server.drops(exc.kind, source, exc)
+        except TimeoutError:
+            server.drops("idle", source, f"no whole line within {self.READ_TIMEOUT} s")
+        except ConnectionError as exc:
+            server.drops("disconnected", source, f"{type(exc).__name__}: {exc}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            server.log.warning("dropped a request from %s: %s: %s", peer, type(exc).__name__, exc)
+            server.drops("error", source, f"{type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1681,6 +1792,7 @@ def main(argv=None):
                                            "%(message)s"))
     logging.getLogger("bobry").addHandler(handler)
     logging.getLogger("bobry").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    raise_fd_limit()
     agent = (ArbiterAgent if cfg.me.role == "arbiter" else DbAgent)(cfg, key)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     try:

@@ -148,6 +148,21 @@ def test_replay_cache_is_bounded_and_never_reopens_a_replay():
     assert list(replays._seen) == [("pg2", "x")]
 
 
+def test_drop_log_is_rate_limited_with_a_count(caplog):
+    log = logging.getLogger("test-drops")
+    drops = agent.DropLog(log, interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="test-drops"):
+        for i in range(1000):
+            drops("bad mac", f"127.0.0.{i % 200}", "bad mac (wrong key or altered)")
+        drops("replay", "127.0.0.2", "replay: pg1 already sent nonce 1")
+        assert len(caplog.records) == 2
+        time.sleep(0.25)
+        drops.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and "(bad mac) 1 " in lines[0] and "(replay) 1 " in lines[1]
+    assert "(bad mac) 999 " in lines[2]
+
+
 @pytest.fixture
 def server(monkeypatch):
     cfg = agent.load_config(agent.__file__.replace("agent.py", "agent.ini"), "arb")
@@ -182,7 +197,42 @@ def test_server_drops_bad_input_and_keeps_serving(server, caplog):
             with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
                 s.sendall(payload)
                 assert (s.recv(100) != b"") == answered  # dropped: closed without a reply
-        assert "no MAC" in caplog.text and "bad mac" in caplog.text
-        assert "replay" in caplog.text
+        assert "(no mac)" in caplog.text and "(bad mac)" in caplog.text
+        assert "(replay)" in caplog.text
     assert agent.call(cfg, KEY, peer, "status", {"x": 1}, timeout=2) == {"echo": {"x": 1}}
 
+
+def test_server_caps_connections_per_source_and_for_strangers(server, monkeypatch, caplog):
+    """Over the caps a connection is closed at once; a node's own address still gets in while
+    strangers fill theirs; idle connections are closed after READ_TIMEOUT, freeing slots."""
+    monkeypatch.setattr(agent.AgentServer, "MAX_PER_SOURCE", 2)
+    monkeypatch.setattr(agent.AgentServer, "MAX_STRANGERS", 3)
+    port = server.server_address[1]
+    cfg, peer = caller(server)
+    held = []
+
+    def connect(source):
+        s = socket.create_connection(("127.0.0.1", port), timeout=2,
+                                     source_address=(source, 0))
+        held.append(s)
+        return s
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="test-protocol"):
+            began = time.monotonic()
+            per_source = [connect("127.0.0.77") for _ in range(3)]
+            assert per_source[2].recv(10) == b""  # the third from one address: closed at once
+            strangers = [connect("127.0.0.78"), connect("127.0.0.79")]
+            assert strangers[1].recv(10) == b""   # four strangers' handlers: one too many
+            assert time.monotonic() - began < 0.4  # before any idle timeout
+            # the node pg2 (127.0.0.1) is no stranger: it is answered all the same
+            assert agent.call(cfg, KEY, peer, "status", {}, timeout=2) == {"echo": {}}
+            assert per_source[0].recv(10) == b""  # idle: closed after READ_TIMEOUT
+            time.sleep(0.2)
+            s = connect("127.0.0.77")  # slots are free again
+            s.sendall(agent.seal(KEY, "pg2", "arb", "status", {}))
+            assert s.recv(1000) != b""
+        assert "(too many connections)" in caplog.text and "(idle)" in caplog.text
+    finally:
+        for s in held:
+            s.close()
