@@ -26,6 +26,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import select
 import shutil
 import signal
@@ -596,16 +597,22 @@ def newer_view(current, offered):
 # --------------------------------------------------------------------------------------------
 # adapters: the wire protocol
 #
-# Every message is one line of UTF-8 JSON, at most MAX_MESSAGE bytes, on a TCP connection that
-# carries one request and one reply and is then closed:
+# A TCP connection carries one request and one reply and is then closed. Each message (version
+# 2) is one line of at most MAX_MESSAGE bytes: a MAC, a space, UTF-8 JSON, a newline:
 #
-#   {"v": 1, "from": "pg2", "to": "arb", "ts": 1764120000.5, "nonce": "9f1c…",
-#    "type": "status" | "promote" | "resume" | "reply", "body": {…}, "mac": "<hex>"}
+#   <mac> {"v": 2, "from": "pg2", "to": "arb", "ts": 1764120000.5, "nonce": "9f1c…",
+#          "type": "status" | "promote" | "resume" | "reply", "body": {…}}
 #
-# mac = HMAC-SHA256(cluster key, the message without "mac" as JSON with sorted keys and no
-# spaces). A reply has type "reply", swaps from/to and carries the request's nonce. A receiver
-# drops (and logs) anything malformed, unauthenticated, addressed to another node, from an
-# unknown node, or with a clock more than MAX_SKEW seconds off.
+# mac = hex HMAC-SHA256(cluster key, the JSON's bytes as sent). A receiver checks the length,
+# then the MAC over the bytes received, and only then parses the JSON: nothing from a sender
+# without the key is ever parsed. A reply has type "reply", swaps from/to and carries the
+# request's nonce, which the caller checks. A receiver drops anything too long, without a
+# valid MAC, malformed, addressed to another node, from an unknown node, with a clock more than
+# MAX_SKEW seconds off, or replayed: a request whose (sender, nonce) it accepted within the
+# last MAX_SKEW seconds (ReplayCache). The server runs at most MAX_PER_SOURCE handlers per
+# source address and MAX_STRANGERS in all for addresses that are not the cluster's nodes, closes
+# any other connection at once and one without a whole line after READ_TIMEOUT. Drops are
+# logged at most once per DropLog.INTERVAL per kind, with a count (DropLog).
 #
 #   status      any -> any      body: the sender's status; reply: the receiver's status
 #                               (a status has node, role, pg, fenced, the sender's view, its
@@ -620,7 +627,7 @@ def newer_view(current, offered):
 #   switchover  cli -> primary  {}: hand over to the standby; reply {"done": bool, "reason"}
 # --------------------------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE = 65536
 MAX_SKEW = 30.0
 REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "settle",
@@ -628,75 +635,123 @@ REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "sett
 
 
 class ProtocolError(Exception):
-    pass
+    """What is wrong with a message; kind names the sort of drop, for the log."""
+
+    def __init__(self, message, kind="refused"):
+        super().__init__(message)
+        self.kind = kind
 
 
-def _mac(key, message):
-    canonical = json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+def _mac(key, payload):
+    return hmac.new(key, payload, hashlib.sha256).hexdigest()
 
 
 def seal(key, sender, to, kind, body, nonce=None, now=None):
+    """One message as the line to send: MAC, space, JSON, newline."""
     message = {"v": PROTOCOL_VERSION, "from": sender, "to": to,
                "ts": time.time() if now is None else now,
                "nonce": nonce or os.urandom(8).hex(), "type": kind, "body": body}
-    message["mac"] = _mac(key, message)
-    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    payload = json.dumps(message, separators=(",", ":")).encode()  # ASCII: no newline inside
+    return _mac(key, payload).encode() + b" " + payload + b"\n"
 
 
-def unseal(key, line, me, known_nodes, now=None):
-    """The checked message, or ProtocolError saying what is wrong with it."""
+class ReplayCache:
+    """The (sender, nonce) of each request accepted while its timestamp could still pass the
+    MAX_SKEW check, so that a captured request cannot be played again. Bounded: past LIMIT
+    entries the oldest goes, and its sender's messages no newer than it are refused from then
+    on, so that an eviction never reopens a replay."""
+
+    LIMIT = 4096
+
+    def __init__(self, limit=LIMIT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._seen = {}   # (sender, nonce) -> ts, in the order accepted
+        self._floor = {}  # sender -> ts of its newest entry evicted before it expired
+
+    def admit(self, sender, nonce, ts, now):
+        with self._lock:
+            while self._seen:
+                (old_sender, old_nonce), old_ts = next(iter(self._seen.items()))
+                expired = now - old_ts > MAX_SKEW  # would fail the timestamp check now
+                if not expired and len(self._seen) < self.limit:
+                    break
+                if not expired:
+                    self._floor[old_sender] = max(old_ts, self._floor.get(old_sender, old_ts))
+                del self._seen[(old_sender, old_nonce)]
+            floor = self._floor.get(sender)
+            if (sender, nonce) in self._seen or (floor is not None and ts <= floor):
+                raise ProtocolError(f"replay: {sender} already sent nonce {nonce}", "replay")
+            self._seen[(sender, nonce)] = ts
+
+
+def unseal(key, line, me, known_nodes, now=None, replays=None):
+    """The checked message, or ProtocolError saying what is wrong with it. With a ReplayCache,
+    a request already accepted (same sender and nonce) is refused as a replay."""
     if len(line) > MAX_MESSAGE:
-        raise ProtocolError("message too long")
-    try:
-        message = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("not JSON") from None
-    if not isinstance(message, dict) or not isinstance(message.get("mac"), str):
-        raise ProtocolError("not a message")
-    mac = message.pop("mac")
-    if not hmac.compare_digest(mac, _mac(key, message)):
-        raise ProtocolError("bad mac (wrong key or altered)")
+        raise ProtocolError("message too long", "too long")
+    line = line[:-1] if line.endswith(b"\n") else line
+    mac, space, payload = line.partition(b" ")
+    if not space or len(mac) != 64:
+        raise ProtocolError("no MAC (not a version 2 message)", "no mac")
+    if not hmac.compare_digest(mac, _mac(key, payload).encode()):
+        raise ProtocolError("bad mac (wrong key or altered)", "bad mac")
+    try:  # authenticated bytes, but a key holder's bug must not crash the server either
+        message = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ProtocolError("not JSON", "malformed") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a message", "malformed")
     if message.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported version {message.get('v')!r}")
+        raise ProtocolError(f"unsupported version {message.get('v')!r}", "malformed")
     if message.get("to") != me:
-        raise ProtocolError(f"addressed to {message.get('to')!r}, not to me")
+        raise ProtocolError(f"addressed to {message.get('to')!r}, not to me", "misaddressed")
     if message.get("from") not in known_nodes:
-        raise ProtocolError(f"from unknown node {message.get('from')!r}")
+        raise ProtocolError(f"from unknown node {message.get('from')!r}", "misaddressed")
     if message.get("type") not in REQUEST_TYPES + ("reply",):
-        raise ProtocolError(f"unknown type {message.get('type')!r}")
+        raise ProtocolError(f"unknown type {message.get('type')!r}", "malformed")
     ts = message.get("ts")
     current = time.time() if now is None else now
-    if not isinstance(ts, (int, float)) or abs(current - ts) > MAX_SKEW:
-        raise ProtocolError("timestamp missing or too far off")
-    if not isinstance(message.get("body"), dict) or not isinstance(message.get("nonce"), str):
-        raise ProtocolError("no body or nonce")
+    if not isinstance(ts, (int, float)) or not abs(current - ts) <= MAX_SKEW:  # NaN too
+        raise ProtocolError("timestamp missing or too far off", "stale")
+    nonce = message.get("nonce")
+    if not isinstance(message.get("body"), dict) or not isinstance(nonce, str) \
+            or not 0 < len(nonce) <= 64:
+        raise ProtocolError("no body or nonce", "malformed")
+    if replays is not None:
+        replays.admit(message["from"], nonce, ts, current)
     return message
 
 
 def _read_line(sock, deadline):
-    data = b""
-    while not data.endswith(b"\n"):
+    """One line, newline included, of at most MAX_MESSAGE bytes (never more is read); what
+    follows it is ignored."""
+    data = bytearray()
+    while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("timed out")
         sock.settimeout(remaining)
-        chunk = sock.recv(4096)
+        chunk = sock.recv(min(65536, MAX_MESSAGE + 1 - len(data)))
         if not chunk:
             raise ConnectionError("connection closed")
-        data += chunk
-        if len(data) > MAX_MESSAGE:
-            raise ProtocolError("message too long")
-    return data
+        end = chunk.find(b"\n")
+        data += chunk if end < 0 else chunk[:end + 1]
+        if len(data) > MAX_MESSAGE or (end < 0 and len(data) == MAX_MESSAGE):
+            raise ProtocolError("message too long", "too long")
+        if end >= 0:
+            return bytes(data)
 
 
 def call(cfg, key, peer, kind, body, timeout):
     """One request to a peer's agent and its checked reply body. Raises OSError or
-    ProtocolError; never waits longer than timeout in all."""
+    ProtocolError; never waits longer than timeout in all. The connection leaves from this
+    node's address, which the peer's server counts as a cluster node's."""
     deadline = time.monotonic() + timeout
-    request = seal(key, cfg.me.name, peer.name, kind, body)
-    nonce = json.loads(request)["nonce"]
-    with socket.create_connection((peer.address, peer.agent_port), timeout=timeout) as sock:
+    nonce = os.urandom(8).hex()
+    request = seal(key, cfg.me.name, peer.name, kind, body, nonce=nonce)
+    with socket.create_connection((peer.address, peer.agent_port), timeout=timeout,
+                                  source_address=(cfg.me.address, 0)) as sock:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(request)
         reply = unseal(key, _read_line(sock, deadline), cfg.me.name, cfg.nodes)
@@ -705,35 +760,143 @@ def call(cfg, key, peer, kind, body, timeout):
     return reply["body"]
 
 
+class DropLog:
+    """Logs dropped input at most once per INTERVAL seconds for each kind ("bad mac",
+    "replay", "too long", "too many connections", "idle", ...), with how many of that kind
+    were dropped since its last line: a flood costs a few lines, not one per connection. The
+    agent logs its own repeated failures (probes, lease extensions) the same way."""
+
+    INTERVAL = 10.0
+
+    def __init__(self, log, interval=INTERVAL, what="dropped"):
+        self.log, self.interval, self.what = log, interval, what
+        self._lock = threading.Lock()
+        self._kinds = {}  # kind -> [count since its last line, time of that line, latest]
+
+    def __call__(self, kind, source, detail):
+        with self._lock:
+            entry = self._kinds.setdefault(kind, [0, None, None])
+            entry[0] += 1
+            entry[2] = f"from {source}: {detail}"
+        self.flush(kind)
+
+    def flush(self, only=None, force=False):
+        """Log each kind (or only that one) with drops not yet logged and no line for an
+        interval (or at once: force). The server calls it between connections and when it
+        shuts down, so that a count is never held long nor lost."""
+        now, lines = time.monotonic(), []
+        with self._lock:
+            for kind, entry in self._kinds.items():
+                if (only in (None, kind) and entry[0] and (force or entry[1] is None
+                                                           or now - entry[1] >= self.interval)):
+                    lines.append((kind, entry[0], entry[2]))
+                    entry[0], entry[1] = 0, now
+        for kind, count, latest in lines:
+            self.log.warning("%s (%s) %d since the last such line, the latest %s",
+                             self.what, kind, count, latest)
+
+
+def raise_fd_limit():
+    """Open files up to the hard limit: the server caps its connections, not the kernel."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass  # e.g. an unlimited hard limit, which the kernel does not take as a soft one
+
+
 class AgentServer(socketserver.ThreadingTCPServer):
-    """Answers peers. handle(sender, kind, body) -> reply body; bad input is logged, dropped."""
+    """Answers peers. handle(sender, kind, body) -> reply body; bad input is dropped and logged
+    (DropLog). One thread per connection within caps: MAX_PER_SOURCE per source address, and
+    MAX_STRANGERS in all for addresses that are not the cluster's nodes (strangers cannot crowd
+    the nodes out); a connection over a cap is closed at once."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 4096  # a burst waits in the kernel (up to somaxconn), not in SYN retries
+    MAX_PER_SOURCE = 8
+    MAX_STRANGERS = 64
 
     def __init__(self, cfg, key, handle, log):
         self.cfg, self.key, self.handle_request, self.log = cfg, key, handle, log
+        self.drops = DropLog(log)
+        self.replays = ReplayCache()
+        self.members = {n.address for n in cfg.nodes.values()}
+        self._slots_lock = threading.Lock()
+        self._busy = {}      # source address -> its handlers running
+        self._strangers = 0  # handlers running for addresses that are no node's
         super().__init__((cfg.me.address, cfg.me.agent_port), _RequestHandler)
+
+    def verify_request(self, request, client_address):
+        """Take a handler slot for this connection, or refuse it (socketserver closes it)."""
+        source = client_address[0]
+        member = source in self.members
+        with self._slots_lock:
+            mine, strangers = self._busy.get(source, 0), self._strangers
+            if mine < self.MAX_PER_SOURCE and (member or strangers < self.MAX_STRANGERS):
+                self._busy[source] = mine + 1
+                self._strangers += not member
+                return True
+        self.drops("too many connections", source,
+                   f"{mine} handlers busy for it, {strangers} for addresses of no node")
+        return False
+
+    def _release(self, source):
+        with self._slots_lock:
+            self._busy[source] -= 1
+            if not self._busy[source]:
+                del self._busy[source]
+            self._strangers -= source not in self.members
+
+    def process_request(self, request, client_address):
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(client_address[0])  # no thread started: the slot is free again
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address[0])
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
+
+    def service_actions(self):
+        self.drops.flush()
+
+    def shutdown(self):
+        super().shutdown()
+        self.drops.flush(force=True)
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
-    READ_TIMEOUT = 2.0  # a peer that connects and says nothing costs one thread this long
+    READ_TIMEOUT = 2.0  # a connection without a whole line by then is closed ("idle")
 
     def handle(self):
-        server = self.server
-        peer = self.client_address[0]
+        server, source = self.server, self.client_address[0]
         try:
             line = _read_line(self.request, time.monotonic() + self.READ_TIMEOUT)
-            message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes)
+            message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes,
+                             replays=server.replays)
             if message["type"] == "reply":
-                raise ProtocolError("a reply where a request was expected")
+                raise ProtocolError("a reply where a request was expected", "malformed")
             body = server.handle_request(message["from"], message["type"], message["body"])
-            self.request.sendall(seal(server.key, server.cfg.me.name, message["from"], "reply",
-                                      body, nonce=message["nonce"]))
+            reply = seal(server.key, server.cfg.me.name, message["from"], "reply", body,
+                         nonce=message["nonce"])
+            self.request.settimeout(self.READ_TIMEOUT)
+            self.request.sendall(reply)
         except ProtocolError as exc:
-            server.log.warning("dropped a message from %s: %s", peer, exc)
+            server.drops(exc.kind, source, exc)
+        except TimeoutError:
+            server.drops("idle", source, f"no whole line within {self.READ_TIMEOUT} s")
+        except ConnectionError as exc:
+            server.drops("disconnected", source, f"{type(exc).__name__}: {exc}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            server.log.warning("dropped a request from %s: %s: %s", peer, type(exc).__name__, exc)
+            server.drops("error", source, f"{type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,6 +905,8 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 
 
 def _wait_ready(conn, deadline):
+    """Until the async connection is ready. poll(), not select(): select() refuses a
+    descriptor above 1023, which an agent serving many connections may well get."""
     while True:
         state = conn.poll()
         if state == psycopg2.extensions.POLL_OK:
@@ -749,10 +914,10 @@ def _wait_ready(conn, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("PostgreSQL did not answer in time")
-        if state == psycopg2.extensions.POLL_READ:
-            select.select([conn.fileno()], [], [], remaining)
-        else:
-            select.select([], [conn.fileno()], [], remaining)
+        poller = select.poll()  # anew each time: libpq may change sockets while connecting
+        poller.register(conn.fileno(), select.POLLIN if state == psycopg2.extensions.POLL_READ
+                        else select.POLLOUT)
+        poller.poll(remaining * 1000)
 
 
 def pg_query(dsn, sql, params=None, timeout=1.0):
@@ -1283,27 +1448,6 @@ class Observations:
             return dict(self.contact_at), dict(self.alive_at)
 
 
-class RateLimitedLog:
-    """One warning per kind of trouble and interval, with how often it happened meanwhile:
-    a peer that is down, or a flood, cannot fill the log."""
-
-    def __init__(self, log, interval=30.0):
-        self.log, self.interval = log, interval
-        self._last = {}  # kind -> (monotonic time logged, count since)
-        self._lock = threading.Lock()
-
-    def __call__(self, kind, message, *args):
-        now = time.monotonic()
-        with self._lock:
-            logged, count = self._last.get(kind, (None, 0))
-            if logged is not None and now - logged < self.interval:
-                self._last[kind] = (logged, count + 1)
-                return
-            self._last[kind] = (now, 0)
-        suffix = f" ({count} more since the last such line)" if count else ""
-        self.log.warning(message + suffix, *args)
-
-
 class _OneLineFormatter(logging.Formatter):
     """One line per event, even when PostgreSQL's tools answer in several."""
 
@@ -1363,7 +1507,7 @@ class Agent:
         self.events = EventLog(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
         self.log = logging.getLogger("bobry")
         self.log.addFilter(_RoleFilter(self))
-        self.warn = RateLimitedLog(self.log)
+        self.warn = DropLog(self.log, what="failed")
         self._view_lock = threading.Lock()
         self.view = default_view
         self._last_said = (None, 0.0)
@@ -1456,7 +1600,7 @@ class Agent:
             error = "in recovery (not a primary)"
         probe["failures"] += 1
         probe["error"] = error
-        self.warn(f"probe-{primary}", "probe of %s's PostgreSQL failed: %s", primary, error)
+        self.warn("probe of the primary's PostgreSQL", primary, error)
 
     def probe_status(self):
         probe = self.probe
@@ -1592,7 +1736,7 @@ class DbAgent(Agent):
             try:
                 self.extend_lease()
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                self.warn("lease", "could not extend the lease: %s", exc)
+                self.warn("lease extension", "nft", exc)
             self.stop.wait(self.cfg.timing.check_interval / 2)
 
     def extend_lease(self, opening=False, anchor=None):
@@ -2027,6 +2171,7 @@ def main(argv=None):
                                            "%(message)s"))
     logging.getLogger("bobry").addHandler(handler)
     logging.getLogger("bobry").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    raise_fd_limit()
     agent = (ArbiterAgent if cfg.me.role == "arbiter" else DbAgent)(cfg, key)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     try:
