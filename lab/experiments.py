@@ -1,5 +1,15 @@
 """Scripted experiments: each sets up load, injects a fault, measures, cleans up after itself
-(load stopped, faults healed) and returns a dict of figures; report() makes it readable."""
+(load stopped, faults healed) and returns a dict of figures; report() makes it readable.
+
+A figure that a trial could not measure is None, and a None figure fails the verdict: a missing
+measurement never reads as a good one.
+
+Event names relied on (backend.events(): every host's events.jsonl plus what the lab saw the
+kernel do, merged by wall-clock "t"):
+  agents    "fenced", "promoted", "rejoined" (node: a database host)
+  arbiter   "granted", "handover", "eligibility" (node "arb"; fields primary, term, eligible)
+  kernel    "port_closed", "port_open" (node: the database host whose PostgreSQL port the
+            fence closed or opened)"""
 import statistics
 import time
 
@@ -11,37 +21,140 @@ def _other(host):
     return next(h for h in DB_HOSTS if h != host)
 
 
+# -- pure helpers over the raw records ----------------------------------------------------------
 def acked(records):
     return [r for r in records if "ack" in r]
 
 
-def failover_metrics(records, events, cut_at, primary, standby, addresses, new_ids):
-    """The figures of one failover, from the probe's records, the agents' events (wall-clock)
-    and the ids present on the new primary. Pure, so that it is tested on its own."""
+def first_event(events, kind, node, since, **fields):
+    """The time of the first `kind` event of `node` at or after `since` whose fields equal
+    `fields`; None if there is none (or `since` is unknown)."""
+    if since is None:
+        return None
+    times = [e["t"] for e in events if e["event"] == kind and e["node"] == node
+             and e["t"] >= since and all(e.get(k) == v for k, v in fields.items())]
+    return min(times, default=None)
+
+
+def count_events(events, kind, since, nodes=None):
+    return sum(1 for e in events if e["event"] == kind and e["t"] >= since
+               and (nodes is None or e["node"] in nodes))
+
+
+def seconds_since(t, origin):
+    """t - origin in seconds (ms precision); None when either is unknown."""
+    return None if t is None or origin is None else round(t - origin, 3)
+
+
+def longest_silence(times, start, end=None):
+    """The longest gap (a, b) between consecutive acknowledgement times that overlaps the
+    window [start, end] (end None: up to the last acknowledgement). A window that ends in
+    silence counts up to `end`. An acknowledgement in flight at `start` does not end the
+    silence: only the gaps matter, not the first acknowledgement after `start`. None when
+    nothing was acknowledged at or before `start` (no baseline) or after it (writes never
+    came back)."""
+    times = sorted(times)
+    if not any(t <= start for t in times) or not any(t > start for t in times):
+        return None
+    pairs = list(zip(times, times[1:]))
+    if end is not None and times[-1] < end:
+        pairs.append((times[-1], end))
+    overlapping = [(a, b) for a, b in pairs if b > start and (end is None or a < end)]
+    return max(overlapping, key=lambda gap: gap[1] - gap[0], default=None)
+
+
+def longest_gap(times, start, end=None):
+    """The length in seconds of longest_silence(); None when it is None."""
+    gap = longest_silence(times, start, end)
+    return None if gap is None else round(gap[1] - gap[0], 3)
+
+
+def tps_timeline(tps, first=-3, last=12):
+    """pgbench's tps by whole second from the cut ([second, tps] pairs, as in the `tps`
+    figure), summed per second, with every second between the first and the last sample
+    present and clipped to [first, last]: a second without a sample (pgbench restarting,
+    connecting) reads 0, so a hole shows."""
+    totals = {}
+    for second, value in tps:
+        totals[second] = totals.get(second, 0) + value
+    if not totals:
+        return []
+    low, high = max(first, min(totals)), min(last, max(totals))
+    return [(second, totals.get(second, 0)) for second in range(low, high + 1)]
+
+
+def verdict(figures, expected=(), measured=(), at_most=(), at_least=(), above=()):
+    """Adds failed_checks and ok to figures. expected: {key: the value it must have};
+    measured: keys that must not be None; at_most, at_least, above: {key: bound}, where a
+    value of None fails too (a figure that could not be measured never passes)."""
+    failed = [f"{k}=None (not measured)" for k in measured if figures[k] is None]
+    failed += [f"{k}={figures[k]} (want {want})" for k, want in dict(expected).items()
+               if figures[k] != want]
+    for sign, bounds, holds in (("<=", at_most, lambda v, b: v <= b),
+                                (">=", at_least, lambda v, b: v >= b),
+                                (">", above, lambda v, b: v > b)):
+        for k, bound in dict(bounds).items():
+            if figures[k] is None:
+                failed.append(f"{k}=None (not measured)")
+            elif not holds(figures[k], bound):
+                failed.append(f"{k}={figures[k]} (want {sign} {bound})")
+    figures["failed_checks"] = list(dict.fromkeys(failed))
+    figures["ok"] = not figures["failed_checks"]
+    return figures
+
+
+def failover_metrics(records, events, cut_at, primary, standby, addresses, new_ids, *,
+                     healed_at=None, tps=(), create_table_ok=None, create_table_error=None,
+                     old_primary_fenced=None, pgbench_restarts=None):
+    """The figures and verdict of one failover. records: the probe's; events: as in the module
+    docstring; cut_at: when the isolation of `primary` was in place; healed_at: when the heal
+    was done; new_ids: the probe ids on the new primary `standby`; tps: pgbench's (wall-clock
+    second, tps) samples; create_table_ok/_error, old_primary_fenced, pgbench_restarts: what
+    the experiment saw (None: not seen, which fails the verdict)."""
     acks = acked(records)
-    before = [r["ack"] for r in acks if r["ack"] <= cut_at]
     after = [r for r in acks if r["ack"] > cut_at]
-    on_new = [r["ack"] for r in after if r["server"] == addresses[standby]]
-
-    def first(kind, node):
-        times = [e["t"] - cut_at for e in events if e["event"] == kind and e["node"] == node
-                 and e["t"] >= cut_at]
-        return round(min(times), 3) if times else None
-
+    first_on_new = min((r["ack"] for r in after if r["server"] == addresses[standby]),
+                       default=None)
+    port_closed = first_event(events, "port_closed", primary, cut_at)
+    granted = first_event(events, "granted", "arb", cut_at, primary=standby)
+    eligible_again = first_event(events, "eligibility", "arb", healed_at, eligible=primary)
+    divergence = [e.get("divergence") for e in events
+                  if e["event"] == "rejoined" and e["node"] == primary and e["t"] >= cut_at]
     present = set(new_ids)
-    return {
-        "failover_s": round(min(on_new) - cut_at, 3) if on_new else None,
-        "write_outage_s": round(min(r["ack"] for r in after) - max(before), 3)
-        if before and after else None,
+    f = {
+        "failover_s": seconds_since(first_on_new, cut_at),
+        # until the new primary's first write; an old-primary ack in flight at the cut
+        # does not end the outage
+        "write_outage_s": longest_gap([r["ack"] for r in acks], cut_at, first_on_new)
+        if first_on_new is not None else None,
         "acked": len(acks),
         "lost_acked": sum(1 for r in acks if r["id"] not in present),
         "acked_by_old_primary_after_cut": sum(1 for r in after
                                               if r["server"] == addresses[primary]),
-        "promotions": sum(1 for e in events if e["event"] == "promoted" and e["t"] >= cut_at),
-        "fenced_at_s": first("fenced", primary),
-        "granted_at_s": first("granted", "arb"),
-        "promoted_at_s": first("promoted", standby),
+        "promotions": count_events(events, "promoted", cut_at),
+        "fenced_at_s": seconds_since(port_closed, cut_at),  # the kernel closed the port
+        "agent_fenced_at_s": seconds_since(first_event(events, "fenced", primary, cut_at),
+                                           cut_at),  # the agent said so (it may not)
+        "granted_at_s": seconds_since(granted, cut_at),
+        "promoted_at_s": seconds_since(first_event(events, "promoted", standby, cut_at),
+                                       cut_at),
+        "fenced_before_grant": port_closed is not None and granted is not None
+        and port_closed < granted,
+        "rejoined_s": seconds_since(eligible_again, healed_at),
+        "divergence": divergence[0] if divergence else None,
+        "create_table_ok": create_table_ok, "create_table_error": create_table_error,
+        "old_primary_fenced": old_primary_fenced,
+        "pgbench_restarts": pgbench_restarts,
+        "tps": [[round(t - cut_at), value] for t, value in tps],
     }
+    f["fenced_before_promotion"] = f["fenced_before_grant"]  # the old key: the grant decides
+    f["rejoined"] = f["rejoined_s"] is not None
+    return verdict(f, expected={"lost_acked": 0, "acked_by_old_primary_after_cut": 0,
+                                "promotions": 1, "create_table_ok": True,
+                                "old_primary_fenced": True, "fenced_before_grant": True},
+                   measured=("failover_s", "write_outage_s", "fenced_at_s", "granted_at_s",
+                             "promoted_at_s", "rejoined_s"),
+                   above={"acked": 0})
 
 
 def _under_load(backend, progress, name):
@@ -117,30 +230,16 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
         probe.stop()
         pgbench.stop()
         backend.heal()
-    rejoined_s = wait_for_rejoin(backend, progress, standby, primary)
+        healed_at = time.time()
+    wait_for_rejoin(backend, progress, standby, primary)
     new_ids = [int(row[0]) for row in backend.sql(standby, "select id from bobry_probe")]
-    events = backend.events()
-    figures = failover_metrics(probe.records(), events, cut_at, primary, standby,
-                               backend.addresses, new_ids)
-    divergence = [e.get("divergence") for e in events
-                  if e["event"] == "rejoined" and e["node"] == primary and e["t"] >= cut_at]
-    figures.update(
-        backend=backend.name, old_primary=primary, new_primary=standby,
-        cut_at=cut_at, create_table_ok=create.returncode == 0,
+    figures = failover_metrics(
+        probe.records(), backend.events(), cut_at, primary, standby, backend.addresses, new_ids,
+        healed_at=healed_at, tps=pgbench.tps(), create_table_ok=create.returncode == 0,
         create_table_error=create.stderr.strip() or None,
-        old_primary_fenced=fenced_while_isolated, rejoined_s=rejoined_s,
-        divergence=divergence[0] if divergence else None,
-        pgbench_restarts=pgbench.restarts(),
-        tps=[[round(t - cut_at), tps] for t, tps in pgbench.tps()],
-    )
-    figures["fenced_before_promotion"] = (figures["fenced_at_s"] is not None
-                                          and figures["promoted_at_s"] is not None
-                                          and figures["fenced_at_s"] < figures["promoted_at_s"])
-    figures["rejoined"] = rejoined_s is not None
-    return _checks(figures, {"lost_acked": 0, "acked_by_old_primary_after_cut": 0,
-                             "promotions": 1, "create_table_ok": True,
-                             "old_primary_fenced": True, "fenced_before_promotion": True,
-                             "rejoined": True})
+        old_primary_fenced=fenced_while_isolated, pgbench_restarts=pgbench.restarts())
+    return {"backend": backend.name, "old_primary": primary, "new_primary": standby,
+            "cut_at": cut_at, "healed_at": healed_at, **figures}
 
 
 def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0):
@@ -320,6 +419,10 @@ def _s(value):
     return "-" if value is None else f"+{value:.2f} s"
 
 
+def _v(value, unit=" s"):
+    return "not measured" if value is None else f"{value}{unit}"
+
+
 def _verdict(f):
     return "OK" if f["ok"] else "FAILED: " + ", ".join(f["failed_checks"])
 
@@ -337,35 +440,38 @@ def _report_jitter(f):
             f"  verdict                   {_verdict(f)}"]
 
 
+def _lines(title, rows, f):
+    """A report: the title, one line per (label, value) row, and the verdict."""
+    return [title, *(f"  {label:<34}{value}" for label, value in rows),
+            f"  {'verdict':<34}{_verdict(f)}"]
+
+
 def _report_failover(f):
     old, new = f["old_primary"], f["new_primary"]
-    buckets = {}
-    for t, tps in f["tps"]:
-        buckets[t] = buckets.get(t, 0) + tps
-    tps_line = " ".join(f"{t:+d}:{buckets[t]:.0f}" for t in sorted(buckets) if -3 <= t <= 12)
+    tps_line = " ".join(f"{t:+d}:{tps:.0f}" for t, tps in tps_timeline(f["tps"]))
     create = "ok" if f["create_table_ok"] else f"FAILED: {f['create_table_error']}"
-    rows = [
+    title = f"Failover experiment ({f['backend']} lab): isolate the primary {old} under load"
+    return _lines(title, [
         ("cut at", time.strftime("%H:%M:%S", time.localtime(f["cut_at"]))),
-        (f"{old} fenced itself", _s(f["fenced_at_s"])),
+        (f"{old}'s port closed (kernel)", _s(f["fenced_at_s"])),
+        (f"{old}'s agent logged its fence", _s(f["agent_fenced_at_s"])),
         (f"arb granted {new} a new term", _s(f["granted_at_s"])),
         (f"{new} promoted", _s(f["promoted_at_s"])),
+        ("port closed before the grant", "yes" if f["fenced_before_grant"] else "NO"),
         (f"first write acked by {new}", f"{_s(f['failover_s'])}   (failover_s)"),
-        ("write outage", f"{f['write_outage_s']} s (last ack before the cut to the first "
-                         "after)"),
+        ("write outage", (f"{_v(f['write_outage_s'])} (longest silence from the cut to "
+                          f"the first write on {new})")),
         ("acknowledged writes", f"{f['acked']}, lost {f['lost_acked']}"),
         (f"acked by {old} after the cut", f["acked_by_old_primary_after_cut"]),
         ("promotions", f["promotions"]),
         (f"create table x(i int) on {new}", create),
         (f"{old} while isolated", "fenced" if f["old_primary_fenced"] else "NOT fenced"),
-        (f"{old} after the heal", f"sync standby again after {f['rejoined_s']} s"
+        (f"{old} after the heal", f"eligible sync standby again after {f['rejoined_s']} s"
          if f["rejoined"] else "did NOT rejoin"),
         ("rewind", f["divergence"] or "-"),
         (f"pgbench tps by second from the cut (restarted {f['pgbench_restarts']} times)",
-         ""),
-    ]
-    lines = [f"Failover experiment ({f['backend']} lab): isolate the primary {old} under load"]
-    lines += [f"  {label:<34}{value}" for label, value in rows]
-    return lines + [f"    {tps_line}", f"  {'verdict':<34}{_verdict(f)}"]
+         f"\n    {tps_line}"),
+    ], f)
 
 
 def _report_pingpong(f):
