@@ -1,5 +1,8 @@
 """The failover experiment's figures, computed from made-up probe records and events; the
-helpers every experiment's figures share."""
+helpers every experiment's figures share; the load-and-faults skeleton (under_load)."""
+import pytest
+
+from lab import experiments
 from lab.experiments import failover_metrics, longest_gap, tps_timeline, verdict
 
 ADDR = {"pg1": "10.0.0.1", "pg2": "10.0.0.2"}
@@ -163,3 +166,81 @@ def test_an_unmeasured_figure_fails_a_bound():
     assert f["failed_checks"] == ["gap=None (not measured)", "tps=0 (want > 0)"]
     assert not f["ok"]
     assert verdict({"gap": 5.0}, at_most={"gap": 5})["ok"]
+
+
+# -- under_load -------------------------------------------------------------------------------
+class FakeLoad:
+    def __init__(self, backend, path):
+        self.calls, self.rate = backend.calls, 100
+
+    def prepare(self):
+        pass
+
+    def start(self):
+        self.calls.append(f"start {type(self).__name__}")
+
+    def stop(self):
+        self.calls.append(f"stop {type(self).__name__}")
+
+
+class Probe(FakeLoad):
+    pass
+
+
+class Pgbench(FakeLoad):
+    pass
+
+
+class Path(str):
+    def __truediv__(self, name):
+        return Path(f"{self}/{name}")
+
+
+class FakeBackend:
+    def __init__(self):
+        self.calls = []
+
+    def wait_until(self, what, predicate, timeout, progress=None):
+        return "pg1"
+
+    def primary_with_sync_standby(self):
+        return "pg1"
+
+    def work_dir(self, name):
+        return Path(f"/tmp/{name}")
+
+    def host_status(self, host):
+        return {"view": {"term": 3}}
+
+    def signal_agent(self, host, signame):
+        self.calls.append(f"{signame} {host}")
+
+    def heal(self):
+        self.calls.append("heal")
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    monkeypatch.setattr(experiments, "Probe", Probe)
+    monkeypatch.setattr(experiments, "Pgbench", Pgbench)
+    return FakeBackend()
+
+
+def test_under_load_cleans_up_after_an_error(backend):
+    with pytest.raises(RuntimeError), \
+            experiments.under_load(backend, lambda *a, **k: None, "x") as run:
+        assert (run.primary, run.standby, run.term_before) == ("pg1", "pg2", 3)
+        run.pause("pg2")
+        raise RuntimeError("the experiment failed half-way")
+    assert backend.calls == ["start Probe", "start Pgbench", "STOP pg2", "CONT pg2", "heal",
+                             "stop Probe", "stop Pgbench"]
+    assert run.healed_at is not None
+
+
+def test_under_load_resumes_only_the_agents_still_paused(backend):
+    with experiments.under_load(backend, lambda *a, **k: None, "x") as run:
+        run.pause("pg1")
+        run.resume("pg1")
+        run.pause("arb")
+    assert backend.calls == ["start Probe", "start Pgbench", "STOP pg1", "CONT pg1",
+                             "STOP arb", "CONT arb", "heal", "stop Probe", "stop Pgbench"]
