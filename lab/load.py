@@ -49,7 +49,7 @@ class Pgbench:
     the new primary."""
 
     def __init__(self, backend, log_path, rate=100, clients=2):
-        self.backend, self.log_path = backend, log_path
+        self.backend, self.log_path, self.rate = backend, log_path, rate
         pgbench = shlex.join(["pgbench", "-n", "-c", str(clients), "-j", "1", "-R", str(rate),
                               "-T", "3600", "-P", "1", "--progress-timestamp", backend.dsn()])
         loop = f"while :; do {pgbench}; echo '{RESTART_MARK}'; sleep 0.2; done"

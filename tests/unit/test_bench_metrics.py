@@ -1,0 +1,74 @@
+"""The benchmark's verdict: every trial's checks, no figure missing, and each median and worst
+case within the goal printed next to it."""
+from lab.bench import report, summarize
+
+
+def failover_trial(failover_s=3.1, rejoined_s=2.5, **kw):
+    figures = {"failover_s": failover_s, "write_outage_s": 3.2, "fenced_at_s": 1.0,
+               "granted_at_s": 2.0, "promoted_at_s": 2.2, "rejoined_s": rejoined_s,
+               "lost_acked": 0, "promotions": 1, "fenced_before_grant": True, "ok": True,
+               "failed_checks": []}
+    return {**figures, **kw}
+
+
+def bench(*runs, what="failover", trials=None):
+    return summarize("netns", what, len(runs) if trials is None else trials, list(runs))
+
+
+def test_goals_met():
+    s = bench(failover_trial(3.0), failover_trial(3.1), failover_trial(5.9))
+    assert s["failover_s"]["median"] == 3.1 and s["failover_s"]["max"] == 5.9
+    assert s["failed_goals"] == [] and s["ok"] and s["fenced_before_grant"]
+    text = report(s)
+    assert "failover_s" in text and "median <= 4.00, max <= 6.00" in text
+    assert "verdict: OK" in text
+
+
+def test_a_median_over_its_goal_fails():
+    s = bench(failover_trial(4.2), failover_trial(4.3), failover_trial(3.0))
+    assert s["failed_goals"] == ["failover_s median 4.20 s > 4.00 s"] and not s["ok"]
+    assert "goal missed: failover_s median 4.20 s > 4.00 s" in report(s)
+
+
+def test_a_worst_case_over_its_goal_fails():
+    s = bench(failover_trial(3.0), failover_trial(3.1), failover_trial(6.5))
+    assert s["failover_s"]["median"] == 3.1  # the median is fine
+    assert s["failed_goals"] == ["failover_s max 6.50 s > 6.00 s"] and not s["ok"]
+
+
+def test_a_median_rejoin_over_its_goal_fails():
+    s = bench(failover_trial(rejoined_s=5.5), failover_trial(rejoined_s=5.1))
+    assert s["failed_goals"] == ["rejoined_s median 5.30 s > 5.00 s"] and not s["ok"]
+
+
+def test_missing_values_fail():
+    s = bench(failover_trial(None), failover_trial(3.0), failover_trial(3.1))
+    assert s["failover_s"]["missing"] == 1
+    assert s["failed_goals"] == ["failover_s: not measured in 1 of 3 trials"] and not s["ok"]
+    assert "(1 missing)" in report(s)
+    s = bench(failover_trial(None))
+    assert "failover_s median: not measured (goal <= 4.00 s)" in s["failed_goals"]
+    assert not s["ok"]
+
+
+def test_no_trial_or_a_failed_trial_fails():
+    assert not bench()["ok"]
+    assert not bench(failover_trial(), trials=2)["ok"]  # a trial did not finish
+    failed = failover_trial(ok=False, failed_checks=["lost_acked=1 (want 0)"])
+    s = bench(failover_trial(), failed)
+    assert s["failed_goals"] == [] and not s["ok"]
+    assert "trial 2: lost_acked=1 (want 0)" in report(s)
+
+
+def test_switchover_and_standby_loss_goals():
+    def trial(outage, rejoin, rejoin_key):
+        return {"write_outage_s": outage, rejoin_key: rejoin, "lost_acked": 0, "ok": True,
+                "failed_checks": []}
+
+    assert bench(trial(0.3, 1.5, "rejoined_s"), what="switchover")["ok"]
+    s = bench(trial(2.5, 1.5, "rejoined_s"), trial(2.1, 1.5, "rejoined_s"), what="switchover")
+    assert s["failed_goals"] == ["write_outage_s median 2.30 s > 2.00 s"]
+    s = bench(trial(2.2, 1.9, "resync_s"), trial(5.2, 1.9, "resync_s"),
+              trial(2.3, 1.9, "resync_s"), what="standby-loss")
+    assert s["failed_goals"] == ["write_outage_s max 5.20 s > 5.00 s"] and not s["ok"]
+    assert "median <= 5.00, max <= 5.00" in report(s)
