@@ -101,6 +101,7 @@ class Cluster:
         self.ticks = 0
         self.grants = 0
         self.handovers = 0
+        self.save_hooks = []       # scenarios: called with each view the arbiter persists
         self.restart_after = None  # crashed agents are started again after this (or never)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -244,6 +245,8 @@ class Cluster:
             return
         old = self.arb_view
         self.arb_view = view
+        for hook in list(self.save_hooks):
+            hook(view)
         self.view_history.append((self.sched.now, view))
         known = self.terms.get(view.term)
         if known is not None and known != view.primary:

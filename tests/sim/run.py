@@ -16,7 +16,7 @@ KINDS = {
     "cut": 6, "one_way_connect": 4, "one_way_drop": 3, "isolate": 5, "loss": 3,
     "slow_link": 2, "kill_agent": 6, "pause_agent": 4, "stop_pg": 3, "disk_slow": 2,
     "disk_fail": 2, "status_slow": 2, "nft_slow": 2, "nft_fail": 1, "wall_step": 1,
-    "switchover": 3, "lose_reply": 3,
+    "switchover": 3, "lose_reply": 3, "pg_start_fails": 2,
 }
 
 
@@ -144,6 +144,11 @@ class FaultPlan:
         if kind == "stop_pg":
             pg.stop("stopped behind the agent's back")
             return None, f"PostgreSQL on {db} stopped"
+        if kind == "pg_start_fails":
+            pg.stop("stopped behind the agent's back")
+            pg.start_fails = True
+            return (lambda: setattr(pg, "start_fails", False),
+                    f"PostgreSQL on {db} stopped and cannot start")
         if kind == "status_slow":
             pg.status_slow_until = float("inf")
             return (lambda: setattr(pg, "status_slow_until", 0.0),
@@ -199,11 +204,11 @@ Result = collections.namedtuple("Result", "seed strict steps ticks sim_s faults 
 
 
 def run(seed, steps, skip=(), log=None, strict=None, mean_gap=4.0, bound=CONVERGE_BOUND_S,
-        setup=None):
+        setup=None, wall_skew=3.0):
     """One run: boot until the cluster first converges, faults for `steps` scheduler steps,
     then quiet until it converges again (within `bound` s). setup(cluster) may script it."""
     began = time.perf_counter()
-    c = Cluster(seed, strict_sync=strict, log=log)
+    c = Cluster(seed, strict_sync=strict, log=log, wall_skew=wall_skew)
     plan = FaultPlan(c, c.rng_faults, skip, mean_gap)
     violation, converge_s = None, None
     s = c.sched

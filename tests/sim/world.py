@@ -140,6 +140,7 @@ class Pg:
         self.ship_due = False
         self.primary_since = None
         self.status_slow_until = 0.0
+        self.start_fails = False
 
     # data
     def set_wal(self, wal):
@@ -292,7 +293,7 @@ class SimWorld(agent.World):
         if node.stall_at_next_call:  # SIGSTOP lands in the middle of this step
             stall, node.stall_at_next_call = node.stall_at_next_call, 0.0
             node.paused_until = max(node.paused_until, self.sched.now + stall)
-            self._wait(0.0)
+            self._wait(0.0, locked=True)  # it may hold a lock here: no thread of it runs
 
     def _wait(self, seconds, locked=False):
         """Block this step for `seconds` (more if the node is stopped meanwhile, or a nested
@@ -579,6 +580,8 @@ class SimPostgres:
             raise RuntimeError("pg_ctl start failed: another server might be running")
         if not self.pg.exists:
             raise RuntimeError("pg_ctl start failed: no data directory")
+        if self.pg.start_fails:
+            raise RuntimeError("pg_ctl start failed: simulated (the server would not start)")
         self.w._wait(0.05)
         if not self.pg.running:
             self.pg.start()
