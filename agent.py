@@ -1848,6 +1848,10 @@ class DbAgent(Agent):
         self.fence.install()
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
+        if self.view.primary == self.cfg.me.name:
+            # the checkpoint after a promotion (do_promote) may have died with the previous
+            # process: without it the replaced node cannot rejoin for minutes
+            self.world.spawn("checkpoint", self._checkpoint)
         return True
 
     def peers(self):

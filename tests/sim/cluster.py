@@ -8,7 +8,7 @@ from pathlib import Path
 
 import agent
 
-from .world import HOSTS, Fence, Net, Pg, Scheduler, SimCrash, SimWorld, Violation
+from .world import Fence, Net, Pg, Scheduler, SimCrash, SimWorld, Violation, wire
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = b"k" * 32
@@ -101,6 +101,7 @@ class Cluster:
         self.ticks = 0
         self.grants = 0
         self.handovers = 0
+        self.promotion_hooks = []  # scenarios: called with each node PostgreSQL promotes
         self.save_hooks = []       # scenarios: called with each view the arbiter persists
         self.restart_after = None  # crashed agents are started again after this (or never)
 
@@ -226,7 +227,7 @@ class Cluster:
             return None
         if node.inc != inc:
             return None
-        return _copy(body)
+        return wire(body)
 
     def deliver_later(self, dst, message, t):
         def fire():
@@ -442,7 +443,3 @@ class Cluster:
         self.start_postgres_routines()
         self.start_client()
 
-
-def _copy(body):
-    import json
-    return json.loads(json.dumps(body))

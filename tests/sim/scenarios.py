@@ -376,3 +376,39 @@ def finding9(c):
     isolate(c, m, client_too=False)
     wait(c, 10.0)
     heal(c)
+
+
+# -- found by the simulator: the checkpoint after a promotion dies with the agent ----------------
+
+@contextlib.contextmanager
+def old_checkpoint_at_start():
+    """Before the fix: only do_promote asks for the checkpoint that lets the replaced node
+    rejoin; a restarted primary agent does not."""
+    def prepare(self):
+        self.pg.prepare_dirs()
+        if not self.hold_lock():
+            return False
+        self.pg.lock_fd = self.lock.fd
+        self.fence.install()
+        return True
+
+    with patched(agent.DbAgent, "prepare", prepare):
+        yield
+
+
+@scenario("sim-promoted-agent-killed-before-checkpoint", old_checkpoint_at_start,
+          expect=("no_convergence",))
+def promoted_agent_killed(c):
+    """Found by the simulator (seed 23): the new primary's agent is killed right after
+    pg_promote(), before its checkpoint ran: the old primary must still rejoin within the
+    bound (pg_rewind needs the new timeline in the new primary's pg_control)."""
+    m, s = primary(c), c.other_db(primary(c))
+    isolate(c, m, client_too=False)
+    c.promotion_hooks.append(lambda name: c.crash(name, "SIGKILL right after pg_promote() "
+                                                      "(scenario)"))
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)
+    c.promotion_hooks.clear()
+    wait(c, 1.0)
+    c.start_agent(s)
+    heal(c)
+    wait(c, 2.0)

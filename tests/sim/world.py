@@ -14,7 +14,6 @@ a state file write, the lease lock around an nft call) marks its node `locked`: 
 returns, the node's other routines and requests to it wait (they would block on the lock).
 """
 import heapq
-import json
 import logging
 import socket
 
@@ -37,6 +36,16 @@ class Violation(BaseException):
     def __init__(self, kind, detail):
         super().__init__(f"{kind}: {detail}")
         self.kind, self.detail = kind, detail
+
+
+def wire(value):
+    """What the other end gets of a JSON message: a deep copy, tuples as lists, keys as
+    strings (json.loads(json.dumps(value)), faster)."""
+    if isinstance(value, dict):
+        return {str(k): wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [wire(v) for v in value]
+    return value
 
 
 # -- the scheduler -----------------------------------------------------------------------------
@@ -201,6 +210,14 @@ class Pg:
         self.recovery = self.signal = False
         self.conn = None
         self.became_primary("promoted")
+        for hook in list(self.c.promotion_hooks):
+            hook(self.name)
+        tli = self.tli
+
+        def checkpointed():  # the spread checkpoint PostgreSQL requests itself at promotion:
+            if self.is_primary and self.tli == tli:  # 0.9 x checkpoint_timeout (5 min)
+                self.ckpt_tli = max(self.ckpt_tli, tli)
+        self.c.sched.at(self.c.sched.now + 270.0, checkpointed)
 
     def fail_pending(self):
         self.pending = []
@@ -332,7 +349,7 @@ class SimWorld(agent.World):
             self._wait(timeout)
             raise socket.timeout("timed out")
         message = {"from": src, "kind": kind, "nonce": c.nonce(), "ts": self.wall(),
-                   "body": json.loads(json.dumps(body))}
+                   "body": wire(body)}
         if c.rng_net.random() < c.dup_rate:  # the network delivers a copy later
             c.count("duplicates")
             c.deliver_later(dst, message, self.sched.now + c.rng_net.random() * 3)
