@@ -220,10 +220,11 @@ def old_finding5():
     view that cannot be persisted leaves the contact counted)."""
     def note_status(self, sender, body, at):
         self.observations.remember_stamp(sender, body)
-        self.observations.heard(sender, body.get("echo"), at)
+        self.observations.heard(sender, body.get("echo"), at,
+                                arbiter=sender == self.cfg.arbiter.name)
         if isinstance(body.get("view"), dict):
             self.learn(body["view"], sender)
-        if body.get("pg") == "primary":
+        if self.counts_alive(body):
             self.observations.alive(sender, at)
 
     with patched(agent.Agent, "note_status", note_status):
@@ -255,7 +256,12 @@ def old_finding6():
         self._nft()
         self._set(float("inf"))
 
-    with patched(simworld.SimFence, "open_for", open_for):
+    def renew(self, seconds):
+        self._nft()
+        return self.k.open_at(self.w.sched.now)
+
+    with patched(simworld.SimFence, "open_for", open_for), \
+            patched(simworld.SimFence, "renew", renew):
         yield
 
 
@@ -316,7 +322,7 @@ def old_finding8():
         if kind == "status":
             if isinstance(body.get("view"), dict):
                 self.learn(body["view"], sender)
-            if body.get("pg") == "primary":
+            if self.counts_alive(body):
                 self.observations.alive(sender, self.clock())
             self.observations.remember_stamp(sender, body)
             return self.status_body(sender)
@@ -389,6 +395,7 @@ def old_checkpoint_at_start():
         if not self.hold_lock():
             return False
         self.pg.lock_fd = self.lock.fd
+        self.view = self.state.load()
         self.fence.install()
         return True
 

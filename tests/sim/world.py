@@ -312,10 +312,21 @@ class SimWorld(agent.World):
             node.paused_until = max(node.paused_until, self.sched.now + stall)
             self._wait(0.0, locked=True)  # it may hold a lock here: no thread of it runs
 
+    def _holds_locks(self):
+        """Does any step of this agent hold one of its locks now?"""
+        a = self.node.agent
+        if a is None or self.node.inc != self.inc:
+            return False
+        locks = [getattr(a, "_lease_lock", None), getattr(a, "_switchover_lock", None),
+                 a.observations._lock]
+        return any(lk is not None and lk.locked() for lk in locks) or a._view_lock._is_owned()
+
     def _wait(self, seconds, locked=False):
         """Block this step for `seconds` (more if the node is stopped meanwhile, or a nested
-        wait overruns); everything else runs meanwhile."""
+        wait overruns); everything else runs meanwhile -- but none of this node's steps while
+        it holds one of its locks."""
         node, sched = self.node, self.sched
+        locked = locked or self._holds_locks()
         if locked:
             node.locked += 1
         try:
@@ -338,6 +349,9 @@ class SimWorld(agent.World):
     def sleep(self, seconds):
         self._enter()
         self._wait(seconds)
+
+    def boot_id(self):
+        return f"sim-boot-{self.name}"  # hosts do not reboot in the simulation
 
     # -- peers ------------------------------------------------------------------------------
     def call(self, cfg, key, peer, kind, body, timeout):
@@ -513,6 +527,14 @@ class SimFence:
     def open_for(self, seconds):
         self._nft()
         self._set(self.w.sched.now + max(0.001, int(seconds * 1000) / 1000))
+
+    def renew(self, seconds):
+        """Extend a live lease; False (and nothing done) when it has lapsed."""
+        self._nft()
+        if not self.k.open_at(self.w.sched.now):
+            return False
+        self._set(self.w.sched.now + max(0.001, int(seconds * 1000) / 1000))
+        return True
 
     def open(self):
         self._nft()
