@@ -18,6 +18,7 @@ packet loss. Checked from the client host:
 
 The figures come from `chaos_metrics()`, a pure function of the raw records."""
 import collections
+import contextlib
 import random
 import time
 
@@ -83,10 +84,8 @@ def apply(backend, run, kind, target):
         backend.isolate(target)
         return lambda: backend.heal(target)
     if kind == "kill_agent":
-        try:
+        with contextlib.suppress(LabError):  # not running: started at the end all the same
             backend.signal_agent(target, "KILL")
-        except LabError:
-            pass  # not running (a start may have failed): started below all the same
         return lambda: backend.start_agent(target)
     if kind == "pause_agent":
         run.pause(target)
@@ -231,8 +230,8 @@ def report(f):
     lines = [f"Chaos ({f['backend']} lab): {f['minutes']} min of random faults, seed {f['seed']}",
              f"  {'faults':<30}{f['faults']}: " + ", ".join(
                  f"{k} {v}" for k, v in f["faults_by_kind"].items()),
-             f"  {'failovers (grants)':<30}{f['failovers']} ({f['promotions']} promotions, "
-             f"{f['fences']} fences)",
+             (f"  {'failovers (grants)':<30}{f['failovers']} ({f['promotions']} promotions, "
+              f"{f['fences']} fences)"),
              f"  {'acknowledged writes':<30}{f['acked']} " + str(f["acked_by_host"]),
              f"  {'lost_acked':<30}{f['lost_acked']}",
              f"  {'dual_primary_s':<30}{f['dual_primary_s']}"
@@ -241,6 +240,6 @@ def report(f):
              + (f" ({f['converged_s']} s after the last fault)" if f["converged"] else
                 f" (not within {CONVERGE_S:.0f} s)"),
              f"  {'pgbench median tps':<30}{f['median_tps']}",
-             f"  {'verdict':<30}" + ("OK" if f["ok"] else "FAILED: "
-                                     + ", ".join(f["failed_checks"]))]
+             f"  {'verdict':<30}" + ("OK" if f["ok"] else
+                                     "FAILED: " + ", ".join(f["failed_checks"]))]
     return "\n".join(lines)

@@ -95,7 +95,6 @@ class Cluster:
         self.terms = {}           # term -> primary, as the arbiter persisted them
         self.arb_view = None      # the arbiter's durable view
         self.view_history = []    # (time, view) of every durable arbiter view
-        self.rw_open = {n: False for n in DB}
         self.violations = []
         self.nonce_seq = 0
         self.ticks = 0
@@ -171,7 +170,7 @@ class Cluster:
             except SimCrash as exc:
                 assert exc.node == name, (exc.node, name)
                 return
-            except Exception as exc:  # a routine that raises dies in the real agent
+            except Exception as exc:  # noqa: BLE001 -- a routine that raises dies for real
                 self.violation("routine_died", f"{name} {rname}: {type(exc).__name__}: {exc}")
                 return
             if rname == "loop":

@@ -127,8 +127,8 @@ class FaultPlan:
                 node.paused_until = max(node.paused_until, c.sched.now + p["pause"])
                 return None, f"SIGSTOP {node.name}'s agent for {p['pause']} s"
             node.stall_at_next_call = p["pause"]
-            return None, f"SIGSTOP {node.name}'s agent in the middle of its next step for " \
-                         f"{p['pause']} s"
+            return None, (f"SIGSTOP {node.name}'s agent in the middle of its next step for "
+                          f"{p['pause']} s")
         if kind == "disk_slow":
             node.disk_slow = p["slow"]
             return (lambda: setattr(node, "disk_slow", 0.0),
@@ -249,11 +249,9 @@ def shrink(seed, steps, result, budget=40, **kw):
     kind = result.violation[1]
     skip = set()
     best = result
-    tries = 0
-    for index, _, _ in reversed(result.applied):
+    for tries, (index, _, _) in enumerate(reversed(result.applied)):
         if tries >= budget:
             break
-        tries += 1
         attempt = run(seed, steps, skip | {index}, **kw)
         if attempt.violation is not None and attempt.violation[1] == kind:
             skip.add(index)

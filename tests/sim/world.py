@@ -68,8 +68,7 @@ class Scheduler:
         heap = self.heap
         while heap and heap[0][0] <= target:
             t, _, fn = heapq.heappop(heap)
-            if t > self.now:
-                self.now = t
+            self.now = max(self.now, t)
             try:
                 fn()
             except Exception as exc:  # the simulator's own bug: never into the agent's code
@@ -79,8 +78,7 @@ class Scheduler:
                 self.after_step()
             if until is not None and until():
                 return
-        if target > self.now:
-            self.now = target
+        self.now = max(self.now, target)
 
 
 # -- the network ---------------------------------------------------------------------------------
@@ -416,7 +414,7 @@ class SimWorld(agent.World):
         return _Lock()
 
     def logger(self):
-        log = logging.Logger(f"bobry.{self.name}", logging.INFO)
+        log = logging.Logger(f"bobry.{self.name}", logging.INFO)  # noqa: LOG001 -- one each
         log.addHandler(_TraceHandler(self.c, self.name))
         return log
 
