@@ -255,10 +255,11 @@ def old_finding6():
     def open_for(self, seconds):
         self._nft()
         self._set(float("inf"))
+        self._done()
 
     def renew(self, seconds):
         self._nft()
-        return self.k.open_at(self.w.sched.now)
+        return self._done(self.k.open_at(self.w.sched.now))
 
     with patched(simworld.SimFence, "open_for", open_for), \
             patched(simworld.SimFence, "renew", renew):
@@ -419,3 +420,4 @@ def promoted_agent_killed(c):
     c.start_agent(s)
     heal(c)
     wait(c, 2.0)
+

@@ -319,7 +319,7 @@ class SimWorld(agent.World):
                  a.observations._lock]
         return any(lk is not None and lk.locked() for lk in locks) or a._view_lock._is_owned()
 
-    def _wait(self, seconds, locked=False):
+    def _wait(self, seconds, locked=False, pause=True):
         """Block this step for `seconds` (more if the node is stopped meanwhile, or a nested
         wait overruns); everything else runs meanwhile -- but none of this node's steps while
         it holds one of its locks."""
@@ -329,7 +329,7 @@ class SimWorld(agent.World):
             node.locked += 1
         try:
             sched.run_until(sched.now + seconds)
-            while node.paused_until > sched.now and node.inc == self.inc:
+            while pause and node.paused_until > sched.now and node.inc == self.inc:
                 sched.run_until(node.paused_until)
         finally:
             if locked and node.inc == self.inc:
@@ -496,14 +496,20 @@ class SimFence:
         w._enter()
         if w.node.nft_fail:
             raise RuntimeError("nft failed: simulated")
-        if w.node.nft_slow:
-            w._wait(w.node.nft_slow, locked=True)
+        if w.node.nft_slow:  # the nft process: a SIGSTOP of the agent does not stop it
+            w._wait(w.node.nft_slow, locked=True, pause=False)
+
+    def _done(self, result=None):
+        """nft has done its work; the agent goes on when it is not stopped."""
+        self.w._wait(0.0, locked=True)
+        return result
 
     def install(self):
         self._nft()
         if not self.k.installed:
             self.k.installed = True
             self._set(None)
+        self._done()
 
     def lease(self):
         self.w._enter()
@@ -525,30 +531,35 @@ class SimFence:
     def open_for(self, seconds):
         self._nft()
         self._set(self.w.sched.now + max(0.001, int(seconds * 1000) / 1000))
+        self._done()
 
     def renew(self, seconds):
         """Extend a live lease; False (and nothing done) when it has lapsed."""
         self._nft()
         if not self.k.open_at(self.w.sched.now):
-            return False
+            return self._done(False)
         self._set(self.w.sched.now + max(0.001, int(seconds * 1000) / 1000))
-        return True
+        return self._done(True)
 
     def open(self):
         self._nft()
         self._set(float("inf"))
+        self._done()
 
     def close(self):
         self._nft()
         self._set(None)
+        self._done()
 
     def let_through(self, address, seconds):
         self._nft()
         self.k.handover_until = self.w.sched.now + int(seconds * 1000) / 1000
+        self._done()
 
     def stop_letting_through(self):
         self._nft()
         self.k.handover_until = None
+        self._done()
 
 
 class SimPostgres:
