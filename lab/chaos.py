@@ -146,6 +146,9 @@ def chaos_metrics(records, host_records, events, started, stopped, ids, addresse
         "failovers": sum(1 for e in events if e["event"] == "granted" and e["t"] >= started),
         "promotions": sum(1 for e in events if e["event"] == "promoted" and e["t"] >= started),
         "fences": sum(1 for e in events if e["event"] == "fenced" and e["t"] >= started),
+        # the port watcher: how often each database port stopped taking clients
+        "ports_closed": {h: sum(1 for e in events if e["event"] == "port_closed"
+                                and e["node"] == h and e["t"] >= started) for h in DB_HOSTS},
         "acked": len(all_acks),
         "acked_by_host": {h: sum(1 for r in all_acks if r.get("server") == a)
                           for h, a in sorted(addresses.items()) if h in DB_HOSTS},
@@ -231,7 +234,7 @@ def report(f):
              f"  {'faults':<30}{f['faults']}: " + ", ".join(
                  f"{k} {v}" for k, v in f["faults_by_kind"].items()),
              (f"  {'failovers (grants)':<30}{f['failovers']} ({f['promotions']} promotions, "
-              f"{f['fences']} fences)"),
+              f"{f['fences']} fences; ports closed {f['ports_closed']})"),
              f"  {'acknowledged writes':<30}{f['acked']} " + str(f["acked_by_host"]),
              f"  {'lost_acked':<30}{f['lost_acked']}",
              f"  {'dual_primary_s':<30}{f['dual_primary_s']}"
