@@ -247,6 +247,7 @@ def sync_names_go_to_no_one_only_through_drop_standby(c):
     if c.d.action == "drop_standby":
         assert c.d.sync_names == "", c
     else:
+        assert c.o.sync_names is not None, c  # the current setting is known
         assert c.d.sync_names not in ("", c.o.sync_names), c
         assert c.view.eligible in (None, c.d.sync_names), c
     return True
@@ -267,6 +268,27 @@ def drop_standby_only_with_a_fresh_arbiter(c):
     if c.d.action != "drop_standby":
         return False
     assert c.arbiter_fresh, c
+    return True
+
+
+def drop_standby_only_when_writes_wait(c):
+    """Healing, "Standby lost": the primary asks A to drop a standby only when writes wait for
+    one -- the view names it eligible, or synchronous_standby_names names someone -- never
+    over and over for nothing."""
+    if c.d.action != "drop_standby":
+        return False
+    assert c.view.eligible == c.peer or c.o.sync_names not in (None, ""), c
+    return True
+
+
+def wait_for_a_returning_standby_only_once_it_streams(c):
+    """Healing, "Standby back": while no standby is eligible (and without strict_sync), the
+    primary starts waiting for the standby only once it streams (walsender `streaming`, not
+    `catchup`) and has replied within failover_timeout: writes never stall on a standby that
+    is still catching up or silent."""
+    if not (c.d.action == "set_sync" and c.view.eligible is None and not c.o.strict_sync):
+        return False
+    assert c.o.standby_streaming and c.age(c.o.standby_seen_at) < T.failover_timeout, c
     return True
 
 
@@ -322,133 +344,13 @@ DB_INVARIANTS = [
     resume_only_the_primary_after_restart_grace, primary_down_resumes_after_restart_grace,
     rejoin_only_a_replaced_node_onto_a_live_primary, start_standby_only_with_standby_signal,
     sync_names_go_to_no_one_only_through_drop_standby, strict_sync_never_drops,
-    drop_standby_only_with_a_fresh_arbiter, silent_eligible_standby_is_dropped_when_allowed,
+    drop_standby_only_with_a_fresh_arbiter, drop_standby_only_when_writes_wait,
+    wait_for_a_returning_standby_only_once_it_streams,
+    silent_eligible_standby_is_dropped_when_allowed,
     handover_only_to_an_eligible_standby_with_the_arbiter, mark_eligible_only_a_synced_standby,
     settle_only_an_unsettled_handover,
 ]
 KNOWN_VIOLATIONS = [role_changes_only_on_the_arbiters_view]
-
-
-TERM1 = View(1, "pg1", "pg2")
-
-
-def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
-        primary=0.1, down=None, signal=True, started=100.0, sync=None, seen=0.1,
-        streaming=True, synced=True, switchover=False, strict=False, confirm_after=None,
-        port_open=None, unsettled=False):
-    """A DbObservation at NOW from ages (seconds before NOW; None: never)."""
-    contact = {k: at(a) for k, a in ((other(me), peer), (ARB, arbiter)) if a is not None}
-    return DbObservation(
-        now=NOW, started_at=NOW - started, pg=pg, pg_down_since=at(down),
-        has_standby_signal=signal, fenced=fenced, view=view, contact_at=contact,
-        primary_alive_at=at(primary), sync_names=sync, standby_seen_at=at(seen),
-        standby_streaming=streaming, standby_synced=synced, switchover_requested=switchover,
-        strict_sync=strict, confirm_after=confirm_after, port_open=port_open,
-        handover_unsettled=unsettled)
-
-
-STARTED = (100.0, 0.5)  # an agent long up, or one just started (never heard: 0.5 s ago)
-CONFIRM = (None, NOW - 50, NOW - 1.0, NOW - 0.1, NOW)  # before, at, between, after contact
-
-
-def db_cases():
-    """Exhaustive grids, one per branch of decide_db, each over the inputs that branch reads,
-    at every window's boundaries (the hypothesis sweep below draws all inputs at once)."""
-    for me in DB:
-        mine = [v for v in views() if v.primary == me]
-        theirs = [v for v in views() if v.primary != me]
-        # a standby, a replaced primary, a node whose PostgreSQL is down: the view names the peer
-        for view, pg, fenced, port, signal, primary, arbiter, started in itertools.product(
-                theirs, ("primary", "standby", "down"), (False, True), (None, False, True),
-                (False, True), (0.1, 0.5, 1.0, 1.5, 2.0, None), (0.1, 1.0, None), STARTED):
-            yield me, obs(me, pg, view, fenced, primary=primary, arbiter=arbiter,
-                          signal=signal, started=started, port_open=port,
-                          sync="" if pg == "primary" else None)
-        # the view names me, PostgreSQL not running as a primary
-        for view, pg, fenced, signal, down, started in itertools.product(
-                mine, ("standby", "down"), (False, True), (False, True),
-                (None, 1.0, 5.0, 6.0, 10.0), STARTED):
-            yield me, obs(me, pg, view, fenced, signal=signal, down=down, started=started)
-        # the fenced primary
-        for view, unsettled, switchover, arbiter, confirm, peer, started in itertools.product(
-                mine, (False, True), (False, True), (0.1, 1.0, None), CONFIRM, (0.1, None),
-                STARTED):
-            yield me, obs(me, "primary", view, True, peer=peer, arbiter=arbiter,
-                          started=started, confirm_after=confirm, unsettled=unsettled,
-                          switchover=switchover, sync=other(me), signal=False)
-        # the unfenced primary
-        for (view, peer, arbiter, switchover, seen, strict, synced, streaming, sync,
-             started) in itertools.product(
-                [v for v in mine if v.term < 2], (0.1, 1.0, None), (0.1, 1.0, None),
-                (False, True), (0.1, 2.0, None), (False, True), (False, True), (False, True),
-                (None, "", "pg1", "pg2"), STARTED):
-            yield me, obs(me, "primary", view, False, peer=peer, arbiter=arbiter, seen=seen,
-                          started=started, switchover=switchover, strict=strict,
-                          synced=synced, streaming=streaming, sync=sync, signal=False)
-
-
-def check_all(invariants, cases, require_engaged=True):
-    engaged = Counter()
-    count = 0
-    for me, o in cases:
-        c = decide(me, o)
-        count += 1
-        for inv in invariants:
-            try:
-                engaged[inv.__name__] += inv(c)
-            except AssertionError as exc:
-                raise AssertionError(f"{inv.__name__}: {exc}") from None
-    if require_engaged:
-        idle = [inv.__name__ for inv in invariants if not engaged[inv.__name__]]
-        assert not idle, f"invariants never engaged over {count} cases: {idle}"
-    return count
-
-
-def test_decide_db_invariants_over_every_boundary_combination():
-    check_all(DB_INVARIANTS, db_cases())
-
-
-@pytest.mark.xfail(strict=True, reason="reported: decide_db promotes and rejoins on a term-0 "
-                   "view, the local guess of an agent that has not heard from the arbiter")
-def test_decide_db_known_violations():
-    check_all(KNOWN_VIOLATIONS, db_cases())
-
-
-# every age at, just under and just over each window (fence_timeout 1, failover_timeout 2,
-# restart_grace 6), in between, far beyond; None: never
-ANY_AGE = (None, 0.0, 0.1, 0.5, 0.99, 1.0, 1.01, 1.5, 1.99, 2.0, 2.01, 5.0, 5.99, 6.0, 6.01, 10.0,
-           100.0, 1000.0)
-moments = st.sampled_from([at(a) for a in ANY_AGE])
-names = st.sampled_from(DB)
-flags = st.booleans()
-
-
-@st.composite
-def db_observations(draw):
-    """Every input of decide_db drawn at once: who I am, every field of DbObservation (contact
-    with either peer may be missing), the view's term, primary, eligible standby and seq."""
-    me = draw(names)
-    contact = {p: draw(moments) for p in (other(me), ARB)}
-    view = View(draw(st.sampled_from((0, 1, 2, 3))), draw(names),
-                draw(st.sampled_from((None, "pg1", "pg2"))), draw(st.sampled_from((0, 1, 5))))
-    return me, DbObservation(
-        now=NOW, started_at=NOW - draw(st.sampled_from((0.0, 0.5, 1.0, 2.0, 100.0))),
-        pg=draw(st.sampled_from(("primary", "standby", "down"))), pg_down_since=draw(moments),
-        has_standby_signal=draw(flags), fenced=draw(flags), view=view,
-        contact_at={p: moment for p, moment in contact.items() if moment is not None},
-        primary_alive_at=draw(moments),
-        sync_names=draw(st.sampled_from((None, "", "pg1", "pg2"))),
-        standby_seen_at=draw(moments), standby_streaming=draw(flags),
-        standby_synced=draw(flags), switchover_requested=draw(flags), strict_sync=draw(flags),
-        confirm_after=draw(moments), port_open=draw(st.sampled_from((None, False, True))),
-        handover_unsettled=draw(flags))
-
-
-@SWEEP
-@given(db_observations())
-def test_decide_db_invariants_over_every_input(case):
-    me, o = case
-    check_all(DB_INVARIANTS, [(me, o)], require_engaged=False)
 
 
 # -- the arbiter's decisions ----------------------------------------------------------------------
@@ -649,6 +551,10 @@ def test_desired_sync_names_over_every_combination():
         wanted = agent.desired_sync_names(view, streaming, other_node, strict)
         results.append(primary_waits_for_the_eligible_standby(view, streaming, other_node,
                                                               strict, wanted))
+        if not streaming:  # the agent's calls (pg_settings, wanted_sync_names) use defaults
+            assert agent.desired_sync_names(view, other=other_node, strict=strict) == wanted
+            if not strict:
+                assert agent.desired_sync_names(view, other=other_node) == wanted
     assert any(results) and not all(results)
 
 
@@ -705,17 +611,11 @@ MOMENTS = (None, NOW - 2.0, NOW - 1.0, NOW - 0.5, NOW - 0.1, NOW, NOW + 0.1, NOW
 def test_lease_extension_over_every_combination():
     results = []
     for held, anchor, opening in itertools.product(MOMENTS, MOMENTS, (False, True)):
-        results.append(lease_never_revives_nor_shrinks(
-            held, anchor, NOW, opening, agent.lease_extension(held, anchor, NOW, T, opening)))
+        until = agent.lease_extension(held, anchor, NOW, T, opening)
+        results.append(lease_never_revives_nor_shrinks(held, anchor, NOW, opening, until))
+        if not opening:  # extending is the default
+            assert agent.lease_extension(held, anchor, NOW, T) == until
     assert any(results) and not all(results)
-
-
-@SMALL
-@given(st.one_of(st.none(), st.floats(990, 1010)), st.one_of(st.none(), st.floats(990, 1010)),
-       st.floats(990, 1010), st.booleans())
-def test_lease_extension_over_any_moments(held, anchor, now, opening):
-    lease_never_revives_nor_shrinks(held, anchor, now, opening,
-                                    agent.lease_extension(held, anchor, now, T, opening))
 
 
 def standby_seen_only_when_its_reply_time_changes(prev_reply, prev_seen, reply, now, result):
@@ -739,6 +639,162 @@ def test_standby_heard_over_every_combination():
     assert any(results) and not all(results)
 
 
+def timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal):
+    """Rule 5 and check_timing's docstring: a config is accepted exactly when fence_timeout +
+    safety_margin < failover_timeout (the isolated primary's port closes before any grant; a
+    difference under 1e-9 s counts as equal), probe_timeout < fence_timeout and check_interval
+    + probe_timeout < fence_timeout (one slow probe never fences, a healthy lease never lapses
+    between heartbeats), and restart_grace > failover_timeout (a failover gets the first
+    chance). A refusal names the first key that breaks them (README, "agent.py": a bad config
+    names the file, the section and the key)."""
+    broken = [key for key, holds in (
+        ("failover_timeout", t.fence_timeout + t.safety_margin < t.failover_timeout - 1e-9),
+        ("probe_timeout", t.probe_timeout < t.fence_timeout),
+        ("check_interval", t.check_interval + t.probe_timeout < t.fence_timeout),
+        ("restart_grace", t.restart_grace > t.failover_timeout)) if not holds]
+    if broken:
+        assert refusal is not None and f"[timing] {broken[0]}:" in refusal, (t, refusal)
+    else:
+        assert refusal is None, (t, refusal)
+    return not broken
+
+
+def refusal(t):
+    try:
+        agent.check_timing("agent.ini", t)
+    except agent.ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_check_timing_over_a_grid():
+    results = []
+    for values in itertools.product((0.2, 0.7), (0.3, 1.0), (1.0,), (0.3, 0.7, 0.999999999),
+                                    (1.2, 1.3, 1.7, 2.0), (1.3, 6.0)):
+        t = agent.Timing(*values)
+        results.append(timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal(t)))
+    assert any(results) and not all(results)
+
+
+# -- decide_db over every input (last: the slowest sweeps) -----------------------------------
+
+TERM1 = View(1, "pg1", "pg2")
+
+
+def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
+        primary=0.1, down=None, signal=True, started=100.0, sync=None, seen=0.1,
+        streaming=True, synced=True, switchover=False, strict=False, confirm_after=None,
+        port_open=None, unsettled=False):
+    """A DbObservation at NOW from ages (seconds before NOW; None: never)."""
+    contact = {k: at(a) for k, a in ((other(me), peer), (ARB, arbiter)) if a is not None}
+    return DbObservation(
+        now=NOW, started_at=NOW - started, pg=pg, pg_down_since=at(down),
+        has_standby_signal=signal, fenced=fenced, view=view, contact_at=contact,
+        primary_alive_at=at(primary), sync_names=sync, standby_seen_at=at(seen),
+        standby_streaming=streaming, standby_synced=synced, switchover_requested=switchover,
+        strict_sync=strict, confirm_after=confirm_after, port_open=port_open,
+        handover_unsettled=unsettled)
+
+
+STARTED = (100.0, 0.5)  # an agent long up, or one just started (never heard: 0.5 s ago)
+CONFIRM = (None, NOW - 50, NOW - 1.0, NOW - 0.1, NOW)  # before, at, between, after contact
+
+
+def db_cases():
+    """Exhaustive grids, one per branch of decide_db, each over the inputs that branch reads,
+    at every window's boundaries (the hypothesis sweep below draws all inputs at once)."""
+    for me in DB:
+        mine = [v for v in views() if v.primary == me]
+        theirs = [v for v in views() if v.primary != me]
+        # a standby, a replaced primary, a node whose PostgreSQL is down: the view names the peer
+        for view, pg, fenced, port, signal, primary, arbiter, started in itertools.product(
+                theirs, ("primary", "standby", "down"), (False, True), (None, False, True),
+                (False, True), (0.1, 0.5, 1.0, 1.5, 2.0, None), (0.1, 1.0, None), STARTED):
+            yield me, obs(me, pg, view, fenced, primary=primary, arbiter=arbiter,
+                          signal=signal, started=started, port_open=port,
+                          sync="" if pg == "primary" else None)
+        # the view names me, PostgreSQL not running as a primary
+        for view, pg, fenced, signal, down, started in itertools.product(
+                mine, ("standby", "down"), (False, True), (False, True),
+                (None, 1.0, 5.0, 6.0, 10.0), STARTED):
+            yield me, obs(me, pg, view, fenced, signal=signal, down=down, started=started)
+        # the fenced primary
+        for view, unsettled, switchover, arbiter, confirm, peer, started in itertools.product(
+                mine, (False, True), (False, True), (0.1, 1.0, None), CONFIRM, (0.1, None),
+                STARTED):
+            yield me, obs(me, "primary", view, True, peer=peer, arbiter=arbiter,
+                          started=started, confirm_after=confirm, unsettled=unsettled,
+                          switchover=switchover, sync=other(me), signal=False)
+        # the unfenced primary
+        for (view, peer, arbiter, switchover, seen, strict, synced, streaming, sync,
+             started) in itertools.product(
+                [v for v in mine if v.term < 2], (0.1, 1.0, None), (0.1, 1.0, None),
+                (False, True), (0.1, 2.0, None), (False, True), (False, True), (False, True),
+                (None, "", "pg1", "pg2"), STARTED):
+            yield me, obs(me, "primary", view, False, peer=peer, arbiter=arbiter, seen=seen,
+                          started=started, switchover=switchover, strict=strict,
+                          synced=synced, streaming=streaming, sync=sync, signal=False)
+
+
+def check_all(invariants, cases, require_engaged=True):
+    engaged = Counter()
+    count = 0
+    for me, o in cases:
+        c = decide(me, o)
+        count += 1
+        for inv in invariants:
+            try:
+                engaged[inv.__name__] += inv(c)
+            except AssertionError as exc:
+                raise AssertionError(f"{inv.__name__}: {exc}") from None
+    if require_engaged:
+        idle = [inv.__name__ for inv in invariants if not engaged[inv.__name__]]
+        assert not idle, f"invariants never engaged over {count} cases: {idle}"
+    return count
+
+
+def test_decide_db_invariants_over_every_boundary_combination():
+    check_all(DB_INVARIANTS, db_cases())
+
+
+# every age at, just under and just over each window (fence_timeout 1, failover_timeout 2,
+# restart_grace 6), in between, far beyond; None: never
+ANY_AGE = (None, 0.0, 0.1, 0.5, 0.99, 1.0, 1.01, 1.5, 1.99, 2.0, 2.01, 5.0, 5.99, 6.0, 6.01, 10.0,
+           100.0, 1000.0)
+moments = st.sampled_from([at(a) for a in ANY_AGE])
+names = st.sampled_from(DB)
+flags = st.booleans()
+
+
+@st.composite
+def db_observations(draw):
+    """Every input of decide_db drawn at once: who I am, every field of DbObservation (contact
+    with either peer may be missing), the view's term, primary, eligible standby and seq."""
+    me = draw(names)
+    contact = {p: draw(moments) for p in (other(me), ARB)}
+    view = View(draw(st.sampled_from((0, 1, 2, 3))), draw(names),
+                draw(st.sampled_from((None, "pg1", "pg2"))), draw(st.sampled_from((0, 1, 5))))
+    return me, DbObservation(
+        now=NOW, started_at=NOW - draw(st.sampled_from((0.0, 0.5, 1.0, 2.0, 100.0))),
+        pg=draw(st.sampled_from(("primary", "standby", "down"))), pg_down_since=draw(moments),
+        has_standby_signal=draw(flags), fenced=draw(flags), view=view,
+        contact_at={p: moment for p, moment in contact.items() if moment is not None},
+        primary_alive_at=draw(moments),
+        sync_names=draw(st.sampled_from((None, "", "pg1", "pg2"))),
+        standby_seen_at=draw(moments), standby_streaming=draw(flags),
+        standby_synced=draw(flags), switchover_requested=draw(flags), strict_sync=draw(flags),
+        confirm_after=draw(moments), port_open=draw(st.sampled_from((None, False, True))),
+        handover_unsettled=draw(flags))
+
+
+@SMALL
+@given(st.one_of(st.none(), st.floats(990, 1010)), st.one_of(st.none(), st.floats(990, 1010)),
+       st.floats(990, 1010), st.booleans())
+def test_lease_extension_over_any_moments(held, anchor, now, opening):
+    lease_never_revives_nor_shrinks(held, anchor, now, opening,
+                                    agent.lease_extension(held, anchor, now, T, opening))
+
+
 @SMALL
 @given(st.lists(st.one_of(st.none(), st.integers(0, 3)), max_size=30),
        st.floats(-1e6, 1e6, allow_nan=False))
@@ -755,38 +811,20 @@ def test_standby_heard_is_blind_to_the_standbys_clock(replies, offset):
         assert state_a[1] == state_b[1]
 
 
-def timing_accepted_only_if_the_fence_closes_before_a_grant(t, accepted):
-    """Rule 5 and check_timing's docstring: a config is accepted exactly when fence_timeout +
-    safety_margin < failover_timeout (the isolated primary's port closes before any grant),
-    probe_timeout < fence_timeout and check_interval + probe_timeout < fence_timeout (one slow
-    probe never fences, a healthy lease never lapses between heartbeats), and restart_grace >
-    failover_timeout (a failover gets the first chance)."""
-    safe = (t.fence_timeout + t.safety_margin < t.failover_timeout - 1e-9
-            and t.probe_timeout < t.fence_timeout
-            and t.check_interval + t.probe_timeout < t.fence_timeout
-            and t.restart_grace > t.failover_timeout)
-    assert accepted == safe, t
-    return safe
-
-
-def accepts(t):
-    try:
-        agent.check_timing("agent.ini", t)
-    except agent.ConfigError:
-        return False
-    return True
-
-
-def test_check_timing_over_a_grid():
-    results = []
-    for values in itertools.product((0.2, 0.7), (0.3, 1.0), (1.0,), (0.3, 0.7),
-                                    (1.2, 1.3, 1.7, 2.0), (1.3, 6.0)):
-        t = agent.Timing(*values)
-        results.append(timing_accepted_only_if_the_fence_closes_before_a_grant(t, accepts(t)))
-    assert any(results) and not all(results)
-
-
 @SMALL
 @given(st.builds(agent.Timing, *[st.floats(0.01, 10, allow_nan=False)] * 6))
 def test_check_timing_over_any_timing(t):
-    timing_accepted_only_if_the_fence_closes_before_a_grant(t, accepts(t))
+    timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal(t))
+
+
+@SWEEP
+@given(db_observations())
+def test_decide_db_invariants_over_every_input(case):
+    me, o = case
+    check_all(DB_INVARIANTS, [(me, o)], require_engaged=False)
+
+
+@pytest.mark.xfail(strict=True, reason="reported: decide_db promotes and rejoins on a term-0 "
+                   "view, the local guess of an agent that has not heard from the arbiter")
+def test_decide_db_known_violations():
+    check_all(KNOWN_VIOLATIONS, db_cases())
