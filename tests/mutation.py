@@ -46,7 +46,7 @@ SUITES = {  # name: ([(file, functions)], the test files that must kill their mu
              ["tests/unit/test_decisions.py", "tests/unit/test_decision_invariants.py"]),
     "metrics": ([("lab/experiments.py", FIGURES), ("lab/bench.py", ["missed_goals", "summarize"])],
                 ["tests/unit/test_experiment_metrics.py", "tests/unit/test_experiment_figures.py",
-                 "tests/unit/test_bench_metrics.py"]),
+                 "tests/unit/test_bench_metrics.py", "tests/unit/test_figure_edges.py"]),
 }
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
          ast.FloorDiv: ast.Div, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE,
@@ -140,17 +140,13 @@ def mutants(file, names):
                 tree = ast.parse(text)  # a fresh copy to change
                 fresh = dict(_functions(tree, [name]))[name]
                 target = _mutable_nodes(fresh)[index]
-                shown = target
                 parents = {id(c): p for p in ast.walk(fresh) for c in ast.iter_child_nodes(p)}
-                if isinstance(target, (ast.Constant, ast.Call)) and id(target) in parents:
-                    shown = parents[id(target)]  # a constant means little without its context
-                before = _short(shown)
+                show = _context(target, parents)
+                before = show(target)
                 replacement = change(target)
                 if replacement is not target:
                     _replace(parents[id(target)], target, replacement)
-                    if shown is target:
-                        shown = replacement
-                after = _short(shown)
+                after = show(replacement)
                 ast.fix_missing_locations(fresh)
                 indent = " " * fresh.col_offset
                 start = (fresh.decorator_list[0].lineno if fresh.decorator_list
@@ -163,6 +159,19 @@ def mutants(file, names):
         seen[(m.function, m.before, m.after)] = m.occurrence = \
             seen.get((m.function, m.before, m.after), 0) + 1
     return found
+
+
+def _context(node, parents):
+    """How to show a change of `node`: the node itself, or for a constant or a call its parent
+    (a constant means little alone) -- for an entry of a dict literal, that entry alone."""
+    parent = parents.get(id(node))
+    if isinstance(parent, ast.Dict):
+        i = next(i for i, (k, v) in enumerate(zip(parent.keys, parent.values))
+                 if node is k or node is v)
+        return lambda _: _short(parent.keys[i]) + ": " + _short(parent.values[i])
+    if isinstance(node, (ast.Constant, ast.Call)) and parent is not None:
+        return lambda _: _short(parent)
+    return _short
 
 
 def _replace(parent, old, new):
