@@ -359,31 +359,41 @@ ARB_VIEWS = views(terms=(0, 1, 2), seqs=(0, 1))
 SEEN = (None, NOW - 0.1, NOW - 1.0, NOW - 1.9, NOW - 2.0, NOW - 10)
 
 
+# the arbiter's timing for decide_grant: the defaults but safety_margin 0.25, so that
+# promote_window (0.75 s) and the news' ages at its bound are exact in binary floating point
+GRANT_T = dataclasses.replace(T, safety_margin=0.25)
+NEWS = (None, NOW - 0.1, NOW - 0.75, NOW - 0.76, NOW - 3.0)  # the standby's news from the arbiter
+
+
 def grant_creates_one_term_for_the_eligible_candidate(view, candidate, term, seen, started,
-                                                      granted, new):
-    """Rules 1 and 4: a new view from a promotion request is exactly the next term, with the
-    candidate as primary and no eligible standby yet, for the eligible standby asking about
-    the current term, when A itself has seen no sign of the primary for failover_timeout.
-    A grant without a new view only re-answers the candidate that already is the primary (a
-    lost reply); a refusal changes nothing."""
+                                                      news, granted, new):
+    """Rules 1 and 4, and decide_grant's docstring: a new view from a promotion request is
+    exactly the next term, with the candidate as primary and no eligible standby yet, for the
+    eligible standby asking about the current term on news from A no older than promote_window
+    (a request held in the network, replayed or queued is refused), when A itself has seen no
+    sign of the primary for failover_timeout. A grant without a new view only re-answers the
+    candidate that already is the primary (a lost reply); a refusal changes nothing."""
     if new == view:
         if granted:
             assert candidate == view.primary
         return False
     assert granted and new == View(view.term + 1, candidate, None, view.seq + 1)
     assert view.eligible == candidate and term == view.term and candidate != view.primary
-    assert NOW - (seen if seen is not None else started) >= T.failover_timeout
+    assert news is not None and NOW - news <= agent.promote_window(GRANT_T)
+    assert NOW - (seen if seen is not None else started) >= GRANT_T.failover_timeout
     return True
 
 
-def grant_once_the_rules_allow(view, candidate, term, seen, started, granted, new):
-    """Rule 1, the other half: the eligible standby asking about the current term, once A lost
-    the primary for failover_timeout, is granted; the primary asking again is answered yes."""
+def grant_once_the_rules_allow(view, candidate, term, seen, started, news, granted, new):
+    """Rule 1, the other half: the eligible standby asking about the current term on fresh news,
+    once A lost the primary for failover_timeout, is granted; the primary asking again is
+    answered yes."""
     if candidate == view.primary:
         assert granted and new == view
         return True
-    if not (view.eligible == candidate and term == view.term
-            and NOW - (seen if seen is not None else started) >= T.failover_timeout):
+    if not (view.eligible == candidate and term == view.term and news is not None
+            and NOW - news <= agent.promote_window(GRANT_T)
+            and NOW - (seen if seen is not None else started) >= GRANT_T.failover_timeout):
         return False
     assert granted and new.term == view.term + 1
     return True
@@ -391,14 +401,19 @@ def grant_once_the_rules_allow(view, candidate, term, seen, started, granted, ne
 
 def test_decide_grant_over_every_combination():
     engaged = Counter()
-    for view, candidate, term, seen, started in itertools.product(
-            ARB_VIEWS, DB, (0, 1, 2, 3), SEEN, (NOW - 100, NOW - 0.5, NOW - 2.0)):
-        granted, new, reason = agent.decide_grant(view, candidate, term, seen, NOW, started, T)
+    for view, candidate, term, seen, started, news in itertools.product(
+            ARB_VIEWS, DB, (0, 1, 2, 3), SEEN, (NOW - 100, NOW - 0.5, NOW - 2.0), NEWS):
+        granted, new, reason = agent.decide_grant(view, candidate, term, seen, NOW, started,
+                                                  GRANT_T, news)
         assert reason
         for inv in (grant_creates_one_term_for_the_eligible_candidate,
                     grant_once_the_rules_allow):
-            engaged[inv.__name__] += inv(view, candidate, term, seen, started, granted, new)
+            engaged[inv.__name__] += inv(view, candidate, term, seen, started, news, granted,
+                                         new)
     assert len(engaged) == 2 and all(engaged.values()), engaged
+    # news_at is required: without it no new term
+    assert agent.decide_grant(View(1, "pg1", "pg2"), "pg2", 1, None, NOW, NOW - 100,
+                              GRANT_T)[1] == View(1, "pg1", "pg2")
 
 
 def resume_only_for_the_current_primary(view, requester, term, granted):
@@ -569,7 +584,7 @@ def test_the_arbiters_history_never_gives_a_term_twice():
                  for s in (0, 1, 2) for standby in DB for e in (False, True)]
     requests += [("settle", c, t) for c in DB for t in (1, 2)]
     apply = {
-        "promote": lambda v, c, t: agent.decide_grant(v, c, t, None, NOW, NOW - 100, T)[1],
+        "promote": lambda v, c, t: agent.decide_grant(v, c, t, None, NOW, NOW - 100, T, NOW)[1],
         "handover": lambda v, c, t, s, to: agent.decide_handover(v, c, t, s, to, NOW, NOW, T)[1],
         "eligibility": lambda v, *a: agent.decide_eligibility(v, *a)[1],
         "settle": lambda v, c, t: agent.decide_settle(v, c, t)[1],
@@ -644,13 +659,16 @@ def timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal):
     safety_margin < failover_timeout (the isolated primary's port closes before any grant; a
     difference under 1e-9 s counts as equal), probe_timeout < fence_timeout and check_interval
     + probe_timeout < fence_timeout (one slow probe never fences, a healthy lease never lapses
-    between heartbeats), and restart_grace > failover_timeout (a failover gets the first
-    chance). A refusal names the first key that breaks them (README, "agent.py": a bad config
-    names the file, the section and the key)."""
+    between heartbeats), promote_window = failover_timeout - fence_timeout - safety_margin >
+    check_interval + probe_timeout (a standby's promotion request, judged on news from the
+    arbiter at most that old, can be on time: decide_grant), and restart_grace >
+    failover_timeout (a failover gets the first chance). A refusal names the first key that
+    breaks them (README, "agent.py": a bad config names the file, the section and the key)."""
     broken = [key for key, holds in (
         ("failover_timeout", t.fence_timeout + t.safety_margin < t.failover_timeout - 1e-9),
         ("probe_timeout", t.probe_timeout < t.fence_timeout),
         ("check_interval", t.check_interval + t.probe_timeout < t.fence_timeout),
+        ("failover_timeout", agent.promote_window(t) > t.check_interval + t.probe_timeout),
         ("restart_grace", t.restart_grace > t.failover_timeout)) if not holds]
     if broken:
         assert refusal is not None and f"[timing] {broken[0]}:" in refusal, (t, refusal)
@@ -669,8 +687,9 @@ def refusal(t):
 
 def test_check_timing_over_a_grid():
     results = []
-    for values in itertools.product((0.2, 0.7), (0.3, 1.0), (1.0,), (0.3, 0.7, 0.999999999),
-                                    (1.2, 1.3, 1.7, 2.0), (1.3, 6.0)):
+    for values in itertools.product((0.2, 0.25, 0.7), (0.25, 0.3, 1.0), (1.0,),
+                                    (0.25, 0.3, 0.7, 0.999999999), (1.2, 1.3, 1.7, 1.75, 2.0),
+                                    (1.3, 6.0)):
         t = agent.Timing(*values)
         results.append(timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal(t)))
     assert any(results) and not all(results)

@@ -55,11 +55,11 @@ def test_rule1_a_granted_view_makes_the_standby_promote():
 
 
 def test_rule1_arbiter_grants_once_and_records_a_new_term():
-    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
+    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T, NOW - 0.1)
     assert granted and same(view, View(2, "pg2", None)) and view.seq == TERM1.seq + 1
     assert "term 2" in reason
     # the same request again (a lost reply, a restarted agent): the same answer, no new term
-    again, view2, _ = decide_grant(view, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
+    again, view2, _ = decide_grant(view, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T, NOW - 0.1)
     assert again and view2 == view
     # the old primary can never be granted the term that was just given away
     other, view3, why = decide_grant(view, "pg1", 1, None, NOW, NOW - 100, T)
@@ -87,7 +87,7 @@ def test_rule3_primary_alive_arbiter_lost():
 # -- rule 4: no promotion when A still sees M --------------------------------------------------
 
 def test_rule4_arbiter_refuses_while_it_sees_the_primary():
-    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 0.4, NOW, NOW - 100, T)
+    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 0.4, NOW, NOW - 100, T, NOW - 0.1)
     assert not granted and view == TERM1 and "I still see pg1" in reason
 
 
