@@ -362,6 +362,12 @@ SEEN = (None, NOW - 0.1, NOW - 1.0, NOW - 1.9, NOW - 2.0, NOW - 10)
 # the arbiter's timing for decide_grant: the defaults but safety_margin 0.25, so that
 # promote_window (0.75 s) and the news' ages at its bound are exact in binary floating point
 GRANT_T = dataclasses.replace(T, safety_margin=0.25)
+
+
+def promote_window(t):
+    """check_timing's and decide_grant's docstrings: the news on which a standby asks to be
+    promoted may be this old -- within it, the primary's lease had lapsed before it decided."""
+    return t.failover_timeout - t.fence_timeout - t.safety_margin
 NEWS = (None, NOW - 0.1, NOW - 0.75, NOW - 0.76, NOW - 3.0)  # the standby's news from the arbiter
 
 
@@ -379,7 +385,7 @@ def grant_creates_one_term_for_the_eligible_candidate(view, candidate, term, see
         return False
     assert granted and new == View(view.term + 1, candidate, None, view.seq + 1)
     assert view.eligible == candidate and term == view.term and candidate != view.primary
-    assert news is not None and NOW - news <= agent.promote_window(GRANT_T)
+    assert news is not None and NOW - news <= promote_window(GRANT_T)
     assert NOW - (seen if seen is not None else started) >= GRANT_T.failover_timeout
     return True
 
@@ -392,7 +398,7 @@ def grant_once_the_rules_allow(view, candidate, term, seen, started, news, grant
         assert granted and new == view
         return True
     if not (view.eligible == candidate and term == view.term and news is not None
-            and NOW - news <= agent.promote_window(GRANT_T)
+            and NOW - news <= promote_window(GRANT_T)
             and NOW - (seen if seen is not None else started) >= GRANT_T.failover_timeout):
         return False
     assert granted and new.term == view.term + 1
@@ -411,6 +417,7 @@ def test_decide_grant_over_every_combination():
             engaged[inv.__name__] += inv(view, candidate, term, seen, started, news, granted,
                                          new)
     assert len(engaged) == 2 and all(engaged.values()), engaged
+    assert agent.promote_window(GRANT_T) == promote_window(GRANT_T) == 0.75
     # news_at is required: without it no new term
     assert agent.decide_grant(View(1, "pg1", "pg2"), "pg2", 1, None, NOW, NOW - 100,
                               GRANT_T)[1] == View(1, "pg1", "pg2")
@@ -668,7 +675,7 @@ def timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal):
         ("failover_timeout", t.fence_timeout + t.safety_margin < t.failover_timeout - 1e-9),
         ("probe_timeout", t.probe_timeout < t.fence_timeout),
         ("check_interval", t.check_interval + t.probe_timeout < t.fence_timeout),
-        ("failover_timeout", agent.promote_window(t) > t.check_interval + t.probe_timeout),
+        ("failover_timeout", promote_window(t) > t.check_interval + t.probe_timeout),
         ("restart_grace", t.restart_grace > t.failover_timeout)) if not holds]
     if broken:
         assert refusal is not None and f"[timing] {broken[0]}:" in refusal, (t, refusal)
