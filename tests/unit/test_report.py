@@ -187,3 +187,20 @@ def test_other_experiments_are_drawn_too(tmp_path, name, figures):
     path = report.plot(f, RECORDS, TPS, tmp_path / f"{name}.png")
     assert path.stat().st_size > 10_000
     assert report.headline(f) in report.markdown(f)
+
+
+class EventsBackend:
+    def events(self):
+        return sorted(EVENTS, key=lambda e: e["t"])
+
+
+def test_lab_events_prints_one_line_per_event_in_time_order(capsys):
+    args = cli.parser().parse_args(["events"])
+    cli.cmd_events(EventsBackend(), args)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == [
+        "fenced", "port_closed", "granted", "promoted", "rejoined", "eligibility"]
+    assert "divergence=servers diverged at WAL location 0/3000000" in lines[4]
+    cli.cmd_events(EventsBackend(), cli.parser().parse_args(["events", "--json"]))
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == sorted(
+        EVENTS, key=lambda e: e["t"])
