@@ -768,8 +768,8 @@ class DropLog:
 
     INTERVAL = 10.0
 
-    def __init__(self, log, interval=INTERVAL, what="dropped"):
-        self.log, self.interval, self.what = log, interval, what
+    def __init__(self, log, interval=INTERVAL, what="dropped", clock=time.monotonic):
+        self.log, self.interval, self.what, self.clock = log, interval, what, clock
         self._lock = threading.Lock()
         self._kinds = {}  # kind -> [count since its last line, time of that line, latest]
 
@@ -784,7 +784,7 @@ class DropLog:
         """Log each kind (or only that one) with drops not yet logged and no line for an
         interval (or at once: force). The server calls it between connections and when it
         shuts down, so that a count is never held long nor lost."""
-        now, lines = time.monotonic(), []
+        now, lines = self.clock(), []
         with self._lock:
             for kind, entry in self._kinds.items():
                 if (only in (None, kind) and entry[0] and (force or entry[1] is None
@@ -1077,6 +1077,9 @@ class StateFile:
     def save(self, view):
         write_atomically(self.path, json.dumps(view.as_dict()) + "\n", mode=0o644)
 
+    def exists(self):
+        return os.path.exists(self.path)
+
 
 class EventLog:
     """events.jsonl: one JSON object per event, with wall-clock time, for the lab's reports."""
@@ -1324,6 +1327,9 @@ class LocalPostgres:
         if not rows[0][0]:
             raise RuntimeError("pg_promote() did not finish within 30 s")
 
+    def checkpoint(self, timeout=600):
+        pg_query(local_dsn(self.cfg), "checkpoint", timeout=timeout)
+
     def terminate_clients(self):
         pg_query(local_dsn(self.cfg), "select pg_terminate_backend(pid) from pg_stat_activity "
                  "where backend_type = 'client backend' and client_addr is not null", timeout=5)
@@ -1397,6 +1403,86 @@ class LocalPostgres:
         return {"pg": "primary", "timeline": tli,
                 "replication": [{"standby": r[0], "state": r[1], "sync_state": r[2],
                                  "lag_bytes": r[3]} for r in rows]}
+
+
+class RemotePostgres:
+    """Other nodes' PostgreSQL, as a client sees it: the probe and the rejoin check."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def prepare(self):
+        """The directories and the passfile the probes authenticate with (the arbiter)."""
+        for d in (self.cfg.state_dir, self.cfg.log_dir, self.cfg.run_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        write_pgpass(self.cfg)
+
+    def in_recovery(self, node, timeout):
+        """Whether node's PostgreSQL is in recovery. Raises psycopg2.Error, TimeoutError or
+        OSError when it cannot be asked within timeout."""
+        return pg_query(remote_dsn(self.cfg, node), "select pg_is_in_recovery()",
+                        timeout=timeout)[0][0]
+
+    def checkpoint_timeline(self, node, timeout):
+        """The timeline of node's latest checkpoint (its pg_control)."""
+        return pg_query(remote_dsn(self.cfg, node), "select timeline_id from "
+                        "pg_control_checkpoint()", timeout=timeout)[0][0]
+
+
+class World:
+    """The ports: everything by which an agent touches the world, each a small interface
+    implemented here for real -- the clock, peer messaging, PostgreSQL (the node's own and the
+    others'), the fence, the durable state file, the event log, the node lock, background
+    work. The agents take a World (this one by default); the deterministic simulator under
+    tests/sim gives them one that implements every port in memory, so that the same agent
+    code runs there."""
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+    def call(self, cfg, key, peer, kind, body, timeout):
+        """One request to a peer's agent and its reply body (see call())."""
+        return call(cfg, key, peer, kind, body, timeout)
+
+    def serve(self, agent):
+        """Answer peers with agent.handle until shutdown() of what this returns."""
+        server = AgentServer(agent.cfg, agent.key, agent.handle, agent.log)
+        threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
+        return server
+
+    def postgres(self, cfg):
+        return LocalPostgres(cfg)
+
+    def remote_postgres(self, cfg):
+        return RemotePostgres(cfg)
+
+    def fence(self, pg_port):
+        return Fence(pg_port)
+
+    def state_file(self, path, default):
+        return StateFile(path, default)
+
+    def event_log(self, path, node):
+        return EventLog(path, node)
+
+    def agent_lock(self, state_dir):
+        return AgentLock(state_dir)
+
+    def logger(self):
+        return logging.getLogger("bobry")
+
+    def spawn(self, name, step):
+        """Run step once in the background (the real agent: a thread)."""
+        threading.Thread(target=step, name=name, daemon=True).start()
+
+    def run_routine(self, stop, step):
+        """Run a routine until stop is set: step() returns how long to wait before the next
+        step. The real agent runs each routine in a thread of its own."""
+        while not stop.is_set():
+            stop.wait(step())
 
 
 # --------------------------------------------------------------------------------------------
@@ -1498,16 +1584,19 @@ class Agent:
 
     REPEAT_LOG = 30.0
 
-    def __init__(self, cfg, key, default_view):
+    def __init__(self, cfg, key, default_view, world=None):
         self.cfg, self.key = cfg, key
-        self.started_at = time.monotonic()
+        self.world = world = world or World()
+        self.clock = world.monotonic
+        self.started_at = self.clock()
         self.observations = Observations()
         self.stop = threading.Event()
-        self.state = StateFile(os.path.join(cfg.state_dir, "view.json"), default_view)
-        self.events = EventLog(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
-        self.log = logging.getLogger("bobry")
+        self.state = world.state_file(os.path.join(cfg.state_dir, "view.json"), default_view)
+        self.events = world.event_log(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
+        self.remote = world.remote_postgres(cfg)
+        self.log = world.logger()
         self.log.addFilter(_RoleFilter(self))
-        self.warn = DropLog(self.log, what="failed")
+        self.warn = DropLog(self.log, what="failed", clock=self.clock)
         self._view_lock = threading.Lock()
         self.view = default_view
         self._last_said = (None, 0.0)
@@ -1542,7 +1631,7 @@ class Agent:
     def status_body(self, to=None):
         """Our status for a peer, stamped, with the echo of the peer's latest stamp."""
         body = self.own_status()
-        body["stamp"] = time.monotonic()
+        body["stamp"] = self.clock()
         body["echo"] = self.observations.echo_for(to) if to else None
         return body
 
@@ -1558,44 +1647,46 @@ class Agent:
 
     def handle(self, sender, kind, body):
         if kind == "status":
-            self.note_status(sender, body, time.monotonic())
+            self.note_status(sender, body, self.clock())
             return self.status_body(sender)
         raise ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
 
-    def _heartbeats(self, peer):
-        interval = self.cfg.timing.check_interval
-        while not self.stop.is_set():
-            began = time.monotonic()
-            try:
-                body = call(self.cfg, self.key, peer, "status", self.status_body(peer.name),
-                            self.cfg.timing.probe_timeout)
-                self.note_status(peer.name, body, time.monotonic())
-            except (OSError, ProtocolError) as exc:
-                self.log.debug("no heartbeat from %s: %s", peer.name, exc)
-            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+    def _rest(self, began):
+        """How long a routine waits after a step that began at `began`: a check_interval
+        from step to step."""
+        return max(0.0, self.cfg.timing.check_interval - (self.clock() - began))
 
-    def _probe_primary(self):
+    def heartbeat_step(self, peer):
+        """One heartbeat with peer (a routine per peer); returns the wait before the next."""
+        began = self.clock()
+        try:
+            body = self.world.call(self.cfg, self.key, peer, "status",
+                                   self.status_body(peer.name), self.cfg.timing.probe_timeout)
+            self.note_status(peer.name, body, self.clock())
+        except (OSError, ProtocolError) as exc:
+            self.log.debug("no heartbeat from %s: %s", peer.name, exc)
+        return self._rest(began)
+
+    def probe_step(self):
         """Can a client reach the primary's PostgreSQL and does it say it is a primary?"""
-        interval = self.cfg.timing.check_interval
-        while not self.stop.is_set():
-            began = time.monotonic()
-            primary = self.view.primary
-            if primary != self.cfg.me.name:
-                self._probe_once(primary)
-            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+        began = self.clock()
+        primary = self.view.primary
+        if primary != self.cfg.me.name:
+            self._probe_once(primary)
+        return self._rest(began)
 
     def _probe_once(self, primary):
         probe = self.probe
         probe["target"] = primary
         try:
-            rows = pg_query(remote_dsn(self.cfg, self.cfg.nodes[primary]),
-                            "select pg_is_in_recovery()", timeout=self.cfg.timing.probe_timeout)
+            in_recovery = self.remote.in_recovery(self.cfg.nodes[primary],
+                                                  self.cfg.timing.probe_timeout)
         except (psycopg2.Error, TimeoutError, OSError) as exc:
             error = " ".join(str(exc).split()) or type(exc).__name__
         else:
-            if not rows[0][0]:
-                self.observations.alive(primary, time.monotonic())
-                probe.update(ok_at=time.monotonic(), error=None)
+            if not in_recovery:
+                self.observations.alive(primary, self.clock())
+                probe.update(ok_at=self.clock(), error=None)
                 return
             error = "in recovery (not a primary)"
         probe["failures"] += 1
@@ -1606,27 +1697,44 @@ class Agent:
         probe = self.probe
         return {"target": probe["target"], "error": probe["error"], "failures": probe["failures"],
                 "ok_age_s": None if probe["ok_at"] is None
-                else round(time.monotonic() - probe["ok_at"], 3)}
+                else round(self.clock() - probe["ok_at"], 3)}
 
-    def start_observers(self, peers):
-        server = AgentServer(self.cfg, self.key, self.handle, self.log)
-        threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
-        for peer in peers:
-            threading.Thread(target=self._heartbeats, args=(peer,), name=f"hb-{peer.name}",
-                             daemon=True).start()
-        threading.Thread(target=self._probe_primary, name="probe", daemon=True).start()
-        return server
+    def peers(self):
+        raise NotImplementedError
+
+    def routines(self):
+        """The agent's concurrent routines, (name, step): each step does one round and returns
+        how long to wait before the next. The real agent runs each in a thread of its own
+        (World.run_routine), the decision loop ("loop") in the main thread; the simulator
+        schedules the very same steps."""
+        routines = [(f"hb-{peer.name}", lambda peer=peer: self.heartbeat_step(peer))
+                    for peer in self.peers()]
+        routines.append(("probe", self.probe_step))
+        routines.append(("loop", self.loop_step))
+        return routines
+
+    def serve_and_run(self):
+        """Serve peers, run every routine until stop is set, then stop serving."""
+        server = self.world.serve(self)
+        try:
+            routines = self.routines()
+            for name, step in routines[:-1]:
+                threading.Thread(target=self.world.run_routine, args=(self.stop, step),
+                                 name=name, daemon=True).start()
+            self.world.run_routine(self.stop, routines[-1][1])
+        finally:
+            server.shutdown()
 
     def hold_lock(self):
         """The node's lock (AgentLock), waited for; False when asked to stop meanwhile."""
-        self.lock = AgentLock(self.cfg.state_dir)
+        self.lock = self.world.agent_lock(self.cfg.state_dir)
         return self.lock.acquire(self.log, self.stop)
 
     # -- the loop ------------------------------------------------------------------------
     def say(self, decision):
         """Log the decision when it changes (figures aside) or has held for REPEAT_LOG s."""
         shape = (decision.action, "".join(c for c in decision.reason if not c.isdigit()))
-        now = time.monotonic()
+        now = self.clock()
         self.last_decision = (decision.action, decision.reason, now)
         if shape != self._last_said[0] or now - self._last_said[1] >= self.REPEAT_LOG:
             self.log.info("%s. %s", decision.action, decision.reason)
@@ -1636,19 +1744,21 @@ class Agent:
         if self.last_decision is None:
             return None
         action, reason, at = self.last_decision
-        return {"action": action, "reason": reason, "age_s": round(time.monotonic() - at, 3)}
+        return {"action": action, "reason": reason, "age_s": round(self.clock() - at, 3)}
 
-    def run_loop(self, tick):
-        interval = self.cfg.timing.check_interval
-        while not self.stop.is_set():
-            began = time.monotonic()
-            try:
-                tick()
-            except (RuntimeError, OSError, psycopg2.Error, TimeoutError,
-                    subprocess.SubprocessError) as exc:
-                self.log.error("%s: %s", type(exc).__name__, exc)
-                self.stop.wait(1.0)  # the failed step is retried on a later tick
-            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+    def tick(self):
+        raise NotImplementedError
+
+    def loop_step(self):
+        """One round of the decision loop; returns the wait before the next."""
+        began = self.clock()
+        try:
+            self.tick()
+        except (RuntimeError, OSError, psycopg2.Error, TimeoutError,
+                subprocess.SubprocessError) as exc:
+            self.log.error("%s: %s", type(exc).__name__, exc)
+            return 1.0  # the failed step is retried on a later tick
+        return self._rest(began)
 
 
 class DbAgent(Agent):
@@ -1658,12 +1768,12 @@ class DbAgent(Agent):
     SWITCHOVER_WAIT = 15.0  # how long a switchover request waits for the loop to carry it out
     HANDOVER_CATCHUP = 5.0  # a fenced primary waits this long for the standby to flush all
 
-    def __init__(self, cfg, key):
+    def __init__(self, cfg, key, world=None):
         default = View(0, cfg.by_role("primary").name, cfg.by_role("standby").name)
-        super().__init__(cfg, key, default)
+        super().__init__(cfg, key, default, world)
         self.view = self.state.load()
-        self.pg = LocalPostgres(cfg)
-        self.fence = Fence(cfg.me.pg_port)
+        self.pg = self.world.postgres(cfg)
+        self.fence = self.world.fence(cfg.me.pg_port)
         # What this process holds: "closed", "standby" (open, no timeout) or "primary" (open
         # until lease_until). A lease left by a previous process is not ours: it lapses.
         self._lease_lock = threading.Lock()
@@ -1695,13 +1805,25 @@ class DbAgent(Agent):
     def handle(self, sender, kind, body):
         if kind != "switchover":
             return super().handle(sender, kind, body)
+        request, refusal = self.ask_switchover()
+        if request is None:
+            return refusal
+        request["done"].wait(self.SWITCHOVER_WAIT)
+        return self.end_switchover(request)
+
+    def ask_switchover(self):
+        """(request, None): a switchover request for the loop to carry out; (None, answer):
+        refused."""
         request = {"done": threading.Event(), "result": None}
         with self._switchover_lock:
             if self.view.primary != self.cfg.me.name or self.switchover is not None:
-                return {"done": False, "reason": f"{self.cfg.me.name} is not the primary or a "
-                                                 "switchover is under way"}
+                return None, {"done": False, "reason": f"{self.cfg.me.name} is not the primary "
+                                                       "or a switchover is under way"}
             self.switchover = request
-        request["done"].wait(self.SWITCHOVER_WAIT)
+        return request, None
+
+    def end_switchover(self, request):
+        """Stop waiting for a request (ask_switchover); the answer for the one who asked."""
         with self._switchover_lock:
             self.switchover = None
         return request["result"] or {"done": False, "reason": "timed out"}
@@ -1714,30 +1836,36 @@ class DbAgent(Agent):
             request["done"].set()
 
     def run(self):
+        if self.prepare():
+            self.serve_and_run()
+
+    def prepare(self):
+        """Directories, the node's lock, the fence's table; False when stopped meanwhile."""
         self.pg.prepare_dirs()
         if not self.hold_lock():
-            return
+            return False
         self.pg.lock_fd = self.lock.fd
         self.fence.install()
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
-        server = self.start_observers([self.other, self.cfg.arbiter])
-        threading.Thread(target=self._keep_lease, name="lease", daemon=True).start()
-        try:
-            self.run_loop(self.tick)
-        finally:
-            server.shutdown()
+        return True
+
+    def peers(self):
+        return [self.other, self.cfg.arbiter]
+
+    def routines(self):
+        return [("lease", self.lease_step), *super().routines()]
 
     # -- the lease -----------------------------------------------------------------------
-    def _keep_lease(self):
-        """Extend the primary's lease as peers hear it; apart from the loop, so that a slow
-        PostgreSQL or a blocking call there cannot make a healthy primary's lease lapse."""
-        while not self.stop.is_set():
-            try:
-                self.extend_lease()
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                self.warn("lease extension", "nft", exc)
-            self.stop.wait(self.cfg.timing.check_interval / 2)
+    def lease_step(self):
+        """Extend the primary's lease as peers hear it; a routine apart from the loop, so that
+        a slow PostgreSQL or a blocking call there cannot make a healthy primary's lease
+        lapse."""
+        try:
+            self.extend_lease()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self.warn("lease extension", "nft", exc)
+        return self.cfg.timing.check_interval / 2
 
     def extend_lease(self, opening=False, anchor=None):
         """Set the kernel's lease to what lease_extension allows, when that gains at least
@@ -1747,7 +1875,7 @@ class DbAgent(Agent):
         with self._lease_lock:
             if self.lease_mode != "primary" and not opening:
                 return
-            now = time.monotonic()
+            now = self.clock()
             if self.view.primary != self.cfg.me.name:
                 self._close_lease()
                 return
@@ -1759,7 +1887,7 @@ class DbAgent(Agent):
             if not opening and until - self.lease_until < timing.check_interval:
                 return
             self.fence.open_for(until - now)
-            if time.monotonic() - now > timing.safety_margin:
+            if self.clock() - now > timing.safety_margin:
                 self._close_lease()
                 raise RuntimeError("the kernel took the lease late: closed the port instead")
             self.lease_mode, self.lease_until = "primary", until
@@ -1771,7 +1899,7 @@ class DbAgent(Agent):
     def lease_status(self):
         mode, until = self.lease_mode, self.lease_until
         if mode == "primary" and until is not None:
-            return {"mode": mode, "left_s": round(until - time.monotonic(), 3)}
+            return {"mode": mode, "left_s": round(until - self.clock(), 3)}
         return {"mode": mode}
 
     def _observe_fence(self, now):
@@ -1814,7 +1942,7 @@ class DbAgent(Agent):
             return
         st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
         self.pg_state = st.pg
-        now = time.monotonic()
+        now = self.clock()
         if self.pg_state != "down":
             self.pg_down_since = None
         elif self.pg_down_since is None:
@@ -1855,7 +1983,7 @@ class DbAgent(Agent):
         with self._lease_lock:
             self._close_lease()
         if not self.fenced:
-            self.fenced, self.confirm_after = True, time.monotonic()
+            self.fenced, self.confirm_after = True, self.clock()
             self.events("fenced", reason=decision.reason, term=self.view.term)
         self._end_client_sessions()
 
@@ -1886,7 +2014,7 @@ class DbAgent(Agent):
         self.extend_lease(opening=True, anchor=asked_at)
         self.fenced = self.lease_mode != "primary"
         if self.fenced:
-            self.confirm_after = time.monotonic()
+            self.confirm_after = self.clock()
         self.pg.write_config(self.view, sync_names=self.wanted_sync_names())
         self.pg.reload()
         self.pg.promote()
@@ -1895,19 +2023,19 @@ class DbAgent(Agent):
         self.log.info("promoted: I am the primary of term %d", self.view.term)
         # pg_rewind reads the new timeline from pg_control, written by the next checkpoint:
         # one now lets the old primary rejoin at once. In the background: it may take long.
-        threading.Thread(target=self._checkpoint, name="checkpoint", daemon=True).start()
+        self.world.spawn("checkpoint", self._checkpoint)
 
     def wanted_sync_names(self):
         return desired_sync_names(self.view, other=self.other.name, strict=self.cfg.strict_sync)
 
     def _checkpoint(self):
         try:
-            pg_query(local_dsn(self.cfg), "checkpoint", timeout=600)
+            self.pg.checkpoint(timeout=600)
         except (psycopg2.Error, TimeoutError, OSError) as exc:
             self.log.warning("checkpoint after the promotion failed: %s", exc)
 
     def do_request_promotion(self, decision):
-        asked_at = time.monotonic()
+        asked_at = self.clock()
         if self._ask_arbiter("promote", {}) == "granted":
             self.do_promote(decision, asked_at)
 
@@ -1935,8 +2063,9 @@ class DbAgent(Agent):
         have acted). Any answer's view is learned (and persisted) before acting on it."""
         arbiter = self.cfg.arbiter
         try:
-            reply = call(self.cfg, self.key, arbiter, kind, {"term": self.view.term, **body},
-                         2 * self.cfg.timing.probe_timeout)
+            reply = self.world.call(self.cfg, self.key, arbiter, kind,
+                                    {"term": self.view.term, **body},
+                                    2 * self.cfg.timing.probe_timeout)
         except (OSError, ProtocolError) as exc:
             self.log.warning("%s: no answer from %s: %s", kind, arbiter.name, exc)
             return "unknown"
@@ -1961,9 +2090,8 @@ class DbAgent(Agent):
         """Replaced: stop, rewind onto the new primary and start as its standby; if the rewind
         fails, keep the old data aside and clone afresh (the bootstrap does it next tick)."""
         source = self.cfg.nodes[self.view.primary]
-        rows = pg_query(remote_dsn(self.cfg, source), "select timeline_id from "
-                        "pg_control_checkpoint()", timeout=2 * self.cfg.timing.probe_timeout)
-        if rows[0][0] <= self.pg.timeline():
+        timeline = self.remote.checkpoint_timeline(source, 2 * self.cfg.timing.probe_timeout)
+        if timeline <= self.pg.timeline():
             self.log.info("%s has not checkpointed its new timeline yet: rewinding later",
                           source.name)
             return
@@ -1988,20 +2116,20 @@ class DbAgent(Agent):
         this node rejoins. Without an answer, stay fenced until the arbiter settles it."""
         self.fence.let_through(self.other.address, self.HANDOVER_CATCHUP + 2)
         self.do_fence(decision)
-        began = time.monotonic()
+        began = self.clock()
         while True:
             st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
             if st.lsn is not None and st.standby_flush is not None and st.standby_flush >= st.lsn:
                 self.log.info("%s has flushed all my WAL (%.2f s after the fence)",
-                              self.other.name, time.monotonic() - began)
+                              self.other.name, self.clock() - began)
                 break
-            if time.monotonic() - began >= self.HANDOVER_CATCHUP:
+            if self.clock() - began >= self.HANDOVER_CATCHUP:
                 self.log.warning("%s is still %s bytes behind after %.0f s: handing over "
                                  "anyway (it is the synchronous standby: it has every "
                                  "acknowledged commit)", self.other.name,
                                  (st.lsn or 0) - (st.standby_flush or 0), self.HANDOVER_CATCHUP)
                 break
-            time.sleep(0.05)
+            self.world.sleep(0.05)
         answer = self._ask_arbiter("handover", {"to": self.other.name, "seq": self.view.seq})
         self.fence.stop_letting_through()
         if answer == "granted":
@@ -2009,14 +2137,14 @@ class DbAgent(Agent):
                                           f"{self.view.term}")
             return
         self.handover_unsettled = answer == "unknown"
-        self.confirm_after = time.monotonic()  # reopen only on the arbiter's word from now on
+        self.confirm_after = self.clock()  # reopen only on the arbiter's word from now on
         self._finish_switchover(False, "the arbiter refused the handover" if answer == "refused"
                                 else "no answer from the arbiter: fenced until it settles")
 
     def do_settle_handover(self, decision):
         if self._ask_arbiter("settle", {}) != "unknown":
             self.handover_unsettled = False
-            self.confirm_after = time.monotonic()
+            self.confirm_after = self.clock()
 
     def do_refuse_switchover(self, decision):
         self._finish_switchover(False, decision.reason)
@@ -2031,9 +2159,9 @@ def describe_lease(lease):
 class ArbiterAgent(Agent):
     """The arbiter: the one place where terms are created, durably, one at a time."""
 
-    def __init__(self, cfg, key):
+    def __init__(self, cfg, key, world=None):
         default = View(1, cfg.by_role("primary").name, cfg.by_role("standby").name)
-        super().__init__(cfg, key, default)
+        super().__init__(cfg, key, default, world)
 
     def role_name(self):
         return "arbiter"
@@ -2044,24 +2172,27 @@ class ArbiterAgent(Agent):
                 "decision": self.decision_status()}
 
     def run(self):
-        for d in (self.cfg.state_dir, self.cfg.log_dir, self.cfg.run_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        write_pgpass(self.cfg)  # the probe of the primary's PostgreSQL authenticates with it
+        if self.prepare():
+            self.serve_and_run()
+
+    def prepare(self):
+        """Directories, the passfile (the probe of the primary's PostgreSQL authenticates with
+        it), the node's lock, the view; False when stopped meanwhile."""
+        self.remote.prepare()
         if not self.hold_lock():
-            return
+            return False
         self.view = self.state.load()
-        if not os.path.exists(self.state.path):
+        if not self.state.exists():
             self.state.save(self.view)  # term 1 exists durably before anyone is told of it
         self.log.info("starting: view %s", self.view.as_dict())
-        server = self.start_observers(self.cfg.db_nodes)
-        try:
-            self.run_loop(self.tick)
-        finally:
-            server.shutdown()
+        return True
+
+    def peers(self):
+        return self.cfg.db_nodes
 
     def tick(self):
         contact_at, alive_at = self.observations.snapshot()
-        now, view = time.monotonic(), self.view
+        now, view = self.clock(), self.view
         seen = _age(now, self.started_at, alive_at.get(view.primary))
         peers = ", ".join(f"{n.name} {'reachable' if _age(now, self.started_at, contact_at.get(n.name)) < self.cfg.timing.fence_timeout else 'unreachable'}"  # noqa: E501
                           for n in self.cfg.db_nodes)
@@ -2077,7 +2208,7 @@ class ArbiterAgent(Agent):
         if not isinstance(term, int) or sender not in db_names:
             raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
         with self._view_lock:  # one decision at a time: never two grants for one term
-            now, view = time.monotonic(), self.view
+            now, view = self.clock(), self.view
             contact_at, alive_at = self.observations.snapshot()
             if kind == "promote":
                 granted, new, reason = decide_grant(view, sender, term,

@@ -375,3 +375,40 @@ def test_finding11_data_directory_children_hold_the_lock(tmp_path):
     plain = pg._run(probe, timeout=10)
     assert plain.returncode != 0 and "inherited" not in plain.stdout
     fcntl.flock(lock.fd, fcntl.LOCK_UN)
+
+
+# -- rule 8: a standby killed after the grant was persisted, before pg_promote() ----------------
+
+class Crash(BaseException):
+    """The process dies here (SIGKILL): nothing after this line runs."""
+
+
+def test_rule8_standby_killed_between_the_grant_and_pg_promote_promotes_after_restart(
+        tmp_path, monkeypatch):
+    arb = agent.ArbiterAgent(lab_config(tmp_path, "arb"), b"k" * 32)
+    arb.view = View(1, "pg1", "pg2", 4)
+    arb.state.save(arb.view)
+    arb.started_at -= 10  # the arbiter has not seen pg1 for 10 s
+    monkeypatch.setattr(agent, "call", Wire(arb))
+    cfg = lab_config(tmp_path, "pg2")
+    pg2 = agent.DbAgent(cfg, b"k" * 32)
+    pg2.view = arb.view
+    pg2.pg = pg2.fence = Recorder()
+
+    def killed(*args, **kwargs):
+        raise Crash()
+
+    pg2.do_promote = killed
+    standby = dict(pg="standby", has_standby_signal=True, sync_names=None, view=pg2.view,
+                   primary_alive_at=NOW - 10, contact_at={"pg1": NOW - 10, "arb": NOW - 0.1})
+    with pytest.raises(Crash):
+        decision = decide_db("pg2", "pg1", "arb", primary_obs(**standby), T)
+        assert decision.action == "request_promotion"
+        pg2.do_request_promotion(decision)
+    assert arb.view.term == 2
+    restarted = agent.DbAgent(cfg, b"k" * 32)  # the grant was persisted before acting on it
+    assert (restarted.view.term, restarted.view.primary) == (2, "pg2")
+    standby["view"] = restarted.view
+    assert decide_db("pg2", "pg1", "arb", primary_obs(**standby), T).action == "promote"
+    again = arb.handle("pg2", "promote", {"term": 1})  # a retried request: no second term
+    assert again["granted"] and arb.view.term == 2
