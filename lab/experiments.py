@@ -455,7 +455,8 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
     figures = failover_metrics(
         run.records(), backend.events(), cut_at, primary, standby, backend.addresses,
         _probe_ids(backend, standby), healed_at=run.healed_at, tps=run.tps(),
-        create_table_ok=create.returncode == 0, create_table_error=create.stderr.strip() or None,
+        create_table_ok=create.returncode == 0,  # psql's NOTICE on stderr is not an error
+        create_table_error=(create.stderr.strip() or None) if create.returncode else None,
         old_primary_fenced=fenced_while_isolated, pgbench_restarts=run.pgbench.restarts())
     return publish(backend, "failover", run, {
         "backend": backend.name, "old_primary": primary, "new_primary": standby,

@@ -293,7 +293,9 @@ def verdict_text(figures):
                                                                  or ["?"])
 
 
-def _cell(value):
+def _cell(value, key=""):
+    if key.endswith("_at") and isinstance(value, (int, float)) and value > 1e8:
+        return _clock(value)  # a wall-clock time
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, dict)):
@@ -314,7 +316,7 @@ def markdown(figures, text_report=None, png=None, png_error=None):
     lines = [f"# {title(f)}", "", f"**Verdict: {verdict_text(f)}**", ""]
     if o is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o))
-        lines += [f"Run at {when} ({headline(f)}).", ""]
+        lines += [f"Run at {when}: {headline(f)}.", ""]
     if png:
         lines += [f"![{name}: acknowledged writes and pgbench tps over time]({png})", ""]
     elif png_error:
@@ -326,7 +328,7 @@ def markdown(figures, text_report=None, png=None, png_error=None):
         lines += [f"| {label} | {seconds:+.2f} |" for _, label, seconds in moments]
         lines.append("")
     lines += ["## Figures", "", "| figure | value |", "|---|---|"]
-    lines += [f"| `{k}` | {_cell(v)} |" for k, v in f.items() if k not in NOT_FIGURES]
+    lines += [f"| `{k}` | {_cell(v, k)} |" for k, v in f.items() if k not in NOT_FIGURES]
     lines.append("")
     if f.get("failed_checks"):
         lines += ["Failed checks:", ""] + [f"- {c}" for c in f["failed_checks"]] + [""]
@@ -416,7 +418,10 @@ def plot(figures, records, tps, path):
 
     seconds_tps = tps_by_second(tps, o)
     if seconds_tps:
-        ax_t.step([s for s, _ in seconds_tps], [v for _, v in seconds_tps], where="mid",
+        # a sample is about the second before it: drawn over (s - 1, s]
+        xs = [seconds_tps[0][0] - 1] + [s for s, _ in seconds_tps]
+        ys = [seconds_tps[0][1]] + [v for _, v in seconds_tps]
+        ax_t.step(xs, ys, where="pre",
                   color="#333333", linewidth=1.4, label="pgbench tps (a second without a "
                                                         "sample: 0)")
         ax_t.legend(loc="lower left", fontsize=fontsize, framealpha=0.9)
