@@ -444,9 +444,10 @@ def plot(figures, records, tps, path):
         y = ax_w.get_ylim()[1] * 0.55
         ax_w.annotate("", xy=(f["failover_s"], y), xytext=(0, y),
                       arrowprops={"arrowstyle": "<->", "color": "#d62728", "lw": 1.5})
-        ax_w.text(f["failover_s"] / 2, y, f"failover {f['failover_s']:.2f} s", ha="center",
-                  va="bottom", fontsize=fontsize + 2, color="#d62728", fontweight="bold",
-                  bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+        ax_w.annotate(f"failover {f['failover_s']:.2f} s", xy=(f["failover_s"] / 2, y),
+                      xytext=(0, 5), textcoords="offset points", ha="center", va="bottom",
+                      fontsize=fontsize + 2, color="#d62728", fontweight="bold",
+                      bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     fig.suptitle(f"{title(f)}: {headline(f)} · verdict "
                  f"{'OK' if f.get('ok') else 'FAILED'}", fontsize=fontsize + 3, y=0.995,
                  va="top")
