@@ -349,17 +349,20 @@ def markdown(figures, text_report=None, png=None, png_error=None):
 def summary_markdown(summary, subfolders):
     """report.md of a folder of folders: the summary as printed and a link to each."""
     ok = summary.get("ok")
+    names = list(summary.get("figures") or ())  # a benchmark's figures, one column each
     lines = [f"# {summary.get('title', '?')}", "",
              f"**Verdict: {'OK' if ok else 'FAILED'}**", "", "```", summary.get("text", ""),
-             "```", "", "| run | verdict | report |", "|---|---|---|"]
+             "```", "", "| " + " | ".join(["run", *names, "verdict", "report"]) + " |",
+             "|" + "---|" * (len(names) + 3)]
     for sub in subfolders:
         try:
             f = json.loads((sub / FIGURES).read_text())
         except (OSError, ValueError):
-            lines.append(f"| {sub.name} | no figures | - |")
+            lines.append(f"| {sub.name} | " + "- | " * len(names) + "no figures | - |")
             continue
-        lines.append(f"| {sub.name} | {_cell(verdict_text(f))} | "
-                     f"[{sub.name}/{MARKDOWN}]({sub.name}/{MARKDOWN}) |")
+        cells = [sub.name, *(_cell(f.get(name)) for name in names), _cell(verdict_text(f)),
+                 f"[{sub.name}/{MARKDOWN}]({sub.name}/{MARKDOWN})"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -166,11 +166,13 @@ def test_a_benchmark_folder_links_its_trials(tmp_path):
         report.save(tmp_path / f"trial-0{i}", "failover", failover_result(), RECORDS, TPS,
                     EVENTS, ADDR, CUT - 3.2)
     report.save_summary(tmp_path, "Failover benchmark (netns lab), 2 trials",
-                        {"ok": True}, "the summary as printed")
+                        {"ok": True, "figures": ["failover_s", "rejoined_s"]},
+                        "the summary as printed")
     md = (tmp_path / "report.md").read_text()
     assert "**Verdict: OK**" in md and "the summary as printed" in md
-    assert "| trial-01 | OK | [trial-01/report.md](trial-01/report.md) |" in md
-    assert "| trial-02 | OK |" in md
+    assert "| run | failover_s | rejoined_s | verdict | report |" in md
+    assert "| trial-01 | 3.1 | 2.5 | OK | [trial-01/report.md](trial-01/report.md) |" in md
+    assert "| trial-02 | 3.1 | 2.5 | OK |" in md
 
 
 @pytest.mark.parametrize("name, figures", [
