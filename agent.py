@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import pwd
 import re
@@ -127,7 +128,10 @@ def _parse_port(text):
 
 
 def _parse_ip(text):
-    return str(ipaddress.ip_address(text))
+    address = ipaddress.ip_address(text)
+    if address.version != 4:
+        raise ValueError("must be an IPv4 address (the fence's rules are IPv4)")
+    return str(address)
 
 
 def _parse_cidrs(text):
@@ -237,9 +241,20 @@ def check_timing(path, t):
         raise ConfigError(path, "timing", "check_interval",
                           "check_interval + probe_timeout must be shorter than fence_timeout: "
                           "a healthy primary's lease would lapse between two heartbeats")
+    if promote_window(t) <= t.check_interval + t.probe_timeout:
+        raise ConfigError(path, "timing", "failover_timeout",
+                          "failover_timeout - fence_timeout - safety_margin must exceed "
+                          "check_interval + probe_timeout: a promotion request is judged on "
+                          "news from the arbiter at most that old (decide_grant)")
     if t.restart_grace <= t.failover_timeout:
         raise ConfigError(path, "timing", "restart_grace",
                           "must exceed failover_timeout: a failover gets the first chance")
+
+
+def promote_window(t):
+    """How old the arbiter's news may be on which a standby asked to be promoted: within it,
+    the primary's lease had lapsed before the standby decided (decide_grant)."""
+    return t.failover_timeout - t.fence_timeout - t.safety_margin
 
 
 def load_config(path, node_name):
@@ -501,15 +516,24 @@ def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
     return Decision("none", f"I am ({me}) the primary of term {view.term}")
 
 
-def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timing):
+def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timing,
+                 news_at=None):
     """The arbiter's answer to a standby asking to be promoted: (granted, new view, reason).
-    A grant creates a new term; the caller persists it before answering."""
+    A grant creates a new term; the caller persists it before answering. news_at: the
+    arbiter's own stamp (its clock) that the candidate last had from it when it asked. The
+    candidate decided that it had lost the primary after that moment; if the request reaches
+    the arbiter more than promote_window later (held in the network, replayed, queued), the
+    primary might have regained the standby meanwhile, so it is refused: ask again."""
     if view.primary == candidate:
         return True, view, f"{candidate} already is the primary of term {view.term}"
     if term != view.term:
         return False, view, f"{candidate} asks about term {term}, the current term is {view.term}"
     if view.eligible != candidate:
         return False, view, f"{candidate} is not eligible in term {view.term} (not in sync)"
+    if news_at is None or now - news_at > promote_window(timing):
+        return False, view, (f"{candidate} asked on news from me "
+                             f"{'unknown' if news_at is None else f'{now - news_at:.1f} s'} old: "
+                             "ask again")
     lost = _age(now, started_at, primary_alive_at)
     if lost < timing.failover_timeout:
         return False, view, f"I still see {view.primary} (last {lost:.1f} s ago)"
@@ -634,6 +658,10 @@ REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "sett
                  "switchover")
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number this protocol carries")
+
+
 class ProtocolError(Exception):
     """What is wrong with a message; kind names the sort of drop, for the log."""
 
@@ -697,7 +725,7 @@ def unseal(key, line, me, known_nodes, now=None, replays=None):
     if not hmac.compare_digest(mac, _mac(key, payload).encode()):
         raise ProtocolError("bad mac (wrong key or altered)", "bad mac")
     try:  # authenticated bytes, but a key holder's bug must not crash the server either
-        message = json.loads(payload)
+        message = json.loads(payload, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise ProtocolError("not JSON", "malformed") from None
     if not isinstance(message, dict):
@@ -1153,10 +1181,23 @@ class Fence:
         return parse_lease(listed.stdout, self.port) if listed.returncode == 0 else None
 
     def open_for(self, seconds):
-        """Flush and add in one transaction: a plain add would keep an old expiry."""
+        """Open from closed: flush and add in one transaction (a plain add would keep an old
+        expiry)."""
         ms = max(1, int(seconds * 1000))
         self._nft(script=f"flush set inet {self.TABLE} lease\n"
                          f"add element inet {self.TABLE} lease {{ {self.port} timeout {ms}ms }}\n")
+
+    def renew(self, seconds):
+        """Extend a live lease: delete and add in one transaction. If the element has expired
+        the delete fails and so does the whole transaction: a late renewal never reopens a
+        port that has closed. False when it had."""
+        ms = max(1, int(seconds * 1000))
+        element = f"inet {self.TABLE} lease {{ {self.port}"
+        result = self._nft(script=f"delete element {element} }}\n"
+                                  f"add element {element} timeout {ms}ms }}\n", check=False)
+        if result.returncode != 0 and "No such file or directory" not in result.stderr:
+            raise RuntimeError(f"nft failed: {result.stderr.strip()}")
+        return result.returncode == 0
 
     def open(self):
         self._nft(script=f"flush set inet {self.TABLE} lease\n"
@@ -1363,7 +1404,7 @@ class LocalPostgres:
               for fn in REPLICATOR_FUNCTIONS), ""])
         result = self._run([self._bin("postgres"), "--single", "-D", tmp, "-c",
                             "synchronous_commit=local", "postgres"],
-                           timeout=120, stdin=sql)
+                           timeout=120, stdin=sql, holds_lock=True)
         if result.returncode != 0 or "ERROR" in result.stdout + result.stderr:
             raise RuntimeError(f"creating roles failed: {result.stdout}{result.stderr}".strip())
         os.rename(tmp, self.cfg.data_dir)
@@ -1443,6 +1484,14 @@ class World:
     def sleep(self, seconds):
         time.sleep(seconds)
 
+    def boot_id(self):
+        """Which boot the monotonic clock counts from: a stamp of another boot is no stamp."""
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                return f.read().strip()
+        except OSError:
+            return "unknown"
+
     def call(self, cfg, key, peer, kind, body, timeout):
         """One request to a peer's agent and its reply body (see call())."""
         return call(cfg, key, peer, kind, body, timeout)
@@ -1490,36 +1539,55 @@ class World:
 # --------------------------------------------------------------------------------------------
 
 
+def _finite(value):
+    """A number a stamp can be: an int or float that a float holds, not NaN nor infinite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+PG_STATES = ("primary", "standby", "down", "none")
+
+
 class Observations:
     """Written by the observer threads and the server, read as a snapshot by the loop.
 
-    Every status a node sends carries a stamp (its own monotonic clock) and echoes the stamp
-    (and pg state) of the latest status it received from the addressee. An echo of one of our
-    stamps proves that the peer heard us at that moment (our clock) or later: contact counts
-    from there, and when we said then that we were a running primary, the peer has counted us
-    alive from there on -- the only moments a primary's lease may be anchored on."""
+    Every status a node sends carries a stamp -- its monotonic clock, and the boot it counts
+    from -- and echoes the stamp, PostgreSQL state and fence of the latest status it received
+    from the addressee. An echo of one of our stamps proves that the peer heard us at that
+    moment (our clock) or later: contact counts from there. When we said then that we were a
+    running primary, the peer has counted us alive from there on -- an unfenced primary for a
+    standby, any primary for the arbiter (Agent.counts_alive) -- and only such moments anchor
+    a primary's lease."""
 
-    def __init__(self):
+    def __init__(self, boot=None):
         self._lock = threading.Lock()
+        self.boot = boot
         self.contact_at = {}  # peer -> latest moment (our clock) the peer provably heard us
         self.alive_at = {}    # node -> last sign that it serves as primary (our clock)
         self.lease_anchor = None  # latest moment a peer provably heard us as running primary
-        self.stamps = {}      # peer -> {"stamp", "pg"} of its latest status: echoed back to it
+        self.stamps = {}      # peer -> its latest stamp (stamp, boot, pg, fenced): echoed back
 
-    def heard(self, peer, echo, now):
-        """The peer echoed one of our stamps (a later one than any before counts)."""
-        if not isinstance(echo, dict) or not isinstance(echo.get("stamp"), (int, float)):
+    def heard(self, peer, echo, now, arbiter=False):
+        """The peer echoed one of our stamps (a later one than any before counts); one from
+        another boot, from our future or malformed is ignored."""
+        if not isinstance(echo, dict) or not _finite(echo.get("stamp")) \
+                or echo.get("boot") != self.boot or echo["stamp"] > now:
             return
-        at = min(float(echo["stamp"]), now)
+        at = float(echo["stamp"])
         with self._lock:
             self.contact_at[peer] = max(at, self.contact_at.get(peer, at))
-            if echo.get("pg") == "primary":
+            if echo.get("pg") == "primary" and (arbiter or echo.get("fenced") is False):
                 self.lease_anchor = max(at, self.lease_anchor or at)
 
     def remember_stamp(self, peer, body):
-        if isinstance(body.get("stamp"), (int, float)):
+        if _finite(body.get("stamp")) and isinstance(body.get("boot"), str) \
+                and body.get("pg") in PG_STATES and isinstance(body.get("fenced"), bool):
             with self._lock:
-                self.stamps[peer] = {"stamp": body["stamp"], "pg": body.get("pg")}
+                self.stamps[peer] = {k: body[k] for k in ("stamp", "boot", "pg", "fenced")}
 
     def echo_for(self, peer):
         with self._lock:
@@ -1589,7 +1657,8 @@ class Agent:
         self.world = world = world or World()
         self.clock = world.monotonic
         self.started_at = self.clock()
-        self.observations = Observations()
+        self.boot = world.boot_id()
+        self.observations = Observations(self.boot)
         self.stop = threading.Event()
         self.state = world.state_file(os.path.join(cfg.state_dir, "view.json"), default_view)
         self.events = world.event_log(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
@@ -1597,7 +1666,7 @@ class Agent:
         self.log = world.logger()
         self.log.addFilter(_RoleFilter(self))
         self.warn = DropLog(self.log, what="failed", clock=self.clock)
-        self._view_lock = threading.Lock()
+        self._view_lock = threading.RLock()
         self.view = default_view
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
@@ -1612,9 +1681,10 @@ class Agent:
         except (ValueError, KeyError, TypeError) as exc:
             self.log.warning("ignored a view from %s: %s", source, exc)
             return
-        if view.primary not in self.cfg.nodes or (view.eligible and view.eligible not in
-                                                  self.cfg.nodes):
-            self.log.warning("ignored a view from %s naming unknown nodes: %s", source, offered)
+        db_nodes = {n.name for n in self.cfg.db_nodes}
+        if view.primary not in db_nodes or (view.eligible and view.eligible not in db_nodes):
+            self.log.warning("ignored a view from %s naming no database node: %s", source,
+                             offered)
             return
         with self._view_lock:
             if newer_view(self.view, view) is self.view:
@@ -1631,19 +1701,26 @@ class Agent:
     def status_body(self, to=None):
         """Our status for a peer, stamped, with the echo of the peer's latest stamp."""
         body = self.own_status()
-        body["stamp"] = self.clock()
+        body["stamp"], body["boot"] = self.clock(), self.boot
         body["echo"] = self.observations.echo_for(to) if to else None
         return body
+
+    def counts_alive(self, body):
+        """Whether a peer's status is a sign that it serves as primary: a database node's
+        agent counts only an unfenced one (a fenced primary serves no one); the arbiter
+        counts any (Observations)."""
+        return body.get("pg") == "primary" and body.get("fenced") is False
 
     def note_status(self, sender, body, at):
         """A peer's status (request or reply): its view is learned (and persisted) first;
         only then does the exchange count as contact (Observations.heard)."""
         if isinstance(body.get("view"), dict):
             self.learn(body["view"], sender)
-        if body.get("pg") == "primary":
+        if self.counts_alive(body):
             self.observations.alive(sender, at)
         self.observations.remember_stamp(sender, body)
-        self.observations.heard(sender, body.get("echo"), at)
+        self.observations.heard(sender, body.get("echo"), at,
+                                arbiter=sender == self.cfg.arbiter.name)
 
     def handle(self, sender, kind, body):
         if kind == "status":
@@ -1665,6 +1742,8 @@ class Agent:
             self.note_status(peer.name, body, self.clock())
         except (OSError, ProtocolError) as exc:
             self.log.debug("no heartbeat from %s: %s", peer.name, exc)
+        except Exception as exc:  # noqa: BLE001 -- a routine must outlive anything a peer sends
+            self.warn("heartbeat", peer.name, f"{type(exc).__name__}: {exc}")
         return self._rest(began)
 
     def probe_step(self):
@@ -1672,7 +1751,10 @@ class Agent:
         began = self.clock()
         primary = self.view.primary
         if primary != self.cfg.me.name:
-            self._probe_once(primary)
+            try:
+                self._probe_once(primary)
+            except Exception as exc:  # noqa: BLE001 -- the probe routine must go on
+                self.warn("probe", primary, f"{type(exc).__name__}: {exc}")
         return self._rest(began)
 
     def _probe_once(self, primary):
@@ -1782,6 +1864,7 @@ class DbAgent(Agent):
         self.confirm_after = self.started_at
         self.handover_unsettled = False
         self.pg_state, self.pg_down_since = "down", None
+        self.last_pg_answer = "down"  # the last state PostgreSQL itself told
         self.other = cfg.other_db(cfg.me.name)
         self.reply_time = None       # primary: the standby's last reply_time (its clock)
         self.standby_seen_at = None  # primary: when that reply_time last changed (our clock)
@@ -1796,8 +1879,18 @@ class DbAgent(Agent):
             return "replaced"  # a former primary's data, not yet rejoined
         return "standby"
 
+    def reported_pg(self):
+        """What peers hear of our PostgreSQL: a status query that failed for less than
+        fence_timeout repeats the last answer, so that a slow query or two do not cost a
+        healthy primary its lease (peers count it alive on exactly what we report)."""
+        down_since = self.pg_down_since
+        if self.pg_state == "down" and down_since is not None \
+                and self.clock() - down_since < self.cfg.timing.fence_timeout:
+            return self.last_pg_answer
+        return self.pg_state
+
     def own_status(self):
-        return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.pg_state,
+        return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.reported_pg(),
                 "fenced": self.fenced, "view": self.view.as_dict(),
                 "lease": self.lease_status(), "probe": self.probe_status(),
                 "decision": self.decision_status()}
@@ -1845,6 +1938,7 @@ class DbAgent(Agent):
         if not self.hold_lock():
             return False
         self.pg.lock_fd = self.lock.fd
+        self.view = self.state.load()  # a predecessor may have written it while we waited
         self.fence.install()
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
@@ -1863,8 +1957,8 @@ class DbAgent(Agent):
         lapse."""
         try:
             self.extend_lease()
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            self.warn("lease extension", "nft", exc)
+        except Exception as exc:  # noqa: BLE001 -- the lease routine must go on
+            self.warn("lease extension", "nft", f"{type(exc).__name__}: {exc}")
         return self.cfg.timing.check_interval / 2
 
     def extend_lease(self, opening=False, anchor=None):
@@ -1875,26 +1969,40 @@ class DbAgent(Agent):
         with self._lease_lock:
             if self.lease_mode != "primary" and not opening:
                 return
+            # the anchor first, then the view: an exchange that replaced us taught us the new
+            # view before it counted as an anchor (note_status)
+            anchor = max(anchor or 0.0, self.observations.lease_anchor or 0.0) or None
             now = self.clock()
             if self.view.primary != self.cfg.me.name:
                 self._close_lease()
                 return
-            anchor = max(anchor or 0.0, self.observations.lease_anchor or 0.0) or None
             until = lease_extension(self.lease_until, anchor, now, timing, opening)
             if until is None:
                 self._close_lease()
                 return
             if not opening and until - self.lease_until < timing.check_interval:
                 return
-            self.fence.open_for(until - now)
+            if opening:
+                self.fence.open_for(until - now)
+            elif not self.fence.renew(until - now):  # it had lapsed: never revived
+                self.lease_mode, self.lease_until = "closed", None
+                return
             if self.clock() - now > timing.safety_margin:
                 self._close_lease()
                 raise RuntimeError("the kernel took the lease late: closed the port instead")
             self.lease_mode, self.lease_until = "primary", until
 
     def _close_lease(self):
-        self.fence.close()
+        """Close the port, and make sure of it: a failed close is tried again."""
         self.lease_mode, self.lease_until = "closed", None
+        for attempt in range(5):
+            try:
+                self.fence.close()
+                return
+            except (RuntimeError, OSError, subprocess.SubprocessError):
+                if attempt == 4:
+                    raise
+                self.world.sleep(0.01)
 
     def lease_status(self):
         mode, until = self.lease_mode, self.lease_until
@@ -1941,12 +2049,12 @@ class DbAgent(Agent):
             self.bootstrap(step)
             return
         st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
-        self.pg_state = st.pg
         now = self.clock()
-        if self.pg_state != "down":
-            self.pg_down_since = None
+        if st.pg != "down":
+            self.pg_down_since, self.last_pg_answer = None, st.pg
         elif self.pg_down_since is None:
             self.pg_down_since = now
+        self.pg_state = st.pg
         port_open = self._observe_fence(now)
         streaming, synced = self._observe_standby(st, now)
         contact_at, alive_at = self.observations.snapshot()
@@ -2011,6 +2119,9 @@ class DbAgent(Agent):
         with strict_sync. Its port now needs a primary's lease: one anchored on our promotion
         request when the arbiter granted it (it heard us then, and can grant no other term
         before we make a standby eligible), else closed until the arbiter hears us."""
+        if self.view.primary != self.cfg.me.name:
+            self.log.warning("not promoting: the view names %s", self.view.primary)
+            return
         self.extend_lease(opening=True, anchor=asked_at)
         self.fenced = self.lease_mode != "primary"
         if self.fenced:
@@ -2036,7 +2147,8 @@ class DbAgent(Agent):
 
     def do_request_promotion(self, decision):
         asked_at = self.clock()
-        if self._ask_arbiter("promote", {}) == "granted":
+        news = self.observations.echo_for(self.cfg.arbiter.name)
+        if self._ask_arbiter("promote", {"echo": news}) == "granted":
             self.do_promote(decision, asked_at)
 
     def do_resume(self, decision):
@@ -2171,6 +2283,33 @@ class ArbiterAgent(Agent):
                 "view": self.view.as_dict(), "probe": self.probe_status(),
                 "decision": self.decision_status()}
 
+    def counts_alive(self, body):
+        """Any primary, fenced or not: a fenced primary reopens on an echo of ours
+        (Observations.heard), so every stamp of its that we echo must count here first."""
+        return body.get("pg") == "primary"
+
+    def note_status(self, sender, body, at):
+        with self._view_lock:  # a status is taken whole before or after a grant, never across
+            super().note_status(sender, body, at)
+
+    def status_body(self, to=None):
+        with self._view_lock:  # the view and the echo from one side of a grant
+            return super().status_body(to)
+
+    def handle(self, sender, kind, body):
+        if kind == "status":
+            with self._view_lock:
+                return super().handle(sender, kind, body)
+        return self.decide_request(sender, kind, body)
+
+    def news_from_me(self, body):
+        """The arbiter's stamp (its clock) echoed in a request, or None."""
+        echo = body.get("echo")
+        if isinstance(echo, dict) and _finite(echo.get("stamp")) \
+                and echo.get("boot") == self.boot and echo["stamp"] <= self.clock():
+            return float(echo["stamp"])
+        return None
+
     def run(self):
         if self.prepare():
             self.serve_and_run()
@@ -2200,9 +2339,7 @@ class ArbiterAgent(Agent):
                                   f"{view.primary} is primary (seen {seen:.1f} s ago), eligible "
                                   f"standby {view.eligible}; {peers}"))
 
-    def handle(self, sender, kind, body):
-        if kind == "status":
-            return super().handle(sender, kind, body)
+    def decide_request(self, sender, kind, body):
         term, seq = body.get("term"), body.get("seq")
         db_names = {n.name for n in self.cfg.db_nodes}
         if not isinstance(term, int) or sender not in db_names:
@@ -2213,7 +2350,8 @@ class ArbiterAgent(Agent):
             if kind == "promote":
                 granted, new, reason = decide_grant(view, sender, term,
                                                     alive_at.get(view.primary), now,
-                                                    self.started_at, self.cfg.timing)
+                                                    self.started_at, self.cfg.timing,
+                                                    self.news_from_me(body))
             elif kind == "resume":
                 granted, reason = decide_resume(view, sender, term)
                 new = view
