@@ -126,6 +126,8 @@ def cmd_experiment(backend, args):
     from lab import experiments
     result = experiments.EXPERIMENTS[args.name](backend, progress, args)
     print(json.dumps(result, indent=2) if args.json else experiments.report(args.name, result))
+    if result.get("report_dir"):
+        progress(f"the report: {result['report_dir']}/report.md")
     return 0 if result.get("ok") else 1
 
 
@@ -133,7 +135,31 @@ def cmd_bench(backend, args):
     from lab import bench
     result = bench.run(backend, progress, args.what, args.trials)
     print(json.dumps(result, indent=2) if args.json else bench.report(result))
+    if result.get("report_dir"):
+        progress(f"the report: {result['report_dir']}/report.md")
     return 0 if result.get("ok") else 1
+
+
+def cmd_report(backend, args):
+    from lab import report
+    try:
+        path = report.render(args.dir)
+    except FileNotFoundError as exc:
+        raise LabError(f"not a report folder: {exc.filename} is missing") from None
+    print(path)
+
+
+def cmd_events(backend, args):
+    import time
+
+    from lab import report
+    events = backend.events()
+    if args.since is not None:
+        events = [e for e in events if e["t"] >= time.time() - args.since]
+    if args.json:
+        print("".join(json.dumps(e) + "\n" for e in events), end="")
+    else:
+        print("\n".join(report.timeline_lines(events)))
 
 
 def parser():
@@ -188,11 +214,21 @@ def parser():
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
     sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")
+    sp.add_argument("--report-dir", help="write the report folder here (default: a new "
+                                         "folder under $BOBRY_REPORT_DIR or "
+                                         "/var/tmp/bobry-reports)")
     add("switchover", cmd_switchover, "planned switchover: the standby becomes the primary")
     sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians")
     sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])
     sp.add_argument("--trials", type=int, default=10)
     sp.add_argument("--json", action="store_true")
+    sp = add("report", cmd_report, "draw an experiment's (or a benchmark's) report folder "
+                                   "again from its raw records")
+    sp.add_argument("dir")
+    sp = add("events", cmd_events, "the merged timeline of every host's events and the port "
+                                   "watcher's, one line each")
+    sp.add_argument("--since", type=float, metavar="S", help="only the last S seconds")
+    sp.add_argument("--json", action="store_true", help="the events as JSON lines")
     return p
 
 
