@@ -257,7 +257,9 @@ class Backend:
 
     # -- status --------------------------------------------------------------------------
     def host_status(self, host):
-        result = self.run(host, self.agent_argv(host, "status"), timeout=20)
+        """One host's status as JSON (`agent.py … status --local`): the agent's, the kernel's
+        fence and PostgreSQL's own view."""
+        result = self.run(host, self.agent_argv(host, "status", "--local"), timeout=20)
         try:
             return json.loads(result.stdout)
         except ValueError:
@@ -266,6 +268,16 @@ class Backend:
 
     def status(self):
         return [self.host_status(h) for h in AGENT_HOSTS]
+
+    def cluster_table(self, as_json=False):
+        """The agents' own cluster table (`agent.py … status`), asked from the first host whose
+        agent answers it; "" when none does."""
+        for host in AGENT_HOSTS:
+            argv = self.agent_argv(host, "status", *(["--json"] if as_json else []))
+            result = self.run(host, argv, timeout=20)
+            if result.returncode == 0 and result.stdout.strip():
+                return result.stdout.rstrip("\n")
+        return ""
 
     def switchover(self):
         """Ask the agents for a planned switchover (from the primary's host); their answer."""

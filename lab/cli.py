@@ -50,6 +50,8 @@ def cmd_up(backend, args):
 def cmd_status(backend, args):
     rows = backend.status()
     print(json.dumps(rows, indent=2) if args.json else status_table(rows))
+    if not args.json:  # and the agents' own cluster table (agent.py … status), from one host
+        print("\n" + (backend.cluster_table() or "cluster table: no agent answered"))
 
 
 def cmd_down(backend, args):
