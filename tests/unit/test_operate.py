@@ -6,8 +6,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -805,6 +807,16 @@ def test_the_decisions_and_events_are_counted(tmp_path):
     snap = node.health_snapshot()
     assert snap["decisions_total"] == {"none": 2} and snap["events_total"] == {"promoted": 1}
     assert Path(node.events.path).read_text().count("promoted") == 1
+
+
+def test_the_haproxy_example_config_is_valid():
+    if not shutil.which("haproxy"):
+        pytest.skip("haproxy is not installed (provision/local.sh test installs it)")
+    result = subprocess.run(["haproxy", "-c", "-f", str(REPO / "provision" / "haproxy.cfg")],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    text = (REPO / "provision" / "haproxy.cfg").read_text()
+    assert "option httpchk GET /primary" in text and "inter 200ms" in text
 
 
 if __name__ == "__main__":
