@@ -44,6 +44,8 @@ def cmd_up(backend, args):
     backend.up(progress)
     backend.wait_until("waiting for a primary with a synchronous standby",
                        backend.primary_with_sync_standby, args.timeout, progress)
+    if getattr(args, "proxy", False):
+        backend.start_proxy(progress)
     print(status_table(backend.status()))
 
 
@@ -69,6 +71,7 @@ def cmd_psql(backend, args):
 
 
 def cmd_dsn(backend, args):
+    backend.proxy = args.proxy
     print(backend.dsn())
 
 
@@ -126,6 +129,7 @@ def cmd_switchover(backend, args):
 
 def cmd_experiment(backend, args):
     from lab import experiments
+    backend.proxy = getattr(args, "proxy", False)  # the load goes through HAProxy
     result = experiments.EXPERIMENTS[args.name](backend, progress, args)
     print(json.dumps(result, indent=2) if args.json else experiments.report(args.name, result))
     return 0 if result.get("ok") else 1
@@ -154,6 +158,8 @@ def parser():
     sp.add_argument("--strict-sync", action="store_true",
                     help="embedded lab: strict_sync = true (commits always wait for the "
                          "standby)")
+    sp.add_argument("--proxy", action="store_true",
+                    help="embedded lab: HAProxy on the client host, checking GET /primary")
     add("status", cmd_status, "one line per host").add_argument("--json", action="store_true")
     add("down", cmd_down, "stop everything the lab started and remove it")
     sp = add("sh", cmd_sh, "run a command on a host")
@@ -162,7 +168,8 @@ def parser():
     sp = add("psql", cmd_psql, "psql on a database host (local socket, as postgres)")
     sp.add_argument("host")
     sp.add_argument("-c", help="run one statement and exit")
-    add("dsn", cmd_dsn, "the clients' multi-host connection string")
+    add("dsn", cmd_dsn, "the clients' multi-host connection string").add_argument(
+        "--proxy", action="store_true", help="HAProxy's address instead (lab up --proxy)")
     sp = add("cut", cmd_cut, "drop all traffic between two hosts")
     sp.add_argument("a")
     sp.add_argument("b")
@@ -190,6 +197,8 @@ def parser():
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
     sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")
+    sp.add_argument("--proxy", action="store_true",
+                    help="the load connects through HAProxy (lab up --proxy)")
     add("switchover", cmd_switchover, "planned switchover: the standby becomes the primary")
     sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians")
     sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])

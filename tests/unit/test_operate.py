@@ -819,5 +819,17 @@ def test_the_haproxy_example_config_is_valid():
     assert "option httpchk GET /primary" in text and "inter 200ms" in text
 
 
+def test_the_lab_runs_the_example_config_with_its_own_addresses(tmp_path):
+    from lab.netns import NetnsBackend
+    lab = NetnsBackend(lab_dir=tmp_path)
+    (tmp_path / "secrets").mkdir()
+    lab.config_file.write_text(lab.render_config(tmp_path / "secrets"))
+    text = lab.proxy_config()
+    assert "192.168.56" not in text and "bind 10.89.0.20:5000" in text
+    assert "server pg1 10.89.0.11:5432 check port 8008" in text
+    lab.proxy = True
+    assert "host=10.89.0.20 port=5000 " in lab.dsn()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
