@@ -826,7 +826,8 @@ def cluster_rows(statuses):
             eligible = str(view.get("eligible"))
             fenced = "-"
         else:
-            eligible = "yes" if view.get("eligible") == name else "no"
+            eligible = ("-" if view.get("primary") == name else
+                        "yes" if view.get("eligible") == name else "no")
             fenced = _lease_text(st.get("lease"), st.get("fenced"))
         paused = "PAUSED" if view.get("paused") else "resuming" if view.get("resuming") else "-"
         decision = st.get("decision") or {}
