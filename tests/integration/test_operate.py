@@ -66,8 +66,11 @@ def test_status_endpoints_and_history_through_a_failover(lab):
         assert rows["pg2"].split()[1:3] == ["standby", "1"]
     watched = agent_cmd(lab, "pg1", "status", "--watch", "--count", "2")
     assert watched.stdout.count("view (the arbiter)") == 2
-    st = eventually(lambda: (s := cluster(lab, "pg1"))["pg1"].get("postgres") and
-                    s["pg2"].get("postgres", {}).get("receiver") == "streaming" and s, 10)
+    def streaming():
+        st = cluster(lab, "pg1")
+        return (st["pg1"].get("postgres") and (st["pg2"].get("postgres") or {})
+                .get("receiver") == "streaming" and st)
+    st = eventually(streaming, 10)
     assert st["pg1"]["postgres"]["timeline"] == 1 and st["pg1"]["postgres"]["lsn"]
     assert st["pg1"]["postgres"]["sync_state"] == "sync"
     # every endpoint in every role, as the client host sees them
