@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -1643,10 +1644,8 @@ class Hooks:
         try:
             _, err = proc.communicate(timeout=self.TIMEOUT)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.communicate()
             self.warn("role change hook", event, f"killed after {self.TIMEOUT:.0f} s")
             return
@@ -1709,10 +1708,10 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     timeout = HealthServer.TIMEOUT
 
-    def do_GET(self):  # noqa: N802 -- http.server's name
+    def do_GET(self):  # http.server's name
         self._answer(body=True)
 
-    def do_HEAD(self):  # noqa: N802
+    def do_HEAD(self):
         self._answer(body=False)
 
     def _answer(self, body):
@@ -1730,7 +1729,7 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(payload)
 
-    def log_message(self, format, *args):  # noqa: A002 -- http.server's signature
+    def log_message(self, format, *args):  # http.server's signature
         pass
 
 
