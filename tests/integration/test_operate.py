@@ -146,3 +146,29 @@ def test_pause_holds_an_isolated_primary_and_resume_lets_the_failover_happen(lab
     assert promoted[0]["t"] - since < 3 * FAILOVER_TIMEOUT
     lab.heal()
 
+
+
+def test_haproxy_sends_clients_to_the_primary_within_a_second_of_its_promotion(lab):
+    import shutil
+
+    import pytest
+    if not shutil.which("haproxy"):
+        pytest.skip("haproxy is not installed (provision/local.sh test installs it)")
+    lab.start_proxy(progress=lambda *a, **k: None)
+    lab.proxy = True
+    assert "host=10.89.0.20 port=5000 " in lab.dsn()
+    eventually(lambda: lab.client_sql("select 1", timeout=10).returncode == 0, 10)
+    assert lab.client_sql("create table via_proxy(i int)").returncode == 0
+    since = time.time()
+    lab.isolate("pg1")
+    promoted = eventually(lambda: events_since(lab, since, "promoted", "pg2"), 30)[0]["t"]
+
+    def written():
+        result = lab.client_sql("insert into via_proxy values (1) returning "
+                                "inet_server_addr()", timeout=10)
+        return result.returncode == 0 and result.stdout.strip() == lab.addresses["pg2"] \
+            and time.time()
+    acked = eventually(written, 10, interval=0.05)
+    assert acked - promoted < 1.5, f"first write through HAProxy {acked - promoted:.2f} s " \
+                                   "after the promotion"
+    lab.heal()
