@@ -2159,8 +2159,13 @@ class World:
         what this returns; None when the node has no http_port."""
         if agent.cfg.me.http_port is None:
             return None
-        server = HealthServer((agent.cfg.me.address, agent.cfg.me.http_port),
-                              agent.health_snapshot, agent.log)
+        try:
+            server = HealthServer((agent.cfg.me.address, agent.cfg.me.http_port),
+                                  agent.health_snapshot, agent.log)
+        except OSError as exc:  # the endpoints are for operators: failover goes on without
+            agent.log.error("no health endpoints: cannot listen on %s:%s: %s",
+                            agent.cfg.me.address, agent.cfg.me.http_port, exc)
+            return None
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         return server
 

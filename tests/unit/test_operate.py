@@ -532,6 +532,12 @@ def test_a_real_agent_serves_its_own_snapshot(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+    with socket.socket() as busy:  # a port already taken: logged, and the agent goes on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = dataclasses.replace(cfg, me=dataclasses.replace(
+            cfg.me, address="127.0.0.1", http_port=busy.getsockname()[1]))
+        assert agent.World().serve_http(agent.DbAgent(taken, b"k" * 32)) is None
     no_port = dataclasses.replace(cfg, me=dataclasses.replace(cfg.me, http_port=None))
     assert agent.World().serve_http(agent.DbAgent(no_port, b"k" * 32)) is None
 
