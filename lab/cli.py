@@ -44,12 +44,16 @@ def cmd_up(backend, args):
     backend.up(progress)
     backend.wait_until("waiting for a primary with a synchronous standby",
                        backend.primary_with_sync_standby, args.timeout, progress)
+    if getattr(args, "proxy", False):
+        backend.start_proxy(progress)
     print(status_table(backend.status()))
 
 
 def cmd_status(backend, args):
     rows = backend.status()
     print(json.dumps(rows, indent=2) if args.json else status_table(rows))
+    if not args.json:  # and the agents' own cluster table (agent.py … status), from one host
+        print("\n" + (backend.cluster_table() or "cluster table: no agent answered"))
 
 
 def cmd_down(backend, args):
@@ -67,6 +71,7 @@ def cmd_psql(backend, args):
 
 
 def cmd_dsn(backend, args):
+    backend.proxy = args.proxy
     print(backend.dsn())
 
 
@@ -124,6 +129,7 @@ def cmd_switchover(backend, args):
 
 def cmd_experiment(backend, args):
     from lab import experiments
+    backend.proxy = getattr(args, "proxy", False)  # the load goes through HAProxy
     result = experiments.EXPERIMENTS[args.name](backend, progress, args)
     print(json.dumps(result, indent=2) if args.json else experiments.report(args.name, result))
     if result.get("report_dir"):
@@ -178,6 +184,8 @@ def parser():
     sp.add_argument("--strict-sync", action="store_true",
                     help="embedded lab: strict_sync = true (commits always wait for the "
                          "standby)")
+    sp.add_argument("--proxy", action="store_true",
+                    help="embedded lab: HAProxy on the client host, checking GET /primary")
     add("status", cmd_status, "one line per host").add_argument("--json", action="store_true")
     add("down", cmd_down, "stop everything the lab started and remove it")
     sp = add("sh", cmd_sh, "run a command on a host")
@@ -186,7 +194,8 @@ def parser():
     sp = add("psql", cmd_psql, "psql on a database host (local socket, as postgres)")
     sp.add_argument("host")
     sp.add_argument("-c", help="run one statement and exit")
-    add("dsn", cmd_dsn, "the clients' multi-host connection string")
+    add("dsn", cmd_dsn, "the clients' multi-host connection string").add_argument(
+        "--proxy", action="store_true", help="HAProxy's address instead (lab up --proxy)")
     sp = add("cut", cmd_cut, "drop all traffic between two hosts")
     sp.add_argument("a")
     sp.add_argument("b")
@@ -217,6 +226,8 @@ def parser():
     sp.add_argument("--report-dir", help="write the report folder here (default: a new "
                                          "folder under $BOBRY_REPORT_DIR or "
                                          "/var/tmp/bobry-reports)")
+    sp.add_argument("--proxy", action="store_true",
+                    help="the load connects through HAProxy (lab up --proxy)")
     add("switchover", cmd_switchover, "planned switchover: the standby becomes the primary")
     sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians")
     sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])

@@ -51,7 +51,8 @@ case "${1:-}" in
     exit "$rc" ;;
   test)
     # the tests also check the Vagrantfile (vagrant validate) and the shell scripts
-    setup vagrant:vagrant shellcheck:shellcheck
+    # and the HAProxy example config (haproxy -c)
+    setup vagrant:vagrant shellcheck:shellcheck haproxy:haproxy
     shift
     .venv/bin/python -m pytest tests -v -p no:cacheprovider "$@" ;;
   *)
