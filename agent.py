@@ -488,6 +488,9 @@ def _decide_db(me, other, arbiter, obs, timing):
         return Decision("fence", f"{primary} is the primary of term {view.term}: I was "
                                  "replaced, so no client may use me")
     if obs.pg == "primary" or (obs.pg == "down" and not obs.has_standby_signal):
+        if view.term == 0:  # a local guess from the config: never rewind on it
+            return Decision("none", "not the primary of my unconfirmed view: waiting for the "
+                                    "arbiter's view before rejoining")
         if primary_lost >= timing.fence_timeout:
             return Decision("none", f"replaced by {primary} in term {view.term}; waiting to "
                                     f"reach it to rejoin (unseen for {primary_lost:.1f} s)")
@@ -517,6 +520,9 @@ def _decide_db(me, other, arbiter, obs, timing):
 def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
     view = obs.view
     if obs.pg == "standby":
+        if view.term == 0:  # a local guess from the config (a lost state file): never promote
+            return Decision("none", "a standby named primary only by my unconfirmed view: "
+                                    "waiting for the arbiter's view")
         return Decision("promote", f"{arbiter} made me the primary of term {view.term}: promoting")
     if obs.pg == "down":
         if view.term == 0:

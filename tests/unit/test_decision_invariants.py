@@ -97,7 +97,7 @@ def promote_only_on_a_view_naming_me(c):
 def role_changes_only_on_the_arbiters_view(c):
     """Rules 1 and 6: a promotion or a rewind follows a view that the arbiter made (term > 0),
     never the local guess of an agent that has not heard from it (term 0, from the config).
-    KNOWN VIOLATION, reported: decide_db promotes and rejoins on a term-0 view."""
+    It was a known violation, found by this sweep and fixed."""
     if c.d.action not in ("promote", "rejoin"):
         return False
     assert c.view.term > 0, c
@@ -348,9 +348,8 @@ DB_INVARIANTS = [
     wait_for_a_returning_standby_only_once_it_streams,
     silent_eligible_standby_is_dropped_when_allowed,
     handover_only_to_an_eligible_standby_with_the_arbiter, mark_eligible_only_a_synced_standby,
-    settle_only_an_unsettled_handover,
+    settle_only_an_unsettled_handover, role_changes_only_on_the_arbiters_view,
 ]
-KNOWN_VIOLATIONS = [role_changes_only_on_the_arbiters_view]
 
 
 # -- the arbiter's decisions ----------------------------------------------------------------------
@@ -848,9 +847,3 @@ def test_check_timing_over_any_timing(t):
 def test_decide_db_invariants_over_every_input(case):
     me, o = case
     check_all(DB_INVARIANTS, [(me, o)], require_engaged=False)
-
-
-@pytest.mark.xfail(strict=True, reason="reported: decide_db promotes and rejoins on a term-0 "
-                   "view, the local guess of an agent that has not heard from the arbiter")
-def test_decide_db_known_violations():
-    check_all(KNOWN_VIOLATIONS, db_cases())
