@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 from collections import Counter
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
