@@ -16,6 +16,7 @@ kernel do, merged by wall-clock "t"):
 import contextlib
 import statistics
 import time
+from pathlib import Path
 
 from lab.backend import AGENT_HOSTS, DB_HOSTS, HOSTS, LabError
 from lab.load import Pgbench, Probe
@@ -328,7 +329,7 @@ class LoadRun:
         self.backend, self.primary, self.standby = backend, primary, _other(primary)
         self.probe, self.pgbench = probe, pgbench
         self.paused = set()
-        self.term_before = self.healed_at = None
+        self.term_before = self.healed_at = self.started_at = None
 
     def pause(self, host):
         self.paused.add(host)  # first: on any error, the exit sends SIGCONT
@@ -381,6 +382,7 @@ def under_load(backend, progress, name, seconds=None):
         cleanup.callback(probe.stop)
         cleanup.callback(run._heal)
         cleanup.callback(run._resume_all)
+        run.started_at = time.time()
         probe.start()
         pgbench.start()
         yield run
@@ -406,11 +408,28 @@ def _probe_ids(backend, host):
     return [int(row[0]) for row in backend.sql(host, "select id from bobry_probe")]
 
 
+def _report_dir(args, report_dir):
+    return report_dir if report_dir is not None else getattr(args, "report_dir", None)
+
+
+def publish(backend, name, run, result, report_dir=None):
+    """Write the experiment's report folder (lab/report.py: the raw records, the timeline,
+    the picture, report.md) into report_dir, or a new folder under the reports' root; its
+    path goes into result["report_dir"]. Returns result."""
+    from lab import report as reports
+    folder = report_dir if report_dir is not None else reports.new_folder(name)
+    reports.save(folder, name, result, run.records(), run.tps(), backend.events(),
+                backend.addresses, run.started_at)
+    result["report_dir"] = str(folder)
+    return result
+
+
 # -- the experiments ---------------------------------------------------------------------------
-def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
+def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=None):
     """Isolate the primary under load; wait for the promotion and for the load to move; run
     `create table x(i int)` on the former standby; heal; wait for the old primary to rejoin
-    as the synchronous standby; measure."""
+    as the synchronous standby; measure. The report goes to report_dir (or args.report_dir,
+    or a new folder)."""
     with under_load(backend, progress, "failover") as run:
         primary, standby = run.primary, run.standby
         new_address = backend.addresses[standby]
@@ -437,13 +456,15 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
     figures = failover_metrics(
         run.records(), backend.events(), cut_at, primary, standby, backend.addresses,
         _probe_ids(backend, standby), healed_at=run.healed_at, tps=run.tps(),
-        create_table_ok=create.returncode == 0, create_table_error=create.stderr.strip() or None,
+        create_table_ok=create.returncode == 0,  # psql's NOTICE on stderr is not an error
+        create_table_error=(create.stderr.strip() or None) if create.returncode else None,
         old_primary_fenced=fenced_while_isolated, pgbench_restarts=run.pgbench.restarts())
-    return {"backend": backend.name, "old_primary": primary, "new_primary": standby,
-            "cut_at": cut_at, "healed_at": run.healed_at, **figures}
+    return publish(backend, "failover", run, {
+        "backend": backend.name, "old_primary": primary, "new_primary": standby,
+        "cut_at": cut_at, "healed_at": run.healed_at, **figures}, _report_dir(args, report_dir))
 
 
-def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0):
+def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0, report_dir=None):
     """Isolate the standby under load: the primary must take writes again within seconds, no
     one may promote, and after the heal the standby must become eligible again."""
     with under_load(backend, progress, "standby-loss") as run:
@@ -456,22 +477,27 @@ def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0):
         run.records(), backend.events(), cut_at, run.healed_at, run.primary, run.standby,
         _probe_ids(backend, run.primary), tps=run.tps(), rate=run.pgbench.rate,
         term_before=run.term_before, term_after=_view(backend).get("term"))
-    return {"backend": backend.name, "primary": run.primary, "standby": run.standby,
-            "cut_at": cut_at, "healed_at": run.healed_at, **figures}
+    return publish(backend, "standby-loss", run, {
+        "backend": backend.name, "primary": run.primary, "standby": run.standby,
+        "cut_at": cut_at, "healed_at": run.healed_at, **figures}, _report_dir(args, report_dir))
 
 
 CHECKSUM_SQL = ("select count(*), coalesce(md5(string_agg(id::text, ',' order by id)), '') "
                 "from bobry_probe")
 
 
-def pingpong(backend, progress, args=None, rounds=None):
+def pingpong(backend, progress, args=None, rounds=None, report_dir=None):
     """`rounds` failovers back and forth, each healed and rejoined before the next; at the end
-    both nodes must hold the same probe rows."""
+    both nodes must hold the same probe rows. The report folder holds each round's (round-N)."""
+    from lab import report as reports
     rounds = rounds if rounds is not None else getattr(args, "rounds", 3)
+    folder = _report_dir(args, report_dir)
+    folder = Path(folder) if folder is not None else reports.new_folder("pingpong")
     runs = []
     for round_no in range(1, rounds + 1):
         progress(f"pingpong round {round_no}/{rounds}")
-        runs.append(failover(backend, progress, settle=2.0))
+        runs.append(failover(backend, progress, settle=2.0,
+                             report_dir=folder / f"round-{round_no}"))
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 60, progress)
     standby = _other(primary)
@@ -483,11 +509,15 @@ def pingpong(backend, progress, args=None, rounds=None):
     with contextlib.suppress(LabError):  # not equal in time: pingpong_metrics says so
         backend.wait_until("the standby replays everything",
                            lambda: rows(primary) == rows(standby), 30)
-    figures = pingpong_metrics(runs, rounds, rows(primary), rows(standby))
-    return {"backend": backend.name, **figures}
+    result = {"backend": backend.name, **pingpong_metrics(runs, rounds, rows(primary),
+                                                          rows(standby))}
+    reports.save_summary(folder, f"Pingpong experiment ({backend.name} lab): {rounds} "
+                         "failovers back and forth", result, report("pingpong", result))
+    result["report_dir"] = str(folder)
+    return result
 
 
-def switchover(backend, progress, args=None, baseline=3.0, settle=3.0):
+def switchover(backend, progress, args=None, baseline=3.0, settle=3.0, report_dir=None):
     """A planned switchover under load: the roles swap, nothing acknowledged is lost, the old
     primary comes back as the eligible synchronous standby."""
     with under_load(backend, progress, "switchover") as run:
@@ -506,12 +536,13 @@ def switchover(backend, progress, args=None, baseline=3.0, settle=3.0):
     figures = switchover_metrics(
         run.records(), backend.events(), started, primary, standby, backend.addresses,
         _probe_ids(backend, standby if answer.get("done") else primary), answer)
-    return {"backend": backend.name, "old_primary": primary, "new_primary": standby,
-            "started_at": started, **figures}
+    return publish(backend, "switchover", run, {
+        "backend": backend.name, "old_primary": primary, "new_primary": standby,
+        "started_at": started, **figures}, _report_dir(args, report_dir))
 
 
 def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, loss=0.05,
-           rate="10mbit", baseline=3.0):
+           rate="10mbit", baseline=3.0, report_dir=None):
     """A degraded but working network for `minutes`: `loss` random packet loss into every
     host, a bandwidth cap on the primary, and SIGSTOP pauses of `pause` s (half of
     fence_timeout) of one agent after another. Nothing may fence, promote or drop the standby
@@ -540,9 +571,10 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
         run.records(), backend.events(), start, run.healed_at,
         _probe_ids(backend, run.primary), tps=run.tps(), agent_pauses=pauses,
         term_before=run.term_before, term_after=_view(backend).get("term"))
-    return {"backend": backend.name, "primary": run.primary, "minutes": minutes,
-            "loss": loss, "bandwidth_cap": rate, "pause_s": pause, "started_at": start,
-            "healed_at": run.healed_at, **figures}
+    return publish(backend, "jitter", run, {
+        "backend": backend.name, "primary": run.primary, "minutes": minutes, "loss": loss,
+        "bandwidth_cap": rate, "pause_s": pause, "started_at": start,
+        "healed_at": run.healed_at, **figures}, _report_dir(args, report_dir))
 
 
 EXPERIMENTS = {"failover": failover, "jitter": jitter, "pingpong": pingpong,

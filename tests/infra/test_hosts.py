@@ -9,7 +9,7 @@ from lab.backend import AGENT_HOSTS, DB_HOSTS
 
 
 def agent_status(lab, host, name):
-    return json.loads(host.check_output(shlex.join(lab.agent_argv(name, "status"))))
+    return json.loads(host.check_output(shlex.join(lab.agent_argv(name, "status", "--local"))))
 
 
 @pytest.mark.parametrize("name", AGENT_HOSTS)
@@ -21,6 +21,8 @@ def test_agent_is_running_and_listening(lab, hosts, name):
         assert service.is_enabled and service.is_running
     assert host.socket(f"tcp://{cfg.me.address}:{cfg.me.agent_port}").is_listening
     assert agent_status(lab, host, name)["agent"] == "up"
+    if cfg.me.http_port is not None:  # the health endpoints
+        assert host.socket(f"tcp://{cfg.me.address}:{cfg.me.http_port}").is_listening
 
 
 @pytest.mark.parametrize("name", DB_HOSTS)

@@ -75,11 +75,11 @@ def test_heal_flushes_only_the_lab_chains(recorded):
 
 def test_status_runs_the_installed_agent(recorded):
     calls, outputs = recorded
-    outputs["--node pg1 status"] = '{"node": "pg1", "agent": "up", "pg": "primary"}'
+    outputs["--node pg1 status --local"] = '{"node": "pg1", "agent": "up", "pg": "primary"}'
     status = VagrantBackend().host_status("pg1")
     assert status["pg"] == "primary"
     assert calls == [ssh("pg1", "sudo timeout 20 python3 /opt/bobry/agent.py --config "
-                                "/etc/bobry/agent.ini --node pg1 status")]
+                                "/etc/bobry/agent.ini --node pg1 status --local")]
 
 
 def test_kill_agent_goes_through_systemd(recorded):
