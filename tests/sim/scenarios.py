@@ -171,7 +171,7 @@ def finding3(c):
     heal(c)
 
 
-# -- 4. a switchover unfences when the arbiter did not answer ----------------------------------------
+# -- 4. a switchover unfences when the arbiter did not answer ------------------------------------
 
 @contextlib.contextmanager
 def old_finding4():
@@ -277,7 +277,7 @@ def finding6(c):
     heal(c)
 
 
-# -- 7. clock offset between hosts -------------------------------------------------------------------
+# -- 7. clock offset between hosts ----------------------------------------------------------------
 
 @contextlib.contextmanager
 def old_finding7():

@@ -410,11 +410,17 @@ class SimWorld(agent.World):
     def event_log(self, path, node):
         return SimEvents(self)
 
+    def history_file(self, path):
+        return SimHistory(self)
+
+    def serve_http(self, agent_):
+        return None  # the health endpoints are for operators: not simulated
+
     def agent_lock(self, state_dir):
         return _Lock()
 
     def logger(self):
-        log = logging.Logger(f"bobry.{self.name}", logging.INFO)  # noqa: LOG001 -- one each
+        log = logging.Logger(f"bobry.{self.name}", logging.INFO)  # one per agent, not shared
         log.addHandler(_TraceHandler(self.c, self.name))
         return log
 
@@ -473,6 +479,26 @@ class SimStateFile:
             node.crash_after_save = False
             w.c.crash(w.name, "killed right after a durable write")
             raise SimCrash(w.name)
+
+
+class SimHistory:
+    """The arbiter's history file: appended records survive restarts (a slow disk too)."""
+
+    def __init__(self, world):
+        self.w = world
+
+    def append(self, record):
+        w = self.w
+        w._enter()
+        if w.node.disk_fail:
+            raise OSError(28, "No space left on device")
+        if w.node.disk_slow:
+            w._wait(w.node.disk_slow, locked=True)
+        w.node.history.append(wire(record))
+
+    def read(self):
+        self.w._enter()
+        return [dict(r) for r in self.w.node.history]
 
 
 class SimEvents:
@@ -545,6 +571,14 @@ class SimFence:
         self._nft()
         self._set(float("inf"))
         self._done()
+
+    def hold(self):
+        """A paused primary's live lease loses its timeout; False when it had lapsed."""
+        self._nft()
+        if not self.k.open_at(self.w.sched.now):
+            return self._done(False)
+        self._set(float("inf"))
+        return self._done(True)
 
     def close(self):
         self._nft()
