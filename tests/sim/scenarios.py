@@ -253,13 +253,10 @@ def old_finding6():
     """Before the fix: the fence was a rule the agent added itself; the kernel knew no
     deadline (an nft element without timeout: open until the agent closes it)."""
     def open_for(self, seconds):
-        self._nft()
-        self._set(float("inf"))
-        self._done()
+        self._nft(lambda: self._set(float("inf")))
 
     def renew(self, seconds):
-        self._nft()
-        return self._done(self.k.open_at(self.w.sched.now))
+        return self._nft(lambda: self.k.open_at(self.w.sched.now))
 
     with patched(simworld.SimFence, "open_for", open_for), \
             patched(simworld.SimFence, "renew", renew):
@@ -421,3 +418,47 @@ def promoted_agent_killed(c):
     heal(c)
     wait(c, 2.0)
 
+
+
+# -- open: found by the simulator, not fixed (see README, "Found by the simulator") --------------
+
+OPEN = {}
+
+
+def open_bug(name, expect):
+    def register(script):
+        OPEN[name] = Scenario(name, script, contextlib.nullcontext, False, expect)
+        return script
+    return register
+
+
+@open_bug("open-late-opening-outlives-the-grant", expect=("dual_rw", "dual_ack"))
+def late_opening(c):
+    """Open: a fenced primary decides to unfence on the arbiter's fresh word, and the
+    opening reaches the kernel 2.5 s later (nft slow, or the agent stopped between computing
+    the lease and running nft) while the primary is cut off. The element's timeout counts
+    from when the kernel takes it, so the port opens after the standby was granted the next
+    term. Renewals cannot do this (a lapsed element is never revived); an opening can."""
+    m = primary(c)
+    agent_m = c.nodes[m].agent
+    cut(c, m, "arb")
+    cut(c, m, c.other_db(m))
+    wait(c, 1.5)                       # the lease lapses: fenced
+    original = agent_m.do_unfence
+
+    def do_unfence(decision):          # the moment it decides, nft stalls and the link goes
+        agent_m.do_unfence = original
+        c.nodes[m].nft_slow = 2.5
+        cut(c, m, "arb")
+        cut(c, m, c.other_db(m))
+        return original(decision)
+    agent_m.do_unfence = do_unfence
+    heal(c)
+    wait(c, 8.0)
+    c.nodes[m].nft_slow = 0.0
+    heal(c)
+
+
+def run_open(name, log=None):
+    s = OPEN[name]
+    return run(s.seed, 0, log=log, setup=lambda c, plan: s.script(c), wall_skew=0.0)

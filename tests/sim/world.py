@@ -517,25 +517,32 @@ class SimFence:
         self.w = world
         self.k = world.c.fences[world.name]
 
-    def _nft(self):
+    def _nft(self, change):
+        """Run nft: `change()` is what the kernel does, when nft is done -- nft_slow after the
+        call, whatever happens to the agent meanwhile (a SIGSTOP, a delay in resuming its
+        step). The agent goes on afterwards, when it is not stopped; nft's answer is
+        change()'s value."""
         w = self.w
         w._enter()
         if w.node.nft_fail:
             raise RuntimeError("nft failed: simulated")
-        if w.node.nft_slow:  # the nft process: a SIGSTOP of the agent does not stop it
+        result = []
+        if not w.node.nft_slow:
+            result.append(change())
+        else:
+            w.sched.at(w.sched.now + w.node.nft_slow, lambda: result.append(change()))
             w._wait(w.node.nft_slow, locked=True, pause=False)
-
-    def _done(self, result=None):
-        """nft has done its work; the agent goes on when it is not stopped."""
-        self.w._wait(0.0, locked=True)
-        return result
+            while not result:  # a nested wait may not have reached nft's moment yet
+                w._wait(0.001, locked=True, pause=False)
+        w._wait(0.0, locked=True)
+        return result[0]
 
     def install(self):
-        self._nft()
-        if not self.k.installed:
-            self.k.installed = True
-            self._set(None)
-        self._done()
+        def change():
+            if not self.k.installed:
+                self.k.installed = True
+                self._set(None)
+        self._nft(change)
 
     def lease(self):
         self.w._enter()
@@ -554,46 +561,45 @@ class SimFence:
         elif was_open and not k.open_at(now):
             c.trace(self.w.name, "fence: port closed")
 
+    def _timeout(self, seconds):
+        """An element's timeout counts from when the kernel takes it."""
+        return self.w.sched.now + max(0.001, int(seconds * 1000) / 1000)
+
     def open_for(self, seconds):
-        self._nft()
-        self._set(self.w.sched.now + max(0.001, int(seconds * 1000) / 1000))
-        self._done()
+        self._nft(lambda: self._set(self._timeout(seconds)))
+
+    def _live_then(self, expiry):
+        """delete + add in one transaction: fails, changing nothing, on a lapsed element."""
+        def change():
+            if not self.k.open_at(self.w.sched.now):
+                return False
+            self._set(expiry() if callable(expiry) else expiry)
+            return True
+        return change
 
     def renew(self, seconds):
         """Extend a live lease; False (and nothing done) when it has lapsed."""
-        self._nft()
-        if not self.k.open_at(self.w.sched.now):
-            return self._done(False)
-        self._set(self.w.sched.now + max(0.001, int(seconds * 1000) / 1000))
-        return self._done(True)
+        return self._nft(self._live_then(lambda: self._timeout(seconds)))
 
     def open(self):
-        self._nft()
-        self._set(float("inf"))
-        self._done()
+        self._nft(lambda: self._set(float("inf")))
 
     def hold(self):
         """A paused primary's live lease loses its timeout; False when it had lapsed."""
-        self._nft()
-        if not self.k.open_at(self.w.sched.now):
-            return self._done(False)
-        self._set(float("inf"))
-        return self._done(True)
+        return self._nft(self._live_then(float("inf")))
 
     def close(self):
-        self._nft()
-        self._set(None)
-        self._done()
+        self._nft(lambda: self._set(None))
 
     def let_through(self, address, seconds):
-        self._nft()
-        self.k.handover_until = self.w.sched.now + int(seconds * 1000) / 1000
-        self._done()
+        def change():
+            self.k.handover_until = self.w.sched.now + int(seconds * 1000) / 1000
+        self._nft(change)
 
     def stop_letting_through(self):
-        self._nft()
-        self.k.handover_until = None
-        self._done()
+        def change():
+            self.k.handover_until = None
+        self._nft(change)
 
 
 class SimPostgres:
