@@ -462,3 +462,29 @@ def late_opening(c):
 def run_open(name, log=None):
     s = OPEN[name]
     return run(s.seed, 0, log=log, setup=lambda c, plan: s.script(c), wall_skew=0.0)
+
+
+@open_bug("open-killed-between-rewind-and-standby-signal", expect=("no_convergence",))
+def killed_after_rewind(c):
+    """Open (found by seed 1124 of the long run): the replaced primary's agent is killed after
+    pg_rewind finished and before it wrote standby.signal (in the lab: killed during the
+    rewind, whose child outlives it and finishes). pg_control now shows the new primary's
+    timeline, so the restarted agent's rejoin check ("has the new primary checkpointed a
+    newer timeline than mine?") waits forever: the node never rejoins."""
+    m, s = primary(c), c.other_db(primary(c))
+    isolate(c, m, client_too=False)
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)
+    pg_m = c.nodes[m].agent.pg
+    original = pg_m.rewind
+
+    def rewind(view):
+        original(view)
+        c.crash(m, "SIGKILL right after pg_rewind (scenario)")
+        raise simworld.SimCrash(m)
+    pg_m.rewind = rewind
+    wait(c, 3.0)          # the new primary checkpoints its timeline
+    heal(c)
+    wait(c, 5.0)
+    if c.nodes[m].alive is False:
+        c.start_agent(m)
+    wait(c, 2.0)
