@@ -308,7 +308,8 @@ def primary(tmp_path):
     node.observations.lease_anchor = node.clock.now
     node.extend_lease(opening=True)  # as do_unfence does
     node.fenced = False
-    assert node.lease_mode == "primary" and node.fence.left == pytest.approx(1.0)
+    fence_timeout = node.cfg.timing.fence_timeout
+    assert node.lease_mode == "primary" and node.fence.left == pytest.approx(fence_timeout)
     return node
 
 
@@ -330,7 +331,8 @@ def test_on_resume_the_lease_is_timed_again_anchored_as_usual(primary):
     primary.view = View(1, "pg1", "pg2", 7, resuming=True)
     primary.observations.lease_anchor = primary.clock.now - 0.2  # a peer heard us 0.2 s ago
     primary.extend_lease()
-    assert primary.lease_mode == "primary" and primary.fence.left == pytest.approx(0.8)
+    due = primary.cfg.timing.fence_timeout - 0.2
+    assert primary.lease_mode == "primary" and primary.fence.left == pytest.approx(due)
 
 
 def test_on_resume_without_a_valid_anchor_the_port_closes_until_the_arbiters_word(primary):
