@@ -213,6 +213,12 @@ class Backend:
                       "--mode",
                       "random", "--probability", str(probability), "-j", "DROP")
 
+    def remove_loss(self, host, probability):
+        """Undo set_loss(host, probability) (one rule)."""
+        self.run(host, ["iptables", "-w", "5", "-D", CHAIN_IN, "-i", self.lab_interface(host),
+                        "-m", "statistic", "--mode", "random", "--probability",
+                        str(probability), "-j", "DROP"])
+
     def cap_bandwidth(self, host, rate="8mbit"):
         self.must(host, ["tc", "qdisc", "replace", "dev", self.lab_interface(host), "root", "tbf",
                          "rate",

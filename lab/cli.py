@@ -168,6 +168,13 @@ def cmd_events(backend, args):
         print("\n".join(report.timeline_lines(events)))
 
 
+def cmd_chaos(backend, args):
+    from lab import chaos
+    result = chaos.chaos(backend, progress, args)
+    print(json.dumps(result, indent=2) if args.json else chaos.report(result))
+    return 0 if result.get("ok") else 1
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     p.add_argument("--backend", choices=["netns", "vagrant"], default="netns",
@@ -229,6 +236,11 @@ def parser():
     sp.add_argument("--proxy", action="store_true",
                     help="the load connects through HAProxy (lab up --proxy)")
     add("switchover", cmd_switchover, "planned switchover: the standby becomes the primary")
+    sp = add("chaos", cmd_chaos, "random faults from a seeded schedule under load; checks "
+                                 "one writer, nothing lost, convergence")
+    sp.add_argument("--minutes", type=float, default=3.0)
+    sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--json", action="store_true")
     sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians")
     sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])
     sp.add_argument("--trials", type=int, default=10)

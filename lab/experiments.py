@@ -361,16 +361,17 @@ class LoadRun:
 
 
 @contextlib.contextmanager
-def under_load(backend, progress, name):
+def under_load(backend, progress, name, seconds=None):
     """`with under_load(backend, progress, name) as run:` waits for a primary with a
     synchronous standby, starts the write probe and pgbench against it, and on leaving the
     block, whatever happened, resumes the agents paused with run.pause(), heals every fault,
     notes run.healed_at, then stops the probe and pgbench (in this order: the load sees the
-    whole fault window, and every step runs even if one before it failed)."""
+    whole fault window, and every step runs even if one before it failed). seconds: how long
+    the probe may run (probe.py stops by itself after 600 s by default)."""
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 120, progress)
     work = backend.work_dir(name)
-    probe = Probe(backend, work / "probe.jsonl")
+    probe = Probe(backend, work / "probe.jsonl", seconds=seconds)
     pgbench = Pgbench(backend, work / "pgbench.log")
     probe.prepare()
     pgbench.prepare()

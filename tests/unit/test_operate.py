@@ -265,8 +265,12 @@ class Fence:
     def lease(self):
         return self.left
 
+    def arm(self, seconds):
+        pass
+
     def open_for(self, seconds):
         self.left = seconds
+        return True
 
     def renew(self, seconds):
         if self.left is None:
