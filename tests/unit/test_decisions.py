@@ -357,7 +357,8 @@ def test_pause_and_resume_name_the_view_they_are_based_on():
                                                       "the cluster already is paused")
     granted, resumed, _ = agent.decide_pause(paused, 1, 6, False)
     assert granted and not resumed.paused and resumed.resuming and resumed.seq == 7
-    assert agent.decide_pause(view, 1, 5, False)[1] == view  # not paused: nothing to resume
+    # not paused: nothing to resume, and the operator is told so (no error)
+    assert agent.decide_pause(view, 1, 5, False) == (True, view, "the cluster is not paused")
 
 
 def test_resume_ends_when_the_primary_reports_a_timed_lease_under_the_resumed_view():
