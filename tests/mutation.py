@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 SURVIVORS = REPO / "tests" / "mutation_survivors.md"
 
 DECISIONS = ["check_timing", "promote_window", "View.changed", "_age", "desired_sync_names",
-             "lease_extension", "standby_heard", "decide_db", "_decide_as_primary",
+             "lease_extension", "standby_heard", "decide_db", "_decide_db", "_decide_as_primary",
              "decide_grant", "decide_resume", "decide_eligibility", "decide_handover",
              "decide_settle", "bootstrap_action", "newer_view", "paused_refusal",
              "decide_pause", "decide_resume_ack"]
