@@ -2682,11 +2682,18 @@ class DbAgent(Agent):
         self.pg.lock_fd = self.lock.fd
         self.view = self.state.load()  # a predecessor may have written it while we waited
         self.fence.install()
-        if self.view.primary == self.cfg.me.name and self.fence.lease() == float("inf"):
+        inherited = self.fence.lease()
+        if self.view.primary == self.cfg.me.name and inherited == float("inf"):
             if self.view.paused:  # a paused primary's port stays open across a restart
                 self.lease_mode, self.fenced = "paused", False
             else:  # never adopted: closed until the arbiter's word (rule 6)
                 self.fence.close()
+        elif self.view.primary == self.cfg.me.name and inherited is not None:
+            # a live timed lease of our predecessor: kept, and extended only as it would have
+            # been -- by renewals on fresh echoes, which the kernel refuses once it has lapsed
+            with self._lease_lock:
+                self.lease_mode, self.lease_until = "primary", self.clock() + inherited
+            self.fenced = False
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
         if self.view.primary == self.cfg.me.name:
