@@ -194,8 +194,8 @@ SCHEMA = {
     "timing": {
         "check_interval": (_parse_positive_float, "0.2"),
         "probe_timeout": (_parse_positive_float, "0.3"),
-        "fence_timeout": (_parse_positive_float, "1.0"),
-        "safety_margin": (_parse_positive_float, "0.3"),
+        "fence_timeout": (_parse_positive_float, "1.2"),
+        "safety_margin": (_parse_positive_float, "0.2"),
         "failover_timeout": (_parse_positive_float, "2.0"),
         "restart_grace": (_parse_positive_float, "6.0"),
     },
@@ -250,10 +250,11 @@ def check_timing(path, t):
     and M extends the lease to at most fence_timeout after a moment `a` at which a peer
     provably heard M say "I am a running primary" (the peer echoed M's stamp `a`). That peer
     counted M alive at `a` or later, and a promotion needs both S and A to have lost M for
-    failover_timeout: the grant comes at a + failover_timeout or later. The kernel applies a
-    renewal a little after the agent computed it; the agent closes the port itself when that
-    took longer than safety_margin. So the port closes by a + fence_timeout + safety_margin,
-    and fence_timeout + safety_margin < failover_timeout keeps it closed before any grant.
+    failover_timeout: the grant comes at a + failover_timeout or later. The kernel takes a
+    lease write only within safety_margin of the moment the agent armed it, before computing
+    the lease (Fence.arm), however long the agent stalls. So the port closes by a +
+    fence_timeout + safety_margin, and fence_timeout + safety_margin < failover_timeout keeps
+    it closed before any grant.
     The loop's speed, probe timeouts and blocking calls do not enter: a slow or frozen agent
     simply stops extending the lease.
     """
@@ -1752,7 +1753,7 @@ class Fence:
     and the other way round."""
 
     TABLE = "bobry_fence"
-    VERSION = "bobry fence v3"  # a table of another version is replaced (closed) at start
+    VERSION = "bobry fence v4"  # a table of another version is replaced (closed) at start
 
     def __init__(self, pg_port):
         self.port = pg_port
@@ -1776,6 +1777,7 @@ class Fence:
         self._nft(script=delete + f"""table inet {t} {{
   comment "{self.comment}"
   set lease {{ type inet_service; flags timeout; }}
+  set fresh {{ type inet_service; flags timeout; }}
   set handover {{ type ipv4_addr; flags timeout; }}
   chain input {{ type filter hook input priority -10; policy accept;
     iifname "lo" accept
@@ -1798,24 +1800,36 @@ class Fence:
         listed = self._nft("list", "set", "inet", self.TABLE, "lease", check=False)
         return parse_lease(listed.stdout, self.port) if listed.returncode == 0 else None
 
-    def open_for(self, seconds):
-        """Open from closed: flush and add in one transaction (a plain add would keep an old
-        expiry)."""
+    def arm(self, seconds):
+        """Start the window in which the kernel takes the next lease write: an element of the
+        set `fresh` that lives `seconds`. A write (open_for, renew) deletes it in the same
+        transaction, so a write that comes later than that -- an agent stalled between
+        computing the lease and handing it over -- fails whole: a lease never runs more than
+        `seconds` past the term the agent computed after arming."""
         ms = max(1, int(seconds * 1000))
-        self._nft(script=f"flush set inet {self.TABLE} lease\n"
-                         f"add element inet {self.TABLE} lease {{ {self.port} timeout {ms}ms }}\n")
+        self._nft(script=f"flush set inet {self.TABLE} fresh\n"
+                         f"add element inet {self.TABLE} fresh {{ {self.port} timeout {ms}ms }}\n")
 
-    def renew(self, seconds):
-        """Extend a live lease: delete and add in one transaction. If the element has expired
-        the delete fails and so does the whole transaction: a late renewal never reopens a
-        port that has closed. False when it had."""
+    def _write(self, lease_step, seconds):
         ms = max(1, int(seconds * 1000))
-        element = f"inet {self.TABLE} lease {{ {self.port}"
-        result = self._nft(script=f"delete element {element} }}\n"
-                                  f"add element {element} timeout {ms}ms }}\n", check=False)
+        t = self.TABLE
+        result = self._nft(script=f"delete element inet {t} fresh {{ {self.port} }}\n{lease_step}"
+                                  f"add element inet {t} lease {{ {self.port} timeout {ms}ms }}\n",
+                           check=False)
         if result.returncode != 0 and "No such file or directory" not in result.stderr:
             raise RuntimeError(f"nft failed: {result.stderr.strip()}")
         return result.returncode == 0
+
+    def open_for(self, seconds):
+        """Open from closed (within the armed window): False when the window had passed."""
+        return self._write(f"flush set inet {self.TABLE} lease\n", seconds)
+
+    def renew(self, seconds):
+        """Extend a live lease (within the armed window). If the lease has expired its delete
+        fails, and the whole transaction with it: a late renewal never reopens a port that
+        has closed. False when the lease or the window had passed."""
+        return self._write(f"delete element inet {self.TABLE} lease {{ {self.port} }}\n",
+                           seconds)
 
     def open(self):
         self._nft(script=f"flush set inet {self.TABLE} lease\n"
@@ -2668,11 +2682,18 @@ class DbAgent(Agent):
         self.pg.lock_fd = self.lock.fd
         self.view = self.state.load()  # a predecessor may have written it while we waited
         self.fence.install()
-        if self.view.primary == self.cfg.me.name and self.fence.lease() == float("inf"):
+        inherited = self.fence.lease()
+        if self.view.primary == self.cfg.me.name and inherited == float("inf"):
             if self.view.paused:  # a paused primary's port stays open across a restart
                 self.lease_mode, self.fenced = "paused", False
             else:  # never adopted: closed until the arbiter's word (rule 6)
                 self.fence.close()
+        elif self.view.primary == self.cfg.me.name and inherited is not None:
+            # a live timed lease of our predecessor: kept, and extended only as it would have
+            # been -- by renewals on fresh echoes, which the kernel refuses once it has lapsed
+            with self._lease_lock:
+                self.lease_mode, self.lease_until = "primary", self.clock() + inherited
+            self.fenced = False
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
         if self.view.primary == self.cfg.me.name:
@@ -2700,8 +2721,9 @@ class DbAgent(Agent):
 
     def extend_lease(self, opening=False, anchor=None):
         """Set the kernel's lease to what lease_extension allows, when that gains at least
-        check_interval (fewer nft calls); close the port when the kernel took longer than
-        safety_margin to take it (the lease might then run past its term)."""
+        check_interval / 4 (fewer nft calls, yet a lease that stays close to its due). The write is armed first (Fence.arm): the kernel
+        takes it only within safety_margin, so however long the agent stalls, the lease never
+        ends later than safety_margin past the term computed here."""
         timing = self.cfg.timing
         with self._lease_lock:
             if self.lease_mode not in ("primary", "paused") and not opening:
@@ -2729,17 +2751,20 @@ class DbAgent(Agent):
             if until is None:
                 self._close_lease()
                 return
-            if not opening and until - self.lease_until < timing.check_interval:
-                return
-            if opening:
-                self.fence.open_for(until - now)
-            elif not self.fence.renew(until - now):  # it had lapsed: never revived
-                self.lease_mode, self.lease_until = "closed", None
-                return
-            if self.clock() - now > timing.safety_margin:
+            if not opening and until - self.lease_until < timing.check_interval / 4:
+                return  # a lease kept within a heartbeat of its due: room for pauses
+            self.fence.arm(timing.safety_margin)
+            now = self.clock()  # after arming: the kernel's window started before this
+            until = lease_extension(self.lease_until, anchor, now, timing, opening)
+            if until is None:
                 self._close_lease()
-                raise RuntimeError("the kernel took the lease late: closed the port instead")
-            self.lease_mode, self.lease_until = "primary", until
+            elif (self.fence.open_for if opening else self.fence.renew)(until - now):
+                self.lease_mode, self.lease_until = "primary", until
+            elif not opening and self.fence.lease() is None:  # it had lapsed
+                self.lease_mode, self.lease_until = "closed", None
+            else:  # the window passed (a stall): nothing was written; try again later
+                self.log.warning("the kernel did not take the lease in time: not %s",
+                                 "opened" if opening else "extended")
 
     def _close_lease(self):
         """Close the port, and make sure of it: a failed close is tried again."""

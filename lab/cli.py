@@ -146,13 +146,6 @@ def cmd_bench(backend, args):
     return 0 if result.get("ok") else 1
 
 
-def cmd_chaos(backend, args):
-    from lab import chaos
-    result = chaos.chaos(backend, progress, args)
-    print(json.dumps(result, indent=2) if args.json else chaos.report(result))
-    return 0 if result.get("ok") else 1
-
-
 def cmd_report(backend, args):
     from lab import report
     try:
@@ -173,6 +166,13 @@ def cmd_events(backend, args):
         print("".join(json.dumps(e) + "\n" for e in events), end="")
     else:
         print("\n".join(report.timeline_lines(events)))
+
+
+def cmd_chaos(backend, args):
+    from lab import chaos
+    result = chaos.chaos(backend, progress, args)
+    print(json.dumps(result, indent=2) if args.json else chaos.report(result))
+    return 0 if result.get("ok") else 1
 
 
 def parser():

@@ -147,31 +147,37 @@ def old_finding3():
     def prepare(self):
         ready = original(self)
         if ready and self.view.primary == self.cfg.me.name:
-            self.observations.lease_anchor = self.started_at  # "heard" at our start
+            self.observations.lease_anchor = self.clock()  # "heard" when it starts to act
             self.extend_lease(opening=True)
             self.fenced = self.lease_mode != "primary"
         return ready
 
-    with patched(agent.DbAgent, "prepare", prepare):
+    def open_for(self, seconds):  # and, as then, a write the kernel takes whenever it comes
+        self._nft(lambda: self._set(self._timeout(seconds)))
+        return True
+
+    with patched(agent.DbAgent, "prepare", prepare), \
+            patched(simworld.SimFence, "open_for", open_for):
         yield
 
 
 @scenario("finding3-restarted-agent-forgets-partition", old_finding3, expect=("dual_rw",))
 def finding3(c):
     """Finding 3: the primary is isolated, its agent killed 0.9 s into the partition (before
-    it fenced) and started again 0.3 s later: the port must be closed before the standby is
-    granted the next term, whatever the restarted agent has not heard."""
+    it fenced) and started again 0.7 s later (as the lab's test does, a supervisor's delay):
+    the port must be closed before the standby is granted the next term, whatever the
+    restarted agent has not heard."""
     m = primary(c)
     isolate(c, m, client_too=False)
     wait(c, 0.9)
     c.crash(m, "SIGKILL (scenario)")
-    wait(c, 0.3)
+    wait(c, 0.7)
     c.start_agent(m)
     wait(c, 8.0)
     heal(c)
 
 
-# -- 4. a switchover unfences when the arbiter did not answer ------------------------------------
+# -- 4. a switchover unfences when the arbiter did not answer ------------------------------
 
 @contextlib.contextmanager
 def old_finding4():
@@ -254,6 +260,7 @@ def old_finding6():
     deadline (an nft element without timeout: open until the agent closes it)."""
     def open_for(self, seconds):
         self._nft(lambda: self._set(float("inf")))
+        return True
 
     def renew(self, seconds):
         return self._nft(lambda: self.k.open_at(self.w.sched.now))
@@ -274,7 +281,7 @@ def finding6(c):
     heal(c)
 
 
-# -- 7. clock offset between hosts ----------------------------------------------------------------
+# -- 7. clock offset between hosts -------------------------------
 
 @contextlib.contextmanager
 def old_finding7():
@@ -420,25 +427,25 @@ def promoted_agent_killed(c):
 
 
 
-# -- open: found by the simulator, not fixed (see README, "Found by the simulator") --------------
+# -- found by the simulator ---------------------------------------------------------------------
 
-OPEN = {}
+@contextlib.contextmanager
+def old_unarmed_writes():
+    """Before the fix: no armed window (no arm before computing the lease); the kernel took a
+    write whenever it came, with a timeout counted from then."""
+    with patched(simworld.SimFence, "_armed_then", lambda self, change: change), \
+            patched(simworld.SimFence, "arm", lambda self, seconds: None):
+        yield
 
 
-def open_bug(name, expect):
-    def register(script):
-        OPEN[name] = Scenario(name, script, contextlib.nullcontext, False, expect)
-        return script
-    return register
-
-
-@open_bug("open-late-opening-outlives-the-grant", expect=("dual_rw", "dual_ack"))
+@scenario("sim-late-opening-outlives-the-grant", old_unarmed_writes,
+          expect=("dual_rw", "dual_ack"))
 def late_opening(c):
-    """Open: a fenced primary decides to unfence on the arbiter's fresh word, and the
-    opening reaches the kernel 2.5 s later (nft slow, or the agent stopped between computing
-    the lease and running nft) while the primary is cut off. The element's timeout counts
-    from when the kernel takes it, so the port opens after the standby was granted the next
-    term. Renewals cannot do this (a lapsed element is never revived); an opening can."""
+    """Found by the simulator (seed 5): a fenced primary decides to unfence on the arbiter's
+    fresh word, and the opening reaches the kernel 2.5 s later (nft slow, or the agent stopped
+    between computing the lease and running nft) while the primary is cut off. The element's
+    timeout counts from when the kernel takes it, so without the armed window the port opens
+    after the standby was granted the next term."""
     m = primary(c)
     agent_m = c.nodes[m].agent
     cut(c, m, "arb")
@@ -457,6 +464,18 @@ def late_opening(c):
     wait(c, 8.0)
     c.nodes[m].nft_slow = 0.0
     heal(c)
+
+
+# -- open: found by the simulator, not fixed (README, "Found by the simulator") ------------------
+
+OPEN = {}
+
+
+def open_bug(name, expect):
+    def register(script):
+        OPEN[name] = Scenario(name, script, contextlib.nullcontext, False, expect)
+        return script
+    return register
 
 
 def run_open(name, log=None):

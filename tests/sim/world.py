@@ -272,6 +272,7 @@ class Fence:
         self.installed = False
         self.expiry = None
         self.handover_until = None
+        self.fresh_until = None  # the armed window of the next lease write (Fence.arm)
         self.opened_at = None  # when the current client window opened
 
     def open_at(self, now):
@@ -565,8 +566,27 @@ class SimFence:
         """An element's timeout counts from when the kernel takes it."""
         return self.w.sched.now + max(0.001, int(seconds * 1000) / 1000)
 
+    def arm(self, seconds):
+        def change():
+            self.k.fresh_until = self._timeout(seconds)
+        self._nft(change)
+
+    def _armed_then(self, change):
+        """The write deletes the armed window's element in the same transaction: a write
+        the kernel gets after the window fails whole, changing nothing (False)."""
+        def write():
+            k = self.k
+            if k.fresh_until is None or k.fresh_until <= self.w.sched.now:
+                return False
+            k.fresh_until = None
+            return change()
+        return write
+
     def open_for(self, seconds):
-        self._nft(lambda: self._set(self._timeout(seconds)))
+        def change():
+            self._set(self._timeout(seconds))
+            return True
+        return self._nft(self._armed_then(change))
 
     def _live_then(self, expiry):
         """delete + add in one transaction: fails, changing nothing, on a lapsed element."""
@@ -578,8 +598,9 @@ class SimFence:
         return change
 
     def renew(self, seconds):
-        """Extend a live lease; False (and nothing done) when it has lapsed."""
-        return self._nft(self._live_then(lambda: self._timeout(seconds)))
+        """Extend a live lease (within the armed window); False (and nothing done) when it
+        has lapsed or the window has passed."""
+        return self._nft(self._armed_then(self._live_then(lambda: self._timeout(seconds))))
 
     def open(self):
         self._nft(lambda: self._set(float("inf")))

@@ -57,8 +57,16 @@ class Recorder:
         return agent.PgStatus("primary", "pg2", 100, "streaming", "sync", 100, 1.0)
 
     # the fence
+    def arm(self, seconds):
+        pass
+
     def open_for(self, seconds):
         self.lease_left = seconds
+        return True
+
+    def renew(self, seconds):
+        self.lease_left = seconds
+        return True
 
     def open(self):
         self.lease_left = float("inf")
