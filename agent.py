@@ -2763,6 +2763,8 @@ class DbAgent(Agent):
             elif not opening and self.fence.lease() is None:  # it had lapsed
                 self.lease_mode, self.lease_until = "closed", None
             else:  # the window passed (a stall): nothing was written; try again later
+                if self.lease_mode == "standby":  # a standby's element (open, no timeout)
+                    self._close_lease()           # must not outlive its promotion
                 self.log.warning("the kernel did not take the lease in time: not %s",
                                  "opened" if opening else "extended")
 

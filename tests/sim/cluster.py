@@ -410,6 +410,12 @@ class Cluster:
 
     def check(self):
         """After every step: at most one node takes read-write sessions."""
+        view = self.arb_view
+        if view is not None and not getattr(view, "paused", False) \
+                and self.fences[view.primary].expiry == float("inf") \
+                and self.pg[view.primary].is_primary:
+            self.violation("unbounded_lease", f"{view.primary} serves as the primary of term "
+                                              f"{view.term} with its port open and no timeout")
         both = self.rw("pg1") and self.rw("pg2")
         if both:
             self.violation("dual_rw", "pg1 and pg2 both run as primary with the port open to "

@@ -270,7 +270,7 @@ def old_finding6():
         yield
 
 
-@scenario("finding6-frozen-agent-fenced-by-the-kernel", old_finding6, expect=("dual_rw",))
+@scenario("finding6-frozen-agent-fenced-by-the-kernel", old_finding6, expect=("dual_rw", "unbounded_lease"))
 def finding6(c):
     """Finding 6: the primary is isolated and its agent frozen (SIGSTOP) for 6 s: the kernel
     closes the port before the standby may be granted the next term."""
@@ -507,3 +507,47 @@ def killed_after_rewind(c):
     if c.nodes[m].alive is False:
         c.start_agent(m)
     wait(c, 2.0)
+
+
+# -- found by the simulator: a promotion whose opening misses the armed window ---------------------
+
+@contextlib.contextmanager
+def old_standby_lease_kept():
+    """Before the fix: an opening that missed its armed window left the lease as it was, so
+    a promoted standby kept its standby element (open, no timeout)."""
+    original = agent.DbAgent._close_lease
+
+    def close_lease(self):
+        import inspect
+        if inspect.stack()[1].function == "extend_lease" and self.lease_mode == "standby":
+            return
+        original(self)
+
+    with patched(agent.DbAgent, "_close_lease", close_lease):
+        yield
+
+
+@scenario("sim-promotion-opening-missed-keeps-standby-lease", old_standby_lease_kept,
+          expect=("unbounded_lease", "dual_rw", "dual_ack"))
+def promotion_opening_missed(c):
+    """Found by the simulator (seed 1151 of the long run): the standby is granted the next
+    term while its nft calls are slow, so the primary lease it opens misses the armed window
+    and nothing is written; its standby element (open, no timeout) must not stay: later, cut
+    off, it must still be fenced before the other node is granted."""
+    m, s = primary(c), c.other_db(primary(c))
+
+    def granted(view):
+        if view.primary == s:
+            c.save_hooks.clear()
+            c.nodes[s].nft_slow = 0.5
+    c.save_hooks.append(granted)
+    isolate(c, m, client_too=False)
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)
+    wait(c, 1.0)
+    c.nodes[s].nft_slow = 0.0
+    wait(c, 3.0)
+    heal(c)
+    c.sched.run_until(c.sched.now + 30.0, until=lambda: c.arb_view.eligible == m)
+    isolate(c, s, client_too=False)
+    wait(c, 8.0)
+    heal(c)
