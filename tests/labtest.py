@@ -17,6 +17,26 @@ def fresh_lab(strict_sync=False):
         backend.down()
 
 
+def vagrant_lab(provider):
+    """The running Vagrant lab (left up), or one brought up here and destroyed after."""
+    from lab.vagrant import VagrantBackend
+    backend = VagrantBackend(provider=provider)
+    if backend.exists():
+        backend.check_ready()
+        yield backend
+        return
+    began = time.monotonic()
+    try:
+        backend.up(progress=print)
+        backend.wait_until("primary with sync standby", backend.primary_with_sync_standby, 240)
+        print(f"vagrant lab up in {time.monotonic() - began:.0f} s")
+        yield backend
+    finally:
+        began = time.monotonic()
+        backend.down()
+        print(f"vagrant lab down in {time.monotonic() - began:.0f} s")
+
+
 def eventually(predicate, timeout, interval=0.2):
     """The predicate's first truthy value within timeout, else AssertionError."""
     deadline = time.monotonic() + timeout

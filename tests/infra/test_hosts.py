@@ -1,11 +1,13 @@
 """What each host of a running lab must look like, checked with testinfra."""
+import hashlib
 import json
+import re
 import shlex
 import time
 
 import pytest
 
-from lab.backend import AGENT_HOSTS, DB_HOSTS
+from lab.backend import AGENT_HOSTS, CHAIN_IN, CHAIN_OUT, DB_HOSTS, HOSTS, REPO
 
 
 def agent_status(lab, host, name):
@@ -56,30 +58,80 @@ def test_replication_passfile_belongs_to_postgres(lab, hosts, name):
     assert passfile.mode == 0o600 and passfile.user == "postgres"
 
 
-def fence_rules(host):
-    return [line for line in host.check_output("iptables -S bobry-fence").splitlines()
-            if line.startswith("-A")]
+vagrant_only = pytest.mark.parametrize("name", HOSTS)
+
+
+@vagrant_only
+def test_provisioning_made_the_lab_chains_and_a_unit_that_makes_them_at_boot(lab, hosts, name):
+    if lab.name != "vagrant":
+        pytest.skip("the embedded lab makes its chains at `up`")
+    host = hosts[name]
+    assert host.service("bobry-lab-chains").is_enabled
+    for chain, hook in ((CHAIN_IN, "INPUT"), (CHAIN_OUT, "OUTPUT")):
+        assert host.run(f"iptables -w 5 -C {hook} -j {chain}").rc == 0, (hook, chain)
+
+
+@vagrant_only
+def test_no_secret_is_left_in_tmp(lab, hosts, name):
+    if lab.name != "vagrant":
+        pytest.skip("the embedded lab keeps its secrets in its own directory")
+    assert not hosts[name].file("/tmp/bobry-secrets").exists
+
+
+@vagrant_only
+def test_the_clock_is_kept(lab, hosts, name):
+    """A container shares the host's clock; a VM keeps its own with systemd-timesyncd."""
+    if lab.name != "vagrant":
+        pytest.skip("network namespaces share this machine's clock")
+    host = hosts[name]
+    if host.run("systemd-detect-virt --container").rc != 0:
+        assert host.service("systemd-timesyncd").is_running
+        assert host.check_output("timedatectl show -p NTP --value") == "yes"
+
+
+@pytest.mark.parametrize("name", AGENT_HOSTS)
+def test_the_hosts_run_this_checkouts_agent_and_config(lab, hosts, name):
+    if lab.name != "vagrant":
+        pytest.skip("the embedded lab runs the checkout itself")
+    for remote, local in (("/opt/bobry/agent.py", "agent.py"), ("/etc/bobry/agent.ini",
+                                                                "agent.ini")):
+        digest = hashlib.sha256((REPO / local).read_bytes()).hexdigest()
+        assert hosts[name].file(remote).sha256sum == digest, remote
+
+
+def lease(host, port):
+    """The kernel's lease on the PostgreSQL port (the agent's nftables fence): the element of
+    set `lease` for the port, or None when the set holds none (fenced)."""
+    listing = host.check_output("nft list set inet bobry_fence lease")
+    match = re.search(r"elements = \{ (" + str(port) + r"[^,}]*)", listing)
+    return match.group(1).strip() if match else None
 
 
 @pytest.mark.parametrize("name", DB_HOSTS)
-def test_no_fence_rules_while_not_fenced(lab, hosts, name):
+def test_the_fence_table_rejects_the_port_without_a_lease(lab, hosts, name):
+    port = lab.config(name).me.pg_port
+    table = hosts[name].check_output("nft list table inet bobry_fence")
+    assert "tcp dport @lease accept" in table
+    assert f"tcp dport {port} reject with tcp reset" in table
+
+
+@pytest.mark.parametrize("name", DB_HOSTS)
+def test_an_unfenced_node_holds_a_lease(lab, hosts, name):
     assert not agent_status(lab, hosts[name], name)["fenced"]
-    assert fence_rules(hosts[name]) == []
+    assert lease(hosts[name], lab.config(name).me.pg_port) is not None
 
 
-def test_fence_rules_appear_when_the_primary_fences_itself(lab, hosts):
+def test_the_lease_lapses_when_the_primary_is_isolated(lab, hosts):
     """Last in this file: it fails the primary over."""
     primary = lab.primary_with_sync_standby()
     host = hosts[primary]
+    port = lab.config(primary).me.pg_port
     lab.isolate(primary)
     try:
         deadline = time.monotonic() + 15
-        while not agent_status(lab, host, primary)["fenced"] and time.monotonic() < deadline:
+        while lease(host, port) is not None and time.monotonic() < deadline:
             time.sleep(0.2)
-        rules = fence_rules(host)
+        assert lease(host, port) is None
         assert agent_status(lab, host, primary)["fenced"]
-        [rule] = rules
-        port = lab.config(primary).me.pg_port
-        assert f"--dport {port}" in rule and "REJECT" in rule and "! -i lo" in rule
     finally:
         lab.heal()
