@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import pwd
 import re
@@ -127,7 +128,10 @@ def _parse_port(text):
 
 
 def _parse_ip(text):
-    return str(ipaddress.ip_address(text))
+    address = ipaddress.ip_address(text)
+    if address.version != 4:
+        raise ValueError("must be an IPv4 address (the fence's rules are IPv4)")
+    return str(address)
 
 
 def _parse_cidrs(text):
@@ -237,9 +241,20 @@ def check_timing(path, t):
         raise ConfigError(path, "timing", "check_interval",
                           "check_interval + probe_timeout must be shorter than fence_timeout: "
                           "a healthy primary's lease would lapse between two heartbeats")
+    if promote_window(t) <= t.check_interval + t.probe_timeout:
+        raise ConfigError(path, "timing", "failover_timeout",
+                          "failover_timeout - fence_timeout - safety_margin must exceed "
+                          "check_interval + probe_timeout: a promotion request is judged on "
+                          "news from the arbiter at most that old (decide_grant)")
     if t.restart_grace <= t.failover_timeout:
         raise ConfigError(path, "timing", "restart_grace",
                           "must exceed failover_timeout: a failover gets the first chance")
+
+
+def promote_window(t):
+    """How old the arbiter's news may be on which a standby asked to be promoted: within it,
+    the primary's lease had lapsed before the standby decided (decide_grant)."""
+    return t.failover_timeout - t.fence_timeout - t.safety_margin
 
 
 def load_config(path, node_name):
@@ -501,15 +516,24 @@ def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
     return Decision("none", f"I am ({me}) the primary of term {view.term}")
 
 
-def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timing):
+def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timing,
+                 news_at=None):
     """The arbiter's answer to a standby asking to be promoted: (granted, new view, reason).
-    A grant creates a new term; the caller persists it before answering."""
+    A grant creates a new term; the caller persists it before answering. news_at: the
+    arbiter's own stamp (its clock) that the candidate last had from it when it asked. The
+    candidate decided that it had lost the primary after that moment; if the request reaches
+    the arbiter more than promote_window later (held in the network, replayed, queued), the
+    primary might have regained the standby meanwhile, so it is refused: ask again."""
     if view.primary == candidate:
         return True, view, f"{candidate} already is the primary of term {view.term}"
     if term != view.term:
         return False, view, f"{candidate} asks about term {term}, the current term is {view.term}"
     if view.eligible != candidate:
         return False, view, f"{candidate} is not eligible in term {view.term} (not in sync)"
+    if news_at is None or now - news_at > promote_window(timing):
+        return False, view, (f"{candidate} asked on news from me "
+                             f"{'unknown' if news_at is None else f'{now - news_at:.1f} s'} old: "
+                             "ask again")
     lost = _age(now, started_at, primary_alive_at)
     if lost < timing.failover_timeout:
         return False, view, f"I still see {view.primary} (last {lost:.1f} s ago)"
@@ -634,6 +658,10 @@ REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "sett
                  "switchover")
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number this protocol carries")
+
+
 class ProtocolError(Exception):
     """What is wrong with a message; kind names the sort of drop, for the log."""
 
@@ -697,7 +725,7 @@ def unseal(key, line, me, known_nodes, now=None, replays=None):
     if not hmac.compare_digest(mac, _mac(key, payload).encode()):
         raise ProtocolError("bad mac (wrong key or altered)", "bad mac")
     try:  # authenticated bytes, but a key holder's bug must not crash the server either
-        message = json.loads(payload)
+        message = json.loads(payload, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise ProtocolError("not JSON", "malformed") from None
     if not isinstance(message, dict):
@@ -768,8 +796,8 @@ class DropLog:
 
     INTERVAL = 10.0
 
-    def __init__(self, log, interval=INTERVAL, what="dropped"):
-        self.log, self.interval, self.what = log, interval, what
+    def __init__(self, log, interval=INTERVAL, what="dropped", clock=time.monotonic):
+        self.log, self.interval, self.what, self.clock = log, interval, what, clock
         self._lock = threading.Lock()
         self._kinds = {}  # kind -> [count since its last line, time of that line, latest]
 
@@ -784,7 +812,7 @@ class DropLog:
         """Log each kind (or only that one) with drops not yet logged and no line for an
         interval (or at once: force). The server calls it between connections and when it
         shuts down, so that a count is never held long nor lost."""
-        now, lines = time.monotonic(), []
+        now, lines = self.clock(), []
         with self._lock:
             for kind, entry in self._kinds.items():
                 if (only in (None, kind) and entry[0] and (force or entry[1] is None
@@ -1077,6 +1105,9 @@ class StateFile:
     def save(self, view):
         write_atomically(self.path, json.dumps(view.as_dict()) + "\n", mode=0o644)
 
+    def exists(self):
+        return os.path.exists(self.path)
+
 
 class EventLog:
     """events.jsonl: one JSON object per event, with wall-clock time, for the lab's reports."""
@@ -1150,10 +1181,23 @@ class Fence:
         return parse_lease(listed.stdout, self.port) if listed.returncode == 0 else None
 
     def open_for(self, seconds):
-        """Flush and add in one transaction: a plain add would keep an old expiry."""
+        """Open from closed: flush and add in one transaction (a plain add would keep an old
+        expiry)."""
         ms = max(1, int(seconds * 1000))
         self._nft(script=f"flush set inet {self.TABLE} lease\n"
                          f"add element inet {self.TABLE} lease {{ {self.port} timeout {ms}ms }}\n")
+
+    def renew(self, seconds):
+        """Extend a live lease: delete and add in one transaction. If the element has expired
+        the delete fails and so does the whole transaction: a late renewal never reopens a
+        port that has closed. False when it had."""
+        ms = max(1, int(seconds * 1000))
+        element = f"inet {self.TABLE} lease {{ {self.port}"
+        result = self._nft(script=f"delete element {element} }}\n"
+                                  f"add element {element} timeout {ms}ms }}\n", check=False)
+        if result.returncode != 0 and "No such file or directory" not in result.stderr:
+            raise RuntimeError(f"nft failed: {result.stderr.strip()}")
+        return result.returncode == 0
 
     def open(self):
         self._nft(script=f"flush set inet {self.TABLE} lease\n"
@@ -1324,6 +1368,9 @@ class LocalPostgres:
         if not rows[0][0]:
             raise RuntimeError("pg_promote() did not finish within 30 s")
 
+    def checkpoint(self, timeout=600):
+        pg_query(local_dsn(self.cfg), "checkpoint", timeout=timeout)
+
     def terminate_clients(self):
         pg_query(local_dsn(self.cfg), "select pg_terminate_backend(pid) from pg_stat_activity "
                  "where backend_type = 'client backend' and client_addr is not null", timeout=5)
@@ -1357,7 +1404,7 @@ class LocalPostgres:
               for fn in REPLICATOR_FUNCTIONS), ""])
         result = self._run([self._bin("postgres"), "--single", "-D", tmp, "-c",
                             "synchronous_commit=local", "postgres"],
-                           timeout=120, stdin=sql)
+                           timeout=120, stdin=sql, holds_lock=True)
         if result.returncode != 0 or "ERROR" in result.stdout + result.stderr:
             raise RuntimeError(f"creating roles failed: {result.stdout}{result.stderr}".strip())
         os.rename(tmp, self.cfg.data_dir)
@@ -1399,41 +1446,148 @@ class LocalPostgres:
                                  "lag_bytes": r[3]} for r in rows]}
 
 
+class RemotePostgres:
+    """Other nodes' PostgreSQL, as a client sees it: the probe and the rejoin check."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def prepare(self):
+        """The directories and the passfile the probes authenticate with (the arbiter)."""
+        for d in (self.cfg.state_dir, self.cfg.log_dir, self.cfg.run_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        write_pgpass(self.cfg)
+
+    def in_recovery(self, node, timeout):
+        """Whether node's PostgreSQL is in recovery. Raises psycopg2.Error, TimeoutError or
+        OSError when it cannot be asked within timeout."""
+        return pg_query(remote_dsn(self.cfg, node), "select pg_is_in_recovery()",
+                        timeout=timeout)[0][0]
+
+    def checkpoint_timeline(self, node, timeout):
+        """The timeline of node's latest checkpoint (its pg_control)."""
+        return pg_query(remote_dsn(self.cfg, node), "select timeline_id from "
+                        "pg_control_checkpoint()", timeout=timeout)[0][0]
+
+
+class World:
+    """The ports: everything by which an agent touches the world, each a small interface
+    implemented here for real -- the clock, peer messaging, PostgreSQL (the node's own and the
+    others'), the fence, the durable state file, the event log, the node lock, background
+    work. The agents take a World (this one by default); the deterministic simulator under
+    tests/sim gives them one that implements every port in memory, so that the same agent
+    code runs there."""
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+    def boot_id(self):
+        """Which boot the monotonic clock counts from: a stamp of another boot is no stamp."""
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                return f.read().strip()
+        except OSError:
+            return "unknown"
+
+    def call(self, cfg, key, peer, kind, body, timeout):
+        """One request to a peer's agent and its reply body (see call())."""
+        return call(cfg, key, peer, kind, body, timeout)
+
+    def serve(self, agent):
+        """Answer peers with agent.handle until shutdown() of what this returns."""
+        server = AgentServer(agent.cfg, agent.key, agent.handle, agent.log)
+        threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
+        return server
+
+    def postgres(self, cfg):
+        return LocalPostgres(cfg)
+
+    def remote_postgres(self, cfg):
+        return RemotePostgres(cfg)
+
+    def fence(self, pg_port):
+        return Fence(pg_port)
+
+    def state_file(self, path, default):
+        return StateFile(path, default)
+
+    def event_log(self, path, node):
+        return EventLog(path, node)
+
+    def agent_lock(self, state_dir):
+        return AgentLock(state_dir)
+
+    def logger(self):
+        return logging.getLogger("bobry")
+
+    def spawn(self, name, step):
+        """Run step once in the background (the real agent: a thread)."""
+        threading.Thread(target=step, name=name, daemon=True).start()
+
+    def run_routine(self, stop, step):
+        """Run a routine until stop is set: step() returns how long to wait before the next
+        step. The real agent runs each routine in a thread of its own."""
+        while not stop.is_set():
+            stop.wait(step())
+
+
 # --------------------------------------------------------------------------------------------
 # the agent: observer threads feed Observations; one loop decides and acts
 # --------------------------------------------------------------------------------------------
 
 
+def _finite(value):
+    """A number a stamp can be: an int or float that a float holds, not NaN nor infinite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+PG_STATES = ("primary", "standby", "down", "none")
+
+
 class Observations:
     """Written by the observer threads and the server, read as a snapshot by the loop.
 
-    Every status a node sends carries a stamp (its own monotonic clock) and echoes the stamp
-    (and pg state) of the latest status it received from the addressee. An echo of one of our
-    stamps proves that the peer heard us at that moment (our clock) or later: contact counts
-    from there, and when we said then that we were a running primary, the peer has counted us
-    alive from there on -- the only moments a primary's lease may be anchored on."""
+    Every status a node sends carries a stamp -- its monotonic clock, and the boot it counts
+    from -- and echoes the stamp, PostgreSQL state and fence of the latest status it received
+    from the addressee. An echo of one of our stamps proves that the peer heard us at that
+    moment (our clock) or later: contact counts from there. When we said then that we were a
+    running primary, the peer has counted us alive from there on -- an unfenced primary for a
+    standby, any primary for the arbiter (Agent.counts_alive) -- and only such moments anchor
+    a primary's lease."""
 
-    def __init__(self):
+    def __init__(self, boot=None):
         self._lock = threading.Lock()
+        self.boot = boot
         self.contact_at = {}  # peer -> latest moment (our clock) the peer provably heard us
         self.alive_at = {}    # node -> last sign that it serves as primary (our clock)
         self.lease_anchor = None  # latest moment a peer provably heard us as running primary
-        self.stamps = {}      # peer -> {"stamp", "pg"} of its latest status: echoed back to it
+        self.stamps = {}      # peer -> its latest stamp (stamp, boot, pg, fenced): echoed back
 
-    def heard(self, peer, echo, now):
-        """The peer echoed one of our stamps (a later one than any before counts)."""
-        if not isinstance(echo, dict) or not isinstance(echo.get("stamp"), (int, float)):
+    def heard(self, peer, echo, now, arbiter=False):
+        """The peer echoed one of our stamps (a later one than any before counts); one from
+        another boot, from our future or malformed is ignored."""
+        if not isinstance(echo, dict) or not _finite(echo.get("stamp")) \
+                or echo.get("boot") != self.boot or echo["stamp"] > now:
             return
-        at = min(float(echo["stamp"]), now)
+        at = float(echo["stamp"])
         with self._lock:
             self.contact_at[peer] = max(at, self.contact_at.get(peer, at))
-            if echo.get("pg") == "primary":
+            if echo.get("pg") == "primary" and (arbiter or echo.get("fenced") is False):
                 self.lease_anchor = max(at, self.lease_anchor or at)
 
     def remember_stamp(self, peer, body):
-        if isinstance(body.get("stamp"), (int, float)):
+        if _finite(body.get("stamp")) and isinstance(body.get("boot"), str) \
+                and body.get("pg") in PG_STATES and isinstance(body.get("fenced"), bool):
             with self._lock:
-                self.stamps[peer] = {"stamp": body["stamp"], "pg": body.get("pg")}
+                self.stamps[peer] = {k: body[k] for k in ("stamp", "boot", "pg", "fenced")}
 
     def echo_for(self, peer):
         with self._lock:
@@ -1498,17 +1652,21 @@ class Agent:
 
     REPEAT_LOG = 30.0
 
-    def __init__(self, cfg, key, default_view):
+    def __init__(self, cfg, key, default_view, world=None):
         self.cfg, self.key = cfg, key
-        self.started_at = time.monotonic()
-        self.observations = Observations()
+        self.world = world = world or World()
+        self.clock = world.monotonic
+        self.started_at = self.clock()
+        self.boot = world.boot_id()
+        self.observations = Observations(self.boot)
         self.stop = threading.Event()
-        self.state = StateFile(os.path.join(cfg.state_dir, "view.json"), default_view)
-        self.events = EventLog(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
-        self.log = logging.getLogger("bobry")
+        self.state = world.state_file(os.path.join(cfg.state_dir, "view.json"), default_view)
+        self.events = world.event_log(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
+        self.remote = world.remote_postgres(cfg)
+        self.log = world.logger()
         self.log.addFilter(_RoleFilter(self))
-        self.warn = DropLog(self.log, what="failed")
-        self._view_lock = threading.Lock()
+        self.warn = DropLog(self.log, what="failed", clock=self.clock)
+        self._view_lock = threading.RLock()
         self.view = default_view
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
@@ -1523,9 +1681,10 @@ class Agent:
         except (ValueError, KeyError, TypeError) as exc:
             self.log.warning("ignored a view from %s: %s", source, exc)
             return
-        if view.primary not in self.cfg.nodes or (view.eligible and view.eligible not in
-                                                  self.cfg.nodes):
-            self.log.warning("ignored a view from %s naming unknown nodes: %s", source, offered)
+        db_nodes = {n.name for n in self.cfg.db_nodes}
+        if view.primary not in db_nodes or (view.eligible and view.eligible not in db_nodes):
+            self.log.warning("ignored a view from %s naming no database node: %s", source,
+                             offered)
             return
         with self._view_lock:
             if newer_view(self.view, view) is self.view:
@@ -1542,60 +1701,74 @@ class Agent:
     def status_body(self, to=None):
         """Our status for a peer, stamped, with the echo of the peer's latest stamp."""
         body = self.own_status()
-        body["stamp"] = time.monotonic()
+        body["stamp"], body["boot"] = self.clock(), self.boot
         body["echo"] = self.observations.echo_for(to) if to else None
         return body
+
+    def counts_alive(self, body):
+        """Whether a peer's status is a sign that it serves as primary: a database node's
+        agent counts only an unfenced one (a fenced primary serves no one); the arbiter
+        counts any (Observations)."""
+        return body.get("pg") == "primary" and body.get("fenced") is False
 
     def note_status(self, sender, body, at):
         """A peer's status (request or reply): its view is learned (and persisted) first;
         only then does the exchange count as contact (Observations.heard)."""
         if isinstance(body.get("view"), dict):
             self.learn(body["view"], sender)
-        if body.get("pg") == "primary":
+        if self.counts_alive(body):
             self.observations.alive(sender, at)
         self.observations.remember_stamp(sender, body)
-        self.observations.heard(sender, body.get("echo"), at)
+        self.observations.heard(sender, body.get("echo"), at,
+                                arbiter=sender == self.cfg.arbiter.name)
 
     def handle(self, sender, kind, body):
         if kind == "status":
-            self.note_status(sender, body, time.monotonic())
+            self.note_status(sender, body, self.clock())
             return self.status_body(sender)
         raise ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
 
-    def _heartbeats(self, peer):
-        interval = self.cfg.timing.check_interval
-        while not self.stop.is_set():
-            began = time.monotonic()
-            try:
-                body = call(self.cfg, self.key, peer, "status", self.status_body(peer.name),
-                            self.cfg.timing.probe_timeout)
-                self.note_status(peer.name, body, time.monotonic())
-            except (OSError, ProtocolError) as exc:
-                self.log.debug("no heartbeat from %s: %s", peer.name, exc)
-            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+    def _rest(self, began):
+        """How long a routine waits after a step that began at `began`: a check_interval
+        from step to step."""
+        return max(0.0, self.cfg.timing.check_interval - (self.clock() - began))
 
-    def _probe_primary(self):
+    def heartbeat_step(self, peer):
+        """One heartbeat with peer (a routine per peer); returns the wait before the next."""
+        began = self.clock()
+        try:
+            body = self.world.call(self.cfg, self.key, peer, "status",
+                                   self.status_body(peer.name), self.cfg.timing.probe_timeout)
+            self.note_status(peer.name, body, self.clock())
+        except (OSError, ProtocolError) as exc:
+            self.log.debug("no heartbeat from %s: %s", peer.name, exc)
+        except Exception as exc:  # noqa: BLE001 -- a routine must outlive anything a peer sends
+            self.warn("heartbeat", peer.name, f"{type(exc).__name__}: {exc}")
+        return self._rest(began)
+
+    def probe_step(self):
         """Can a client reach the primary's PostgreSQL and does it say it is a primary?"""
-        interval = self.cfg.timing.check_interval
-        while not self.stop.is_set():
-            began = time.monotonic()
-            primary = self.view.primary
-            if primary != self.cfg.me.name:
+        began = self.clock()
+        primary = self.view.primary
+        if primary != self.cfg.me.name:
+            try:
                 self._probe_once(primary)
-            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+            except Exception as exc:  # noqa: BLE001 -- the probe routine must go on
+                self.warn("probe", primary, f"{type(exc).__name__}: {exc}")
+        return self._rest(began)
 
     def _probe_once(self, primary):
         probe = self.probe
         probe["target"] = primary
         try:
-            rows = pg_query(remote_dsn(self.cfg, self.cfg.nodes[primary]),
-                            "select pg_is_in_recovery()", timeout=self.cfg.timing.probe_timeout)
+            in_recovery = self.remote.in_recovery(self.cfg.nodes[primary],
+                                                  self.cfg.timing.probe_timeout)
         except (psycopg2.Error, TimeoutError, OSError) as exc:
             error = " ".join(str(exc).split()) or type(exc).__name__
         else:
-            if not rows[0][0]:
-                self.observations.alive(primary, time.monotonic())
-                probe.update(ok_at=time.monotonic(), error=None)
+            if not in_recovery:
+                self.observations.alive(primary, self.clock())
+                probe.update(ok_at=self.clock(), error=None)
                 return
             error = "in recovery (not a primary)"
         probe["failures"] += 1
@@ -1606,27 +1779,44 @@ class Agent:
         probe = self.probe
         return {"target": probe["target"], "error": probe["error"], "failures": probe["failures"],
                 "ok_age_s": None if probe["ok_at"] is None
-                else round(time.monotonic() - probe["ok_at"], 3)}
+                else round(self.clock() - probe["ok_at"], 3)}
 
-    def start_observers(self, peers):
-        server = AgentServer(self.cfg, self.key, self.handle, self.log)
-        threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
-        for peer in peers:
-            threading.Thread(target=self._heartbeats, args=(peer,), name=f"hb-{peer.name}",
-                             daemon=True).start()
-        threading.Thread(target=self._probe_primary, name="probe", daemon=True).start()
-        return server
+    def peers(self):
+        raise NotImplementedError
+
+    def routines(self):
+        """The agent's concurrent routines, (name, step): each step does one round and returns
+        how long to wait before the next. The real agent runs each in a thread of its own
+        (World.run_routine), the decision loop ("loop") in the main thread; the simulator
+        schedules the very same steps."""
+        routines = [(f"hb-{peer.name}", lambda peer=peer: self.heartbeat_step(peer))
+                    for peer in self.peers()]
+        routines.append(("probe", self.probe_step))
+        routines.append(("loop", self.loop_step))
+        return routines
+
+    def serve_and_run(self):
+        """Serve peers, run every routine until stop is set, then stop serving."""
+        server = self.world.serve(self)
+        try:
+            routines = self.routines()
+            for name, step in routines[:-1]:
+                threading.Thread(target=self.world.run_routine, args=(self.stop, step),
+                                 name=name, daemon=True).start()
+            self.world.run_routine(self.stop, routines[-1][1])
+        finally:
+            server.shutdown()
 
     def hold_lock(self):
         """The node's lock (AgentLock), waited for; False when asked to stop meanwhile."""
-        self.lock = AgentLock(self.cfg.state_dir)
+        self.lock = self.world.agent_lock(self.cfg.state_dir)
         return self.lock.acquire(self.log, self.stop)
 
     # -- the loop ------------------------------------------------------------------------
     def say(self, decision):
         """Log the decision when it changes (figures aside) or has held for REPEAT_LOG s."""
         shape = (decision.action, "".join(c for c in decision.reason if not c.isdigit()))
-        now = time.monotonic()
+        now = self.clock()
         self.last_decision = (decision.action, decision.reason, now)
         if shape != self._last_said[0] or now - self._last_said[1] >= self.REPEAT_LOG:
             self.log.info("%s. %s", decision.action, decision.reason)
@@ -1636,19 +1826,21 @@ class Agent:
         if self.last_decision is None:
             return None
         action, reason, at = self.last_decision
-        return {"action": action, "reason": reason, "age_s": round(time.monotonic() - at, 3)}
+        return {"action": action, "reason": reason, "age_s": round(self.clock() - at, 3)}
 
-    def run_loop(self, tick):
-        interval = self.cfg.timing.check_interval
-        while not self.stop.is_set():
-            began = time.monotonic()
-            try:
-                tick()
-            except (RuntimeError, OSError, psycopg2.Error, TimeoutError,
-                    subprocess.SubprocessError) as exc:
-                self.log.error("%s: %s", type(exc).__name__, exc)
-                self.stop.wait(1.0)  # the failed step is retried on a later tick
-            self.stop.wait(max(0.0, interval - (time.monotonic() - began)))
+    def tick(self):
+        raise NotImplementedError
+
+    def loop_step(self):
+        """One round of the decision loop; returns the wait before the next."""
+        began = self.clock()
+        try:
+            self.tick()
+        except (RuntimeError, OSError, psycopg2.Error, TimeoutError,
+                subprocess.SubprocessError) as exc:
+            self.log.error("%s: %s", type(exc).__name__, exc)
+            return 1.0  # the failed step is retried on a later tick
+        return self._rest(began)
 
 
 class DbAgent(Agent):
@@ -1658,12 +1850,12 @@ class DbAgent(Agent):
     SWITCHOVER_WAIT = 15.0  # how long a switchover request waits for the loop to carry it out
     HANDOVER_CATCHUP = 5.0  # a fenced primary waits this long for the standby to flush all
 
-    def __init__(self, cfg, key):
+    def __init__(self, cfg, key, world=None):
         default = View(0, cfg.by_role("primary").name, cfg.by_role("standby").name)
-        super().__init__(cfg, key, default)
+        super().__init__(cfg, key, default, world)
         self.view = self.state.load()
-        self.pg = LocalPostgres(cfg)
-        self.fence = Fence(cfg.me.pg_port)
+        self.pg = self.world.postgres(cfg)
+        self.fence = self.world.fence(cfg.me.pg_port)
         # What this process holds: "closed", "standby" (open, no timeout) or "primary" (open
         # until lease_until). A lease left by a previous process is not ours: it lapses.
         self._lease_lock = threading.Lock()
@@ -1672,6 +1864,7 @@ class DbAgent(Agent):
         self.confirm_after = self.started_at
         self.handover_unsettled = False
         self.pg_state, self.pg_down_since = "down", None
+        self.last_pg_answer = "down"  # the last state PostgreSQL itself told
         self.other = cfg.other_db(cfg.me.name)
         self.reply_time = None       # primary: the standby's last reply_time (its clock)
         self.standby_seen_at = None  # primary: when that reply_time last changed (our clock)
@@ -1686,8 +1879,18 @@ class DbAgent(Agent):
             return "replaced"  # a former primary's data, not yet rejoined
         return "standby"
 
+    def reported_pg(self):
+        """What peers hear of our PostgreSQL: a status query that failed for less than
+        fence_timeout repeats the last answer, so that a slow query or two do not cost a
+        healthy primary its lease (peers count it alive on exactly what we report)."""
+        down_since = self.pg_down_since
+        if self.pg_state == "down" and down_since is not None \
+                and self.clock() - down_since < self.cfg.timing.fence_timeout:
+            return self.last_pg_answer
+        return self.pg_state
+
     def own_status(self):
-        return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.pg_state,
+        return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.reported_pg(),
                 "fenced": self.fenced, "view": self.view.as_dict(),
                 "lease": self.lease_status(), "probe": self.probe_status(),
                 "decision": self.decision_status()}
@@ -1695,13 +1898,25 @@ class DbAgent(Agent):
     def handle(self, sender, kind, body):
         if kind != "switchover":
             return super().handle(sender, kind, body)
+        request, refusal = self.ask_switchover()
+        if request is None:
+            return refusal
+        request["done"].wait(self.SWITCHOVER_WAIT)
+        return self.end_switchover(request)
+
+    def ask_switchover(self):
+        """(request, None): a switchover request for the loop to carry out; (None, answer):
+        refused."""
         request = {"done": threading.Event(), "result": None}
         with self._switchover_lock:
             if self.view.primary != self.cfg.me.name or self.switchover is not None:
-                return {"done": False, "reason": f"{self.cfg.me.name} is not the primary or a "
-                                                 "switchover is under way"}
+                return None, {"done": False, "reason": f"{self.cfg.me.name} is not the primary "
+                                                       "or a switchover is under way"}
             self.switchover = request
-        request["done"].wait(self.SWITCHOVER_WAIT)
+        return request, None
+
+    def end_switchover(self, request):
+        """Stop waiting for a request (ask_switchover); the answer for the one who asked."""
         with self._switchover_lock:
             self.switchover = None
         return request["result"] or {"done": False, "reason": "timed out"}
@@ -1714,30 +1929,37 @@ class DbAgent(Agent):
             request["done"].set()
 
     def run(self):
+        if self.prepare():
+            self.serve_and_run()
+
+    def prepare(self):
+        """Directories, the node's lock, the fence's table; False when stopped meanwhile."""
         self.pg.prepare_dirs()
         if not self.hold_lock():
-            return
+            return False
         self.pg.lock_fd = self.lock.fd
+        self.view = self.state.load()  # a predecessor may have written it while we waited
         self.fence.install()
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
-        server = self.start_observers([self.other, self.cfg.arbiter])
-        threading.Thread(target=self._keep_lease, name="lease", daemon=True).start()
-        try:
-            self.run_loop(self.tick)
-        finally:
-            server.shutdown()
+        return True
+
+    def peers(self):
+        return [self.other, self.cfg.arbiter]
+
+    def routines(self):
+        return [("lease", self.lease_step), *super().routines()]
 
     # -- the lease -----------------------------------------------------------------------
-    def _keep_lease(self):
-        """Extend the primary's lease as peers hear it; apart from the loop, so that a slow
-        PostgreSQL or a blocking call there cannot make a healthy primary's lease lapse."""
-        while not self.stop.is_set():
-            try:
-                self.extend_lease()
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                self.warn("lease extension", "nft", exc)
-            self.stop.wait(self.cfg.timing.check_interval / 2)
+    def lease_step(self):
+        """Extend the primary's lease as peers hear it; a routine apart from the loop, so that
+        a slow PostgreSQL or a blocking call there cannot make a healthy primary's lease
+        lapse."""
+        try:
+            self.extend_lease()
+        except Exception as exc:  # noqa: BLE001 -- the lease routine must go on
+            self.warn("lease extension", "nft", f"{type(exc).__name__}: {exc}")
+        return self.cfg.timing.check_interval / 2
 
     def extend_lease(self, opening=False, anchor=None):
         """Set the kernel's lease to what lease_extension allows, when that gains at least
@@ -1747,31 +1969,45 @@ class DbAgent(Agent):
         with self._lease_lock:
             if self.lease_mode != "primary" and not opening:
                 return
-            now = time.monotonic()
+            # the anchor first, then the view: an exchange that replaced us taught us the new
+            # view before it counted as an anchor (note_status)
+            anchor = max(anchor or 0.0, self.observations.lease_anchor or 0.0) or None
+            now = self.clock()
             if self.view.primary != self.cfg.me.name:
                 self._close_lease()
                 return
-            anchor = max(anchor or 0.0, self.observations.lease_anchor or 0.0) or None
             until = lease_extension(self.lease_until, anchor, now, timing, opening)
             if until is None:
                 self._close_lease()
                 return
             if not opening and until - self.lease_until < timing.check_interval:
                 return
-            self.fence.open_for(until - now)
-            if time.monotonic() - now > timing.safety_margin:
+            if opening:
+                self.fence.open_for(until - now)
+            elif not self.fence.renew(until - now):  # it had lapsed: never revived
+                self.lease_mode, self.lease_until = "closed", None
+                return
+            if self.clock() - now > timing.safety_margin:
                 self._close_lease()
                 raise RuntimeError("the kernel took the lease late: closed the port instead")
             self.lease_mode, self.lease_until = "primary", until
 
     def _close_lease(self):
-        self.fence.close()
+        """Close the port, and make sure of it: a failed close is tried again."""
         self.lease_mode, self.lease_until = "closed", None
+        for attempt in range(5):
+            try:
+                self.fence.close()
+                return
+            except (RuntimeError, OSError, subprocess.SubprocessError):
+                if attempt == 4:
+                    raise
+                self.world.sleep(0.01)
 
     def lease_status(self):
         mode, until = self.lease_mode, self.lease_until
         if mode == "primary" and until is not None:
-            return {"mode": mode, "left_s": round(until - time.monotonic(), 3)}
+            return {"mode": mode, "left_s": round(until - self.clock(), 3)}
         return {"mode": mode}
 
     def _observe_fence(self, now):
@@ -1813,12 +2049,12 @@ class DbAgent(Agent):
             self.bootstrap(step)
             return
         st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
-        self.pg_state = st.pg
-        now = time.monotonic()
-        if self.pg_state != "down":
-            self.pg_down_since = None
+        now = self.clock()
+        if st.pg != "down":
+            self.pg_down_since, self.last_pg_answer = None, st.pg
         elif self.pg_down_since is None:
             self.pg_down_since = now
+        self.pg_state = st.pg
         port_open = self._observe_fence(now)
         streaming, synced = self._observe_standby(st, now)
         contact_at, alive_at = self.observations.snapshot()
@@ -1855,7 +2091,7 @@ class DbAgent(Agent):
         with self._lease_lock:
             self._close_lease()
         if not self.fenced:
-            self.fenced, self.confirm_after = True, time.monotonic()
+            self.fenced, self.confirm_after = True, self.clock()
             self.events("fenced", reason=decision.reason, term=self.view.term)
         self._end_client_sessions()
 
@@ -1883,10 +2119,13 @@ class DbAgent(Agent):
         with strict_sync. Its port now needs a primary's lease: one anchored on our promotion
         request when the arbiter granted it (it heard us then, and can grant no other term
         before we make a standby eligible), else closed until the arbiter hears us."""
+        if self.view.primary != self.cfg.me.name:
+            self.log.warning("not promoting: the view names %s", self.view.primary)
+            return
         self.extend_lease(opening=True, anchor=asked_at)
         self.fenced = self.lease_mode != "primary"
         if self.fenced:
-            self.confirm_after = time.monotonic()
+            self.confirm_after = self.clock()
         self.pg.write_config(self.view, sync_names=self.wanted_sync_names())
         self.pg.reload()
         self.pg.promote()
@@ -1895,20 +2134,21 @@ class DbAgent(Agent):
         self.log.info("promoted: I am the primary of term %d", self.view.term)
         # pg_rewind reads the new timeline from pg_control, written by the next checkpoint:
         # one now lets the old primary rejoin at once. In the background: it may take long.
-        threading.Thread(target=self._checkpoint, name="checkpoint", daemon=True).start()
+        self.world.spawn("checkpoint", self._checkpoint)
 
     def wanted_sync_names(self):
         return desired_sync_names(self.view, other=self.other.name, strict=self.cfg.strict_sync)
 
     def _checkpoint(self):
         try:
-            pg_query(local_dsn(self.cfg), "checkpoint", timeout=600)
+            self.pg.checkpoint(timeout=600)
         except (psycopg2.Error, TimeoutError, OSError) as exc:
             self.log.warning("checkpoint after the promotion failed: %s", exc)
 
     def do_request_promotion(self, decision):
-        asked_at = time.monotonic()
-        if self._ask_arbiter("promote", {}) == "granted":
+        asked_at = self.clock()
+        news = self.observations.echo_for(self.cfg.arbiter.name)
+        if self._ask_arbiter("promote", {"echo": news}) == "granted":
             self.do_promote(decision, asked_at)
 
     def do_resume(self, decision):
@@ -1935,8 +2175,9 @@ class DbAgent(Agent):
         have acted). Any answer's view is learned (and persisted) before acting on it."""
         arbiter = self.cfg.arbiter
         try:
-            reply = call(self.cfg, self.key, arbiter, kind, {"term": self.view.term, **body},
-                         2 * self.cfg.timing.probe_timeout)
+            reply = self.world.call(self.cfg, self.key, arbiter, kind,
+                                    {"term": self.view.term, **body},
+                                    2 * self.cfg.timing.probe_timeout)
         except (OSError, ProtocolError) as exc:
             self.log.warning("%s: no answer from %s: %s", kind, arbiter.name, exc)
             return "unknown"
@@ -1961,9 +2202,8 @@ class DbAgent(Agent):
         """Replaced: stop, rewind onto the new primary and start as its standby; if the rewind
         fails, keep the old data aside and clone afresh (the bootstrap does it next tick)."""
         source = self.cfg.nodes[self.view.primary]
-        rows = pg_query(remote_dsn(self.cfg, source), "select timeline_id from "
-                        "pg_control_checkpoint()", timeout=2 * self.cfg.timing.probe_timeout)
-        if rows[0][0] <= self.pg.timeline():
+        timeline = self.remote.checkpoint_timeline(source, 2 * self.cfg.timing.probe_timeout)
+        if timeline <= self.pg.timeline():
             self.log.info("%s has not checkpointed its new timeline yet: rewinding later",
                           source.name)
             return
@@ -1988,20 +2228,20 @@ class DbAgent(Agent):
         this node rejoins. Without an answer, stay fenced until the arbiter settles it."""
         self.fence.let_through(self.other.address, self.HANDOVER_CATCHUP + 2)
         self.do_fence(decision)
-        began = time.monotonic()
+        began = self.clock()
         while True:
             st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
             if st.lsn is not None and st.standby_flush is not None and st.standby_flush >= st.lsn:
                 self.log.info("%s has flushed all my WAL (%.2f s after the fence)",
-                              self.other.name, time.monotonic() - began)
+                              self.other.name, self.clock() - began)
                 break
-            if time.monotonic() - began >= self.HANDOVER_CATCHUP:
+            if self.clock() - began >= self.HANDOVER_CATCHUP:
                 self.log.warning("%s is still %s bytes behind after %.0f s: handing over "
                                  "anyway (it is the synchronous standby: it has every "
                                  "acknowledged commit)", self.other.name,
                                  (st.lsn or 0) - (st.standby_flush or 0), self.HANDOVER_CATCHUP)
                 break
-            time.sleep(0.05)
+            self.world.sleep(0.05)
         answer = self._ask_arbiter("handover", {"to": self.other.name, "seq": self.view.seq})
         self.fence.stop_letting_through()
         if answer == "granted":
@@ -2009,14 +2249,14 @@ class DbAgent(Agent):
                                           f"{self.view.term}")
             return
         self.handover_unsettled = answer == "unknown"
-        self.confirm_after = time.monotonic()  # reopen only on the arbiter's word from now on
+        self.confirm_after = self.clock()  # reopen only on the arbiter's word from now on
         self._finish_switchover(False, "the arbiter refused the handover" if answer == "refused"
                                 else "no answer from the arbiter: fenced until it settles")
 
     def do_settle_handover(self, decision):
         if self._ask_arbiter("settle", {}) != "unknown":
             self.handover_unsettled = False
-            self.confirm_after = time.monotonic()
+            self.confirm_after = self.clock()
 
     def do_refuse_switchover(self, decision):
         self._finish_switchover(False, decision.reason)
@@ -2031,9 +2271,9 @@ def describe_lease(lease):
 class ArbiterAgent(Agent):
     """The arbiter: the one place where terms are created, durably, one at a time."""
 
-    def __init__(self, cfg, key):
+    def __init__(self, cfg, key, world=None):
         default = View(1, cfg.by_role("primary").name, cfg.by_role("standby").name)
-        super().__init__(cfg, key, default)
+        super().__init__(cfg, key, default, world)
 
     def role_name(self):
         return "arbiter"
@@ -2043,25 +2283,55 @@ class ArbiterAgent(Agent):
                 "view": self.view.as_dict(), "probe": self.probe_status(),
                 "decision": self.decision_status()}
 
+    def counts_alive(self, body):
+        """Any primary, fenced or not: a fenced primary reopens on an echo of ours
+        (Observations.heard), so every stamp of its that we echo must count here first."""
+        return body.get("pg") == "primary"
+
+    def note_status(self, sender, body, at):
+        with self._view_lock:  # a status is taken whole before or after a grant, never across
+            super().note_status(sender, body, at)
+
+    def status_body(self, to=None):
+        with self._view_lock:  # the view and the echo from one side of a grant
+            return super().status_body(to)
+
+    def handle(self, sender, kind, body):
+        if kind == "status":
+            with self._view_lock:
+                return super().handle(sender, kind, body)
+        return self.decide_request(sender, kind, body)
+
+    def news_from_me(self, body):
+        """The arbiter's stamp (its clock) echoed in a request, or None."""
+        echo = body.get("echo")
+        if isinstance(echo, dict) and _finite(echo.get("stamp")) \
+                and echo.get("boot") == self.boot and echo["stamp"] <= self.clock():
+            return float(echo["stamp"])
+        return None
+
     def run(self):
-        for d in (self.cfg.state_dir, self.cfg.log_dir, self.cfg.run_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        write_pgpass(self.cfg)  # the probe of the primary's PostgreSQL authenticates with it
+        if self.prepare():
+            self.serve_and_run()
+
+    def prepare(self):
+        """Directories, the passfile (the probe of the primary's PostgreSQL authenticates with
+        it), the node's lock, the view; False when stopped meanwhile."""
+        self.remote.prepare()
         if not self.hold_lock():
-            return
+            return False
         self.view = self.state.load()
-        if not os.path.exists(self.state.path):
+        if not self.state.exists():
             self.state.save(self.view)  # term 1 exists durably before anyone is told of it
         self.log.info("starting: view %s", self.view.as_dict())
-        server = self.start_observers(self.cfg.db_nodes)
-        try:
-            self.run_loop(self.tick)
-        finally:
-            server.shutdown()
+        return True
+
+    def peers(self):
+        return self.cfg.db_nodes
 
     def tick(self):
         contact_at, alive_at = self.observations.snapshot()
-        now, view = time.monotonic(), self.view
+        now, view = self.clock(), self.view
         seen = _age(now, self.started_at, alive_at.get(view.primary))
         peers = ", ".join(f"{n.name} {'reachable' if _age(now, self.started_at, contact_at.get(n.name)) < self.cfg.timing.fence_timeout else 'unreachable'}"  # noqa: E501
                           for n in self.cfg.db_nodes)
@@ -2069,20 +2339,19 @@ class ArbiterAgent(Agent):
                                   f"{view.primary} is primary (seen {seen:.1f} s ago), eligible "
                                   f"standby {view.eligible}; {peers}"))
 
-    def handle(self, sender, kind, body):
-        if kind == "status":
-            return super().handle(sender, kind, body)
+    def decide_request(self, sender, kind, body):
         term, seq = body.get("term"), body.get("seq")
         db_names = {n.name for n in self.cfg.db_nodes}
         if not isinstance(term, int) or sender not in db_names:
             raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
         with self._view_lock:  # one decision at a time: never two grants for one term
-            now, view = time.monotonic(), self.view
+            now, view = self.clock(), self.view
             contact_at, alive_at = self.observations.snapshot()
             if kind == "promote":
                 granted, new, reason = decide_grant(view, sender, term,
                                                     alive_at.get(view.primary), now,
-                                                    self.started_at, self.cfg.timing)
+                                                    self.started_at, self.cfg.timing,
+                                                    self.news_from_me(body))
             elif kind == "resume":
                 granted, reason = decide_resume(view, sender, term)
                 new = view

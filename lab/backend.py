@@ -212,6 +212,16 @@ class Backend:
                          "rate",
                          rate, "burst", "32kbit", "latency", "400ms"])
 
+    def flood(self, source, target, seconds=10.0, connections=1000):
+        """Abuse target's agent port from source for `seconds` (lab/flood.py): a running
+        process group to stop(), its counts printed to its log at the end."""
+        check_host(source), check_host(target, AGENT_HOSTS)
+        port = self.config(target).me.agent_port
+        argv = [self.client_python, self.remote_path(REPO / "lab" / "flood.py"), "--target",
+                f"{self.addresses[target]}:{port}", "--seconds", str(seconds),
+                "--connections", str(connections)]
+        return self.spawn(source, argv, f"{self.lab_dir}/flood-{target}.log")
+
     def lab_interface(self, host):
         """The host's interface on the lab network."""
         return "eth0"

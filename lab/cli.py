@@ -88,6 +88,12 @@ def cmd_heal(backend, args):
     print(f"healed {what}")
 
 
+def cmd_flood(backend, args):
+    proc = backend.flood(args.source, args.target, args.seconds, args.connections)
+    proc.proc.wait(args.seconds + 30)
+    print(f"flooded {args.target}'s agent port from {args.source} for {args.seconds} s")
+
+
 def cmd_kill_agent(backend, args):
     pid = backend.signal_agent(args.host, args.signal)
     print(f"sent SIG{args.signal} to the agent on {args.host} (pid {pid})")
@@ -170,6 +176,11 @@ def parser():
     sp = add("heal", cmd_heal, "heal every fault, a host's links, or one link")
     sp.add_argument("a", nargs="?")
     sp.add_argument("b", nargs="?")
+    sp = add("flood", cmd_flood, "abuse a host's agent port (connections, garbage, 10 MB lines)")
+    sp.add_argument("target")
+    sp.add_argument("--source", default="client")
+    sp.add_argument("--seconds", type=float, default=10.0)
+    sp.add_argument("--connections", type=int, default=1000)
     sp = add("kill-agent", cmd_kill_agent, "signal a host's agent")
     sp.add_argument("host")
     sp.add_argument("--signal", choices=["KILL", "TERM", "STOP", "CONT"], default="KILL")

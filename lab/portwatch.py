@@ -5,7 +5,9 @@ the agents say. It runs on a lab host that faults never cut (the embedded lab's 
 a TCP connection to every --target every --interval seconds, and writes one JSON line per
 change: {"t": wall clock, "node": host, "event": "port_open" | "port_closed", "why": …}.
 A fenced port answers with a reset; a stopped PostgreSQL refuses; either way no client can use
-it. Standalone (standard library only); stops on SIGTERM."""
+it. An attempt that gets no answer at all (the lab's random loss dropped a packet) says nothing
+about the port: the state stays as it was. Standalone (standard library only); stops on
+SIGTERM."""
 import argparse
 import json
 import signal
@@ -15,11 +17,14 @@ import time
 
 
 def port_state(address, port, timeout):
+    """port_open, port_closed (refused or reset: an answer), or None (no answer in time)."""
     try:
         with socket.create_connection((address, port), timeout=timeout):
             return "port_open", None
-    except OSError as exc:
+    except (ConnectionRefusedError, ConnectionResetError) as exc:
         return "port_closed", type(exc).__name__
+    except OSError:
+        return None, None
 
 
 def main(argv=None):
@@ -42,7 +47,7 @@ def main(argv=None):
             for host, address, port in targets:
                 at = time.time()
                 state, why = port_state(address, port, args.timeout)
-                if last.get(host) != state:
+                if state is not None and last.get(host) != state:
                     last[host] = state
                     out.write(json.dumps({"t": at, "node": host, "event": state, "why": why})
                               + "\n")

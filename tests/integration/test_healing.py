@@ -60,19 +60,28 @@ def test_link_cut_alone_writes_resume_without_promotion(lab):
 
 
 def test_standby_dies_then_primary_dies_no_promotion_and_nothing_lost(lab):
+    """S is cut off long enough to be dropped from sync; pg1 acknowledges a write alone; then
+    pg1 is cut off too, and S comes back beside the arbiter -- still cut off from pg1, so it
+    has lost the primary and reaches the arbiter: only its not being eligible stands in the
+    way of a promotion that would lose the write."""
     client_write(lab, "create table t(i int)")
     since = time.time()
     lab.isolate("pg2")
     client_write(lab, "insert into t values (1)")  # acknowledged by pg1 alone
+    assert view(lab)["eligible"] is None  # recorded before pg1 stopped waiting
     lab.isolate("pg1")
-    lab.heal("pg2")
+    lab.heal("pg2", "arb")  # S back beside the arbiter, still cut off from pg1
+    lab.heal("pg2", "client")
     time.sleep(QUIET)
     assert events_since(lab, since, "promoted") == []  # the stale pg2 is not eligible
     assert events_since(lab, since, "granted") == []
     assert view(lab)["eligible"] is None
-    log = lab.read_file("pg2", f"{lab.config('pg2').log_dir}/agent.log")
-    assert "not eligible for promotion in term 1" in log
+    status = lab.host_status("pg2")
+    assert "not eligible for promotion in term 1" in status["decision"]["reason"]
+    assert status["probe"]["error"] is not None  # it really has lost pg1
     lab.heal()
+    # pg1 was cut off long enough for its lease to lapse: it reopens on the arbiter's word
+    assert eventually(lambda: lab.host_status("pg1")["fenced"] is False, 30)
     assert timed_write(lab, "insert into t values (2)") < 30  # writes resume on pg1
     assert lab.sql("pg1", "select i from t order by i") == [["1"], ["2"]]
     assert eventually(lambda: lab.primary_with_sync_standby() == "pg1", 30)

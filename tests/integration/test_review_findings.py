@@ -137,3 +137,25 @@ def test_finding9_strict_sync_new_primary_waits_for_the_old_one_at_once(strict_l
     # a commit on the new primary waits for pg1, which is cut off: never acknowledged
     with pytest.raises(subprocess.TimeoutExpired):
         strict_lab.client_sql("create table t(i int)", timeout=8)
+
+
+# -- 10. the agent port under abuse ---------------------------------------------------------------
+
+def test_finding10_failover_works_while_the_agents_ports_are_flooded(lab):
+    """1000 connections from the client host (silent ones, garbage, 10 MB lines, nested JSON)
+    at the arbiter's and the standby's agent ports while the primary is isolated: the failover
+    happens as always, fenced first, and the agents stay up and log the drops."""
+    floods = [lab.flood("client", target, seconds=15.0) for target in ("arb", "pg2")]
+    try:
+        time.sleep(2.0)
+        since = time.time()
+        lab.isolate("pg1")
+        closed, granted = closed_before_the_grant(lab, since)
+        assert granted < 6.0, granted
+        wait_for(lab, "promoted", "pg2", since)
+    finally:
+        for flood in floods:
+            flood.proc.wait(40)
+    assert lab.agent_pid("arb") and lab.agent_pid("pg2")
+    log = lab.read_file("arb", f"{lab.config('arb').log_dir}/agent.log")
+    assert "dropped (too many connections)" in log and log.count("dropped (") < 200

@@ -38,9 +38,9 @@ def test_rule1_and_5_isolated_primary_fails_over(lab):
     assert f["lost_acked"] == 0 and f["acked"] > 20
     assert f["acked_by_old_primary_after_cut"] == 0
     assert f["create_table_ok"], f["create_table_error"]
-    assert f["fenced_at_s"] < f["promoted_at_s"], f
+    assert f["fenced_before_grant"], f  # the port closed (seen from the network) first
     assert f["old_primary_fenced"]
-    assert f["failover_s"] < 15  # generous: the benchmark measures speed
+    assert f["failover_s"] <= 6  # tells working from broken; the benchmark owns the goal
     view = lab.host_status("arb")["view"]
     assert (view["term"], view["primary"]) == (2, "pg2")
 
@@ -56,15 +56,25 @@ def test_rule4_primary_standby_link_cut_alone(lab):
     client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
 
 
-@pytest.mark.parametrize("fault", [("isolate", "pg2"), ("isolate", "arb"), ("cut", "pg2", "arb")],
-                         ids=["rule2_standby_isolated", "arbiter_isolated",
-                              "rule3_standby_loses_arbiter_primary_fine"])
-def test_no_failover_and_no_fence_while_the_primary_is_fine(lab, fault):
+def pg2_decision(lab):
+    return (lab.host_status("pg2").get("decision") or {}).get("reason", "")
+
+
+# The network alone keeps a request from reaching the arbiter in these scenarios, so each also
+# checks the standby's own decision: with the rule's branch gone, pg2 would decide otherwise.
+@pytest.mark.parametrize("fault,decision", [
+    (("isolate", "pg2"), "but arb is unreachable too"),  # rule 2
+    (("isolate", "arb"), "following pg1"),
+    (("cut", "pg2", "arb"), "following pg1, the primary of term 1 (seen"),  # rule 3
+], ids=["rule2_standby_isolated", "arbiter_isolated", "rule3_standby_loses_arbiter_primary_fine"])
+def test_no_failover_and_no_fence_while_the_primary_is_fine(lab, fault, decision):
     since = time.time()
     getattr(lab, fault[0])(*fault[1:])
     time.sleep(QUIET)
+    assert decision in pg2_decision(lab)
     assert_no_failover(lab, since)
     assert events_since(lab, since, "fenced") == []  # pg1 still sees one of its peers
+    assert events_since(lab, since, "port_closed") == []
     client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
 
 
@@ -99,6 +109,38 @@ def test_rule8_primary_agent_restarts_postgres_only_with_the_arbiters_consent(la
     assert events_since(lab, since, "promoted") == []
 
 
+def test_rule8_primary_restart_waits_restart_grace_and_needs_the_arbiter(lab):
+    """No failover possible (pg2's agent stopped) and pg1's PostgreSQL down: pg1 leaves the
+    failover restart_grace, and then restarts it only once the arbiter answers."""
+    since = time.time()
+    lab.signal_agent("pg2", "TERM")
+    lab.cut("pg1", "arb")
+    assert lab.stop_pg("pg1").returncode == 0
+    stopped = time.time()
+    grace = lab.config("pg1").timing.restart_grace
+    time.sleep(grace + 3.0)
+    assert events_since(lab, since, "restarted") == []  # the arbiter cannot be asked
+    assert lab.host_status("pg1")["pg"] == "down"
+    lab.heal()
+    [restart] = eventually(lambda: events_since(lab, since, "restarted"), 30)
+    assert restart["t"] - stopped >= grace
+    lab.start_agent("pg2")
+    assert eventually(lambda: lab.primary_with_sync_standby() == "pg1", 30)
+    assert events_since(lab, since, "promoted") == []
+
+
+def test_rule8_resume_refused_after_a_failover(lab):
+    """pg1 down and pg2 promoted meanwhile: the arbiter refuses pg1's resume, which rejoins."""
+    since = time.time()
+    lab.signal_agent("pg1", "TERM")
+    assert lab.stop_pg("pg1").returncode == 0
+    promoted(lab, since)
+    lab.start_agent("pg1")
+    assert eventually(lambda: lab.primary_with_sync_standby() == "pg2", 60)
+    assert events_since(lab, since, "restarted") == []
+    assert lab.host_status("pg1")["pg"] == "standby"
+
+
 def test_rule8_standby_agent_killed_inside_the_failover_window(lab):
     since = time.time()
     lab.isolate("pg1")
@@ -129,6 +171,29 @@ def test_rule8_arbiter_killed_while_primary_isolated_no_double_grant(lab):
     assert len(events_since(lab, since, "promoted")) == 1
     view = lab.host_status("arb")["view"]
     assert (view["term"], view["primary"]) == (2, "pg2")
+
+
+def test_rule6_replaced_primary_takes_no_write_from_the_heal_until_it_is_a_standby(lab):
+    """After a failover under load, the heal makes the old primary reachable again: from then
+    until it runs as a standby its port never takes a client (seen from the network) and it
+    acknowledges nothing."""
+    with experiments.under_load(lab, lambda *a, **k: None, "rule6") as run:
+        time.sleep(2.0)
+        cut_at = lab.isolate("pg1")
+        promoted(lab, cut_at)
+        eventually(lambda: any(r.get("server") == lab.addresses["pg2"]
+                               for r in experiments.acked(run.records())), 30)
+        lab.heal()
+        healed = time.time()
+        eventually(lambda: events_since(lab, healed, "rejoined"), 60)
+        time.sleep(2.0)
+        records = run.records()
+    [rejoined] = [e["t"] for e in events_since(lab, healed, "rejoined") if e["node"] == "pg1"]
+    opened = [e["t"] for e in events_since(lab, cut_at, "port_open") if e["node"] == "pg1"]
+    assert all(t > rejoined for t in opened), (opened, rejoined)
+    late = [r for r in experiments.acked(records)
+            if r["ack"] > cut_at and r["server"] == lab.addresses["pg1"]]
+    assert late == []
 
 
 def test_rule6_fenced_primary_unfences_when_the_arbiter_confirms(lab):

@@ -60,10 +60,11 @@ def test_a_new_view_is_on_disk_before_the_reply(arbiter):
 
 def test_grant_after_the_primary_was_lost(arbiter):
     arbiter.started_at -= 10  # the arbiter has been up, and has not seen pg1, for 10 s
-    reply = arbiter.handle("pg2", "promote", {"term": 1})
+    news = arbiter.status_body("pg2")  # what pg2 last heard from the arbiter, echoed back
+    reply = arbiter.handle("pg2", "promote", {"term": 1, "echo": news})
     assert reply["granted"] and on_disk(arbiter)["term"] == 2
     assert on_disk(arbiter)["primary"] == "pg2"
-    again = arbiter.handle("pg1", "promote", {"term": 1})  # the same term, asked again
+    again = arbiter.handle("pg1", "promote", {"term": 1, "echo": news})  # the same term again
     assert not again["granted"] and on_disk(arbiter)["term"] == 2
     events = [json.loads(line) for line in Path(arbiter.events.path).read_text().splitlines()]
     assert [e["event"] for e in events] == ["granted"]

@@ -56,11 +56,11 @@ def test_rule1_a_granted_view_makes_the_standby_promote():
 
 
 def test_rule1_arbiter_grants_once_and_records_a_new_term():
-    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
+    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T, NOW - 0.1)
     assert granted and same(view, View(2, "pg2", None)) and view.seq == TERM1.seq + 1
     assert "term 2" in reason
     # the same request again (a lost reply, a restarted agent): the same answer, no new term
-    again, view2, _ = decide_grant(view, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T)
+    again, view2, _ = decide_grant(view, "pg2", 1, NOW - 2.5, NOW, NOW - 100, T, NOW - 0.1)
     assert again and view2 == view
     # the old primary can never be granted the term that was just given away
     other, view3, why = decide_grant(view, "pg1", 1, None, NOW, NOW - 100, T)
@@ -88,7 +88,7 @@ def test_rule3_primary_alive_arbiter_lost():
 # -- rule 4: no promotion when A still sees M --------------------------------------------------
 
 def test_rule4_arbiter_refuses_while_it_sees_the_primary():
-    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 0.4, NOW, NOW - 100, T)
+    granted, view, reason = decide_grant(TERM1, "pg2", 1, NOW - 0.4, NOW, NOW - 100, T, NOW - 0.1)
     assert not granted and view == TERM1 and "I still see pg1" in reason
 
 
@@ -250,7 +250,7 @@ def test_invariants_over_every_combination(me):
 def test_grant_invariants_over_every_combination():
     for view, candidate, term, seen in itertools.product(
             VIEWS[1:], ("pg1", "pg2"), (0, 1, 2, 3), (None, NOW - 0.1, NOW - 1.9, NOW - 2.0)):
-        granted, new, _ = decide_grant(view, candidate, term, seen, NOW, NOW - 100, T)
+        granted, new, _ = decide_grant(view, candidate, term, seen, NOW, NOW - 100, T, NOW - 0.1)
         if new != view:  # a new term: exactly one more, for an eligible candidate, after loss
             assert granted and same(new, View(view.term + 1, candidate, None))
             assert view.eligible == candidate and term == view.term

@@ -51,6 +51,9 @@ class Recorder:
     def terminate_clients(self):
         self.calls.append(("terminate_clients",))
 
+    def has_standby_signal(self):
+        return False
+
     def status(self, timeout, standby):  # the standby has flushed everything
         return agent.PgStatus("primary", "pg2", 100, "streaming", "sync", 100, 1.0)
 
@@ -188,8 +191,8 @@ def test_finding4_handover_without_an_answer_stays_fenced_until_settled(cluster)
     arb.state.save(arb.view)
     pg1.view = arb.view
     pg1.switchover = {"done": threading.Event(), "result": None}
-    arb.observations.heard("pg2", {"stamp": time.monotonic(), "pg": "standby"},
-                           time.monotonic())
+    arb.observations.heard("pg2", {"stamp": time.monotonic(), "boot": arb.boot,
+                                   "pg": "standby", "fenced": False}, time.monotonic())
     wire.lose_next_reply = True  # the arbiter records the handover; pg1 hears nothing
     pg1.do_handover(agent.Decision("handover", "test"))
     assert arb.view.primary == "pg2"  # it did happen
@@ -237,8 +240,8 @@ def test_finding5_a_view_that_cannot_be_persisted_is_no_contact(tmp_path):
     node.view = View(1, "pg1", "pg2", 4)
     node.state = FailingState(node.state.path, node.view)
     stamp = time.monotonic()
-    newer = {"pg": "none", "view": View(2, "pg2", None, 5).as_dict(),
-             "stamp": 1.0, "echo": {"stamp": stamp, "pg": "primary"}}
+    newer = {"pg": "none", "view": View(2, "pg2", None, 5).as_dict(), "stamp": 1.0,
+             "echo": {"stamp": stamp, "boot": node.boot, "pg": "primary", "fenced": False}}
     with pytest.raises(OSError):
         node.note_status("arb", newer, time.monotonic())
     assert "arb" not in node.observations.contact_at and node.observations.lease_anchor is None
@@ -251,29 +254,41 @@ def test_finding5_the_view_is_learned_before_the_contact_counts(tmp_path):
     seen = []
     original = node.observations.heard
 
-    def heard(peer, echo, now):
+    def heard(peer, echo, now, arbiter=False):
         seen.append(node.view.term)
-        original(peer, echo, now)
+        original(peer, echo, now, arbiter)
 
     node.observations.heard = heard
     node.note_status("arb", {"pg": "none", "view": View(2, "pg2", None, 5).as_dict(),
-                             "stamp": 1.0, "echo": {"stamp": time.monotonic(), "pg": "primary"}},
+                             "stamp": 1.0, "echo": {"stamp": time.monotonic(), "boot": node.boot,
+                                                    "pg": "primary", "fenced": False}},
                      time.monotonic())
     assert seen == [2]
 
 
 def test_finding5_contact_is_what_the_peer_provably_heard():
-    """An echo of our stamp is contact from that stamp; only a stamp sent as a running
-    primary anchors the lease; a reply that echoes nothing is no contact."""
-    obs = agent.Observations()
+    """An echo of our stamp is contact from that stamp; only a stamp sent as a running,
+    unfenced primary anchors the lease (a fenced one only when the arbiter echoes it: only the
+    arbiter counts a fenced primary alive); an echo from another boot, from our future, or of
+    nothing is no contact."""
+    obs = agent.Observations("boot-1")
+
+    def echo(stamp, pg="primary", fenced=False, boot="boot-1"):
+        return {"stamp": stamp, "boot": boot, "pg": pg, "fenced": fenced}
+
     obs.heard("arb", None, NOW)
+    obs.heard("arb", echo(NOW - 0.5, boot="boot-0"), NOW)  # before a reboot: monotonic reset
+    obs.heard("arb", echo(NOW + 5), NOW)  # never in our future
+    obs.heard("arb", echo(float("nan")), NOW)
     assert obs.contact_at == {} and obs.lease_anchor is None
-    obs.heard("arb", {"stamp": NOW - 0.3, "pg": "standby"}, NOW)
+    obs.heard("arb", echo(NOW - 0.3, pg="standby"), NOW)
     assert obs.contact_at == {"arb": NOW - 0.3} and obs.lease_anchor is None
-    obs.heard("pg2", {"stamp": NOW - 0.2, "pg": "primary"}, NOW)
+    obs.heard("pg2", echo(NOW - 0.25, fenced=True), NOW)
+    assert obs.lease_anchor is None  # the standby did not count a fenced primary alive
+    obs.heard("arb", echo(NOW - 0.22, fenced=True), NOW, arbiter=True)
+    assert obs.lease_anchor == NOW - 0.22
+    obs.heard("pg2", echo(NOW - 0.2), NOW)
     assert obs.lease_anchor == NOW - 0.2
-    obs.heard("pg2", {"stamp": NOW + 5, "pg": "primary"}, NOW)  # never in our future
-    assert obs.lease_anchor == NOW
 
 
 # -- 6. the fence can be skipped or come late ----------------------------------------------------
@@ -375,3 +390,123 @@ def test_finding11_data_directory_children_hold_the_lock(tmp_path):
     plain = pg._run(probe, timeout=10)
     assert plain.returncode != 0 and "inherited" not in plain.stdout
     fcntl.flock(lock.fd, fcntl.LOCK_UN)
+
+
+# -- rule 8: a standby killed after the grant was persisted, before pg_promote() ----------------
+
+class Crash(BaseException):
+    """The process dies here (SIGKILL): nothing after this line runs."""
+
+
+def test_rule8_standby_killed_between_the_grant_and_pg_promote_promotes_after_restart(
+        tmp_path, monkeypatch):
+    arb = agent.ArbiterAgent(lab_config(tmp_path, "arb"), b"k" * 32)
+    arb.view = View(1, "pg1", "pg2", 4)
+    arb.state.save(arb.view)
+    arb.started_at -= 10  # the arbiter has not seen pg1 for 10 s
+    monkeypatch.setattr(agent, "call", Wire(arb))
+    cfg = lab_config(tmp_path, "pg2")
+    pg2 = agent.DbAgent(cfg, b"k" * 32)
+    pg2.view = arb.view
+    pg2.pg = pg2.fence = Recorder()
+
+    def killed(*args, **kwargs):
+        raise Crash()
+
+    pg2.do_promote = killed
+    pg2.observations.remember_stamp("arb", arb.status_body("pg2"))  # its latest news from arb
+    standby = dict(pg="standby", has_standby_signal=True, sync_names=None, view=pg2.view,
+                   primary_alive_at=NOW - 10, contact_at={"pg1": NOW - 10, "arb": NOW - 0.1})
+    with pytest.raises(Crash):
+        decision = decide_db("pg2", "pg1", "arb", primary_obs(**standby), T)
+        assert decision.action == "request_promotion"
+        pg2.do_request_promotion(decision)
+    assert arb.view.term == 2
+    restarted = agent.DbAgent(cfg, b"k" * 32)  # the grant was persisted before acting on it
+    assert (restarted.view.term, restarted.view.primary) == (2, "pg2")
+    standby["view"] = restarted.view
+    assert decide_db("pg2", "pg1", "arb", primary_obs(**standby), T).action == "promote"
+    again = arb.handle("pg2", "promote", {"term": 1})  # a retried request: no second term
+    assert again["granted"] and arb.view.term == 2
+
+
+# -- the second hostile review (after the fixes above) ------------------------------------------
+
+def test_review2_S1_a_promotion_asked_on_stale_news_is_refused():
+    """A promote request held in the network (or queued) reaches the arbiter late: the
+    primary may have regained the standby meanwhile. It carries the arbiter's latest stamp
+    the standby had; older than promote_window (0.7 s here), it is refused."""
+    assert agent.promote_window(T) == pytest.approx(0.7)
+    for news in (None, NOW - 1.0):
+        ok, view, reason = agent.decide_grant(agent.View(1, "pg1", "pg2", 4), "pg2", 1,
+                                              NOW - 5, NOW, NOW - 100, T, news)
+        assert not ok and view.term == 1 and "ask again" in reason
+    ok, view, _ = agent.decide_grant(agent.View(1, "pg1", "pg2", 4), "pg2", 1, NOW - 5, NOW,
+                                     NOW - 100, T, NOW - 0.5)
+    assert ok and view.term == 2
+
+
+def test_review2_S2_a_status_is_taken_whole_before_or_after_a_grant(tmp_path):
+    arb = agent.ArbiterAgent(lab_config(tmp_path, "arb"), b"k" * 32)
+    done = threading.Event()
+    with arb._view_lock:  # a grant in progress (decide, fsync, assign)
+        worker = threading.Thread(target=lambda: (arb.handle("pg1", "status", {"pg": "primary"}),
+                                                  done.set()))
+        worker.start()
+        assert not done.wait(0.3)  # the status waits for the grant to finish
+    assert done.wait(5)
+    worker.join()
+
+
+def test_review2_S4_the_anchor_is_read_before_the_view(tmp_path):
+    """The lease routine must not extend on an echo that came with the view replacing us."""
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    node.view = View(1, "pg1", "pg2", 4)
+    node.fence = Recorder()
+    node.lease_mode, node.lease_until = "primary", time.monotonic() + 0.5
+
+    class Racing(agent.Observations):
+        @property
+        def lease_anchor(self):  # the heartbeat thread learns term 2, then records the echo
+            node.view = View(2, "pg2", None, 5)
+            return time.monotonic()
+
+        @lease_anchor.setter
+        def lease_anchor(self, value):
+            pass
+
+    node.observations = Racing()
+    node.extend_lease()
+    assert node.lease_mode == "closed" and node.fence.lease() is None
+
+
+def test_review2_L1_a_fenced_primary_is_no_sign_of_life_for_the_standby(tmp_path):
+    standby = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32)
+    arb = agent.ArbiterAgent(lab_config(tmp_path, "arb"), b"k" * 32)
+    fenced = {"pg": "primary", "fenced": True}
+    assert not standby.counts_alive(fenced) and arb.counts_alive(fenced)
+    assert standby.counts_alive({"pg": "primary", "fenced": False})
+
+
+def test_review2_L2_a_slow_status_query_is_not_reported_as_down_at_once(tmp_path):
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    node.last_pg_answer, node.pg_state = "primary", "down"
+    node.pg_down_since = time.monotonic() - 0.5
+    assert node.reported_pg() == "primary"
+    node.pg_down_since = time.monotonic() - 1.5
+    assert node.reported_pg() == "down"
+
+
+def test_review2_no_peer_input_ends_a_routine(tmp_path):
+    """An echo stamp too large for a float, NaN contact, odd pg values: the heartbeat routine
+    goes on (and contact is not counted)."""
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+
+    class World(agent.World):
+        def call(self, cfg, key, peer, kind, body, timeout):
+            return {"pg": {"x": 1}, "stamp": 10 ** 400, "boot": node.boot, "fenced": "no",
+                    "echo": {"stamp": 10 ** 400, "boot": node.boot, "pg": "primary"}}
+
+    node.world = World()
+    assert node.heartbeat_step(node.cfg.arbiter) >= 0
+    assert node.observations.contact_at == {} and node.observations.echo_for("arb") is None
