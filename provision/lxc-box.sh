@@ -79,12 +79,16 @@ EOF
 began=$(date +%s)
 url="$(mirror)"
 echo "box $box: building Debian $suite from $url (debootstrap, about a minute)"
+# The build happens in a tmpfs of its own: unpacking and removing a root filesystem on disk is
+# slow (on a filesystem mounted with `discard`, minutes), in memory it is not.
 work="$(mktemp -d /var/tmp/bobry-box.XXXXXX)"
+mount -t tmpfs -o size=3g,mode=0755 bobry-box "$work"
 cleanup() {
-  for m in var/cache/apt/archives proc sys dev/pts dev; do
-    mountpoint -q "$work/rootfs/$m" 2>/dev/null && umount -l "$work/rootfs/$m"
+  for m in var/cache/apt/archives proc; do
+    if mountpoint -q "$work/rootfs/$m" 2>/dev/null; then umount -l "$work/rootfs/$m"; fi
   done
-  rm -rf "$work"
+  umount -l "$work"
+  rmdir "$work"
 }
 trap cleanup EXIT
 root="$work/rootfs"
