@@ -62,7 +62,7 @@ vagrant_lxc_suite() {
   setup_lxc
   local began=$SECONDS
   .venv/bin/python -m pytest tests/vagrant tests/infra --lab-backend vagrant \
-    --vagrant-provider lxc -v -p no:cacheprovider "$@"
+    --vagrant-provider lxc -v -p no:cacheprovider --capture=tee-sys --durations=5 "$@"
   echo "Vagrant-LXC suite: $((SECONDS - began)) s"
 }
 
