@@ -2,8 +2,11 @@
 """Bobry agent: one program for the primary (M), the synchronous standby (S) and the arbiter (A).
 
     agent.py --config agent.ini --node pg1              run the agent of node pg1
-    agent.py --config agent.ini --node pg1 status       print this host's status as JSON
+    agent.py --config agent.ini --node pg1 status       the whole cluster as one table
+    agent.py --config agent.ini --node pg1 status --local   this host's status as JSON
     agent.py --config agent.ini --node pg1 switchover   ask the primary to hand over
+    agent.py --config agent.ini --node pg1 pause|resume no automatic failover while paused
+    agent.py --config agent.ini --node pg1 history      every term: who, when, why
 
 The file has four parts, in this order:
   configuration  -- agent.ini parsed and checked; every error names file, section and key
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import fcntl
 import hashlib
 import hmac
+import http.server
 import ipaddress
 import json
 import logging
@@ -29,6 +34,7 @@ import pwd
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -65,6 +71,7 @@ class Node:
     role: str  # role at bootstrap; who is primary later is the arbiter's view
     pg_port: int
     agent_port: int
+    http_port: int | None = None  # the health endpoints (/primary, /replica, ...); optional
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class Config:
     run_dir: str
     state_dir: str
     log_dir: str
+    on_role_change: tuple | None = None  # argv of the role change hook (Hooks), optional
 
     def by_role(self, role):
         return next(n for n in self.nodes.values() if n.role == role)
@@ -157,6 +165,20 @@ def _parse_text(text):
     return text.strip()
 
 
+def _parse_command(text):
+    """A command line split as a shell would (shlex), but run without one: argv."""
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ValueError(f"not a command line: {exc}") from None
+    if not argv:
+        raise ValueError("must not be empty")
+    return argv
+
+
+OPTIONAL = object()  # a key that may be left out: its value is then None
+
+
 # section -> key -> (parser, default or None when required)
 SCHEMA = {
     "cluster": {
@@ -186,12 +208,16 @@ SCHEMA = {
     "agent": {
         "state_dir": (_parse_text, None),
         "log_dir": (_parse_text, None),
+        # run (no shell) at each role change of this node: Hooks
+        "on_role_change": (_parse_command, OPTIONAL),
     },
     "node": {
         "address": (_parse_ip, None),
         "role": (_parse_role, None),
         "pg_port": (_parse_port, "5432"),
         "agent_port": (_parse_port, "7400"),
+        # the health endpoints (HealthServer); no HTTP server without it
+        "http_port": (_parse_port, OPTIONAL),
     },
 }
 
@@ -207,6 +233,9 @@ def _read_section(path, parser, section, schema_name):
         raw = present.get(key, default)
         if raw is None:
             raise ConfigError(path, section, key, "missing (required)")
+        if raw is OPTIONAL:
+            values[key] = None
+            continue
         try:
             values[key] = parse(raw)
         except ValueError as exc:
@@ -221,10 +250,11 @@ def check_timing(path, t):
     and M extends the lease to at most fence_timeout after a moment `a` at which a peer
     provably heard M say "I am a running primary" (the peer echoed M's stamp `a`). That peer
     counted M alive at `a` or later, and a promotion needs both S and A to have lost M for
-    failover_timeout: the grant comes at a + failover_timeout or later. The kernel applies a
-    renewal a little after the agent computed it; the agent closes the port itself when that
-    took longer than safety_margin. So the port closes by a + fence_timeout + safety_margin,
-    and fence_timeout + safety_margin < failover_timeout keeps it closed before any grant.
+    failover_timeout: the grant comes at a + failover_timeout or later. The kernel takes a
+    lease write only within safety_margin of the moment the agent armed it, before computing
+    the lease (Fence.arm), however long the agent stalls. So the port closes by a +
+    fence_timeout + safety_margin, and fence_timeout + safety_margin < failover_timeout keeps
+    it closed before any grant.
     The loop's speed, probe timeouts and blocking calls do not enter: a slow or frozen agent
     simply stops extending the lease.
     """
@@ -274,6 +304,13 @@ def load_config(path, node_name):
         if section.startswith("node "):
             name = section[5:].strip()
             values = _read_section(path, parser, section, "node")
+            ports = [p for p in (values["agent_port"], values["http_port"]) if p is not None]
+            if values["role"] != "arbiter":
+                ports.append(values["pg_port"])
+            if values["http_port"] is not None and ports.count(values["http_port"]) > 1:
+                raise ConfigError(path, section, "http_port",
+                                  f"{values['http_port']} is already the node's agent_port or "
+                                  "pg_port: one port, one server")
             nodes[name] = Node(name=name, **values)
     for role in ROLES:
         holders = [n.name for n in nodes.values() if n.role == role]
@@ -304,6 +341,7 @@ def load_config(path, node_name):
         pg_bin=pg["bin_dir"], pg_os_user=pg["os_user"],
         data_dir=node_path(pg["data_dir"]), run_dir=node_path(pg["run_dir"]),
         state_dir=node_path(agent["state_dir"]), log_dir=node_path(agent["log_dir"]),
+        on_role_change=agent["on_role_change"],
     )
 
 
@@ -323,18 +361,28 @@ class View:
     primary: str
     eligible: str | None  # the standby that may be promoted, None when none may
     seq: int = 0
+    # An operator paused the cluster (`agent.py … pause`): no promotion, no grant, no handover,
+    # no change of sync on an agent's own, and the primary's port stays open without a lease
+    # timeout (nothing can be promoted meanwhile). See "Pause" in the README.
+    paused: bool = False
+    # The operator resumed, and the arbiter has not yet heard the primary say, under this view,
+    # that its port is back under a timed lease: until then the arbiter grants nothing (the
+    # primary may still hold its port open without a timeout). Cleared by the arbiter alone.
+    resuming: bool = False
 
     def as_dict(self):
         return {"term": self.term, "primary": self.primary, "eligible": self.eligible,
-                "seq": self.seq}
+                "seq": self.seq, "paused": self.paused, "resuming": self.resuming}
 
     @staticmethod
     def from_dict(d):
         term, primary, eligible, seq = d["term"], d["primary"], d.get("eligible"), d.get("seq", 0)
+        paused, resuming = d.get("paused", False), d.get("resuming", False)
         if not (isinstance(term, int) and term >= 0 and isinstance(primary, str)
-                and isinstance(seq, int) and (eligible is None or isinstance(eligible, str))):
+                and isinstance(seq, int) and (eligible is None or isinstance(eligible, str))
+                and isinstance(paused, bool) and isinstance(resuming, bool)):
             raise ValueError(f"not a view: {d!r}")
-        return View(term, primary, eligible, seq)
+        return View(term, primary, eligible, seq, paused, resuming)
 
     def changed(self, **fields):
         """The next view: what changes, and a higher seq."""
@@ -416,8 +464,19 @@ def standby_heard(previous_reply_time, previous_seen_at, reply_time, now):
     return previous_reply_time, previous_seen_at
 
 
+PAUSED = "PAUSED"  # starts every decision's reason while the cluster is paused: loud in logs
+
+
 def decide_db(me, other, arbiter, obs, timing):
-    """The one decision of a database node's agent, rule by rule (see README, "Rules")."""
+    """The one decision of a database node's agent, rule by rule (see README, "Rules"). While
+    the view says paused, every reason starts with PAUSED."""
+    decision = _decide_db(me, other, arbiter, obs, timing)
+    if obs.view.paused:
+        return replace(decision, reason=f"{PAUSED}: {decision.reason}")
+    return decision
+
+
+def _decide_db(me, other, arbiter, obs, timing):
     view = obs.view
     age = lambda at: _age(obs.now, obs.started_at, at)  # noqa: E731
     arbiter_lost = age(obs.contact_at.get(arbiter))
@@ -430,6 +489,9 @@ def decide_db(me, other, arbiter, obs, timing):
         return Decision("fence", f"{primary} is the primary of term {view.term}: I was "
                                  "replaced, so no client may use me")
     if obs.pg == "primary" or (obs.pg == "down" and not obs.has_standby_signal):
+        if view.term == 0:  # a local guess from the config: never rewind on it
+            return Decision("none", "not the primary of my unconfirmed view: waiting for the "
+                                    "arbiter's view before rejoining")
         if primary_lost >= timing.fence_timeout:
             return Decision("none", f"replaced by {primary} in term {view.term}; waiting to "
                                     f"reach it to rejoin (unseen for {primary_lost:.1f} s)")
@@ -449,6 +511,9 @@ def decide_db(me, other, arbiter, obs, timing):
     if arbiter_lost >= timing.fence_timeout:
         return Decision("none", f"lost {primary} for {primary_lost:.1f} s but {arbiter} is "
                                 f"unreachable too ({arbiter_lost:.1f} s): no promotion")
+    if view.paused:
+        return Decision("none", f"lost {primary} for {primary_lost:.1f} s, but the cluster is "
+                                "paused: no promotion")
     return Decision("request_promotion", f"lost {primary} for {primary_lost:.1f} s: asking "
                                          f"{arbiter} to confirm and grant term {view.term + 1}")
 
@@ -456,6 +521,9 @@ def decide_db(me, other, arbiter, obs, timing):
 def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
     view = obs.view
     if obs.pg == "standby":
+        if view.term == 0:  # a local guess from the config (a lost state file): never promote
+            return Decision("none", "a standby named primary only by my unconfirmed view: "
+                                    "waiting for the arbiter's view")
         return Decision("promote", f"{arbiter} made me the primary of term {view.term}: promoting")
     if obs.pg == "down":
         if view.term == 0:
@@ -478,10 +546,17 @@ def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
             return Decision("unfence", f"{arbiter} confirms I am the primary of term {view.term}")
         return Decision("none", f"fenced: waiting for {arbiter} to confirm that I am still "
                                 "the primary")
+    if other_lost >= timing.fence_timeout and arbiter_lost >= timing.fence_timeout \
+            and view.paused:  # safe: the arbiter grants no promotion while it says paused
+        return Decision("none", f"lost {other} ({other_lost:.1f} s) and {arbiter} "
+                                f"({arbiter_lost:.1f} s), but the cluster is paused: my port "
+                                "stays open")
     if other_lost >= timing.fence_timeout and arbiter_lost >= timing.fence_timeout:
         return Decision("fence", f"lost {other} ({other_lost:.1f} s) and {arbiter} "
                                  f"({arbiter_lost:.1f} s): I may be replaced, fencing myself")
     if obs.switchover_requested:
+        if view.paused:
+            return Decision("refuse_switchover", "the cluster is paused: no switchover")
         if view.eligible != other:
             return Decision("refuse_switchover", f"{other} is not in sync: no switchover")
         if arbiter_lost >= timing.fence_timeout:
@@ -489,6 +564,10 @@ def _decide_as_primary(me, other, arbiter, obs, timing, age, arbiter_lost):
         return Decision("handover", f"switchover: fencing myself and asking {arbiter} to make "
                                     f"{other} the primary of term {view.term + 1}")
     standby_lost = age(obs.standby_seen_at)
+    if view.paused:  # no change of sync on our own: the operator holds the cluster as it is
+        return Decision("none", f"I am ({me}) the primary of term {view.term}; "
+                                f"synchronous_standby_names stays {obs.sync_names!r}, "
+                                f"eligible {view.eligible}")
     if view.eligible == other and standby_lost >= timing.failover_timeout:
         if obs.strict_sync:
             return Decision("none", f"{other} streams no more ({standby_lost:.1f} s); "
@@ -530,6 +609,9 @@ def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timin
         return False, view, f"{candidate} asks about term {term}, the current term is {view.term}"
     if view.eligible != candidate:
         return False, view, f"{candidate} is not eligible in term {view.term} (not in sync)"
+    refusal = paused_refusal(view)
+    if refusal:
+        return False, view, refusal
     if news_at is None or now - news_at > promote_window(timing):
         return False, view, (f"{candidate} asked on news from me "
                              f"{'unknown' if news_at is None else f'{now - news_at:.1f} s'} old: "
@@ -540,6 +622,50 @@ def decide_grant(view, candidate, term, primary_alive_at, now, started_at, timin
     new = view.changed(term=view.term + 1, primary=candidate, eligible=None)
     return True, new, (f"I lost {view.primary} too ({lost:.1f} s): {candidate} is the primary "
                        f"of term {new.term}")
+
+
+def paused_refusal(view):
+    """Why no new term may be made now, or None. While paused the primary may hold its port
+    open without a lease timeout; after a resume it may still, until it has told the arbiter
+    under the resumed view that its lease is timed again (decide_resume_ack)."""
+    if view.paused:
+        return "the cluster is paused: no promotion, no handover"
+    if view.resuming:
+        return (f"the cluster was resumed, but {view.primary} has not yet said that its port is "
+                "under a timed lease again: no promotion, no handover until it has")
+    return None
+
+
+def decide_pause(view, term, seq, paused):
+    """An operator pauses or resumes the cluster: (granted, new view, reason). The request
+    names the view (term, seq) it is based on; one based on an older view is refused (ask
+    again). A resume leaves the view `resuming` until the primary has left its untimed lease
+    (decide_resume_ack)."""
+    if (term, seq) != (view.term, view.seq):
+        return False, view, (f"the request is based on view {term}.{seq}, the current one is "
+                             f"{view.term}.{view.seq}: ask again")
+    if paused:
+        if view.paused:
+            return True, view, "the cluster already is paused"
+        return True, view.changed(paused=True, resuming=False), (
+            "paused: no promotion, no handover, no sync change, no fencing on a timeout")
+    if not view.paused:
+        return True, view, "the cluster is not paused"
+    return True, view.changed(paused=False, resuming=True), (
+        f"resumed: promotions again once {view.primary} has its port under a timed lease")
+
+
+def decide_resume_ack(view, sender, reported, lease_mode):
+    """The arbiter, on a status from a database node: the new view when it ends `resuming`,
+    else None. The primary must report the very view the arbiter holds (so it knows of the
+    resume and will not go back to an untimed lease) and a timed lease ("primary") or none
+    ("closed"): "paused" is still untimed, "busy" no answer."""
+    if not view.resuming or view.paused or sender != view.primary:
+        return None
+    if not isinstance(reported, dict) or (reported.get("term"), reported.get("seq")) != \
+            (view.term, view.seq) or lease_mode not in ("primary", "closed"):
+        return None
+    return view.changed(resuming=False)
 
 
 def decide_resume(view, requester, term):
@@ -583,6 +709,9 @@ def decide_handover(view, requester, term, seq, target, target_seen_at, now, tim
         return False, view, f"the request is based on view seq {seq}, the current one is {view.seq}"
     if view.eligible != target:
         return False, view, f"{target} is not eligible (not in sync)"
+    refusal = paused_refusal(view)
+    if refusal:
+        return False, view, refusal
     if target_seen_at is None or now - target_seen_at >= timing.fence_timeout:
         return False, view, f"I do not see {target}"
     new = view.changed(term=view.term + 1, primary=target, eligible=None)
@@ -619,6 +748,289 @@ def newer_view(current, offered):
 
 
 # --------------------------------------------------------------------------------------------
+# operating: pure functions over statuses and records -- the cluster table, the health
+# endpoints, the history, the role change events. The adapters below only carry their input
+# and output.
+# --------------------------------------------------------------------------------------------
+
+
+def role_change_event(old, new):
+    """The event the role change hook is run for, when a node's (role, fenced, term) moves
+    from old to new (None: nothing to tell). old None: the agent's first tick ("start")."""
+    if new == old:
+        return None
+    if old is None:
+        return "start"
+    (old_role, old_fenced, old_term), (role, fenced, term) = old, new
+    if role != old_role:
+        if role == "primary":
+            return "promoted" if old_role == "standby" else "primary"
+        if role == "replaced":
+            return "replaced"
+        if role == "standby":
+            return "rejoined" if old_role == "replaced" else "standby"
+        return role
+    if fenced != old_fenced:
+        return "fenced" if fenced else "unfenced"
+    if term != old_term and role == "arbiter":
+        return "new_term"
+    return None
+
+
+def _lease_text(lease, fenced):
+    mode = (lease or {}).get("mode")
+    if fenced:
+        return "YES (port closed)"
+    if mode == "primary":
+        return f"no (lease {lease.get('left_s', 0):.1f} s)"
+    if mode == "paused":
+        return "no (paused: no timeout)"
+    if mode == "standby":
+        return "no (standby)"
+    return f"no ({mode})" if mode else "no"
+
+
+def _short(text, width=72):
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+CLUSTER_COLUMNS = ("node", "role", "term", "timeline", "wal lsn", "lag", "sync", "eligible",
+                   "fenced (lease)", "paused", "last decision")
+
+
+def cluster_rows(statuses):
+    """One row (a tuple of CLUSTER_COLUMNS texts) per node from the statuses the agents gave
+    (node name -> status body, or {"error": why} for one that did not answer). The lag of a
+    standby is what the primary reports of it (bytes of WAL it has not replayed)."""
+    answered = {n: st for n, st in statuses.items() if "error" not in st}
+    primary = next((st for st in answered.values()
+                    if st.get("role") == "primary" and st.get("pg") == "primary"), None)
+    rows = []
+    for name, st in statuses.items():
+        if "error" in st:
+            rows.append((name, "NO ANSWER", "?", "?", "?", "?", "?", "?", "?", "?",
+                         _short(st["error"])))
+            continue
+        view = st.get("view") or {}
+        pg = st.get("postgres") or {}
+        role = st.get("role", "?")
+        if role not in ("arbiter",) and st.get("pg") not in (None, "none", "primary", "standby"):
+            role = f"{role} (pg {st.get('pg')})"
+        lag = sync = "-"
+        if st.get("role") == "primary":
+            sync = (f"{pg.get('standby_state') or 'no standby'}"
+                    f"{'/' + pg['sync_state'] if pg.get('sync_state') else ''}, waits for "
+                    f"{pg.get('sync_names') or 'no one'}")
+        elif st.get("role") in ("standby", "replaced"):
+            sync = pg.get("receiver") or "not receiving"
+            ppg = (primary or {}).get("postgres") or {}
+            if primary is None:
+                lag = "?"
+            elif ppg.get("lag_bytes") is not None:
+                lag = f"{ppg['lag_bytes']} B"
+                sync += f", {ppg.get('sync_state')}" if ppg.get("sync_state") else ""
+        if st.get("role") == "arbiter":
+            eligible = str(view.get("eligible"))
+            fenced = "-"
+        else:
+            eligible = ("-" if view.get("primary") == name else
+                        "yes" if view.get("eligible") == name else "no")
+            fenced = _lease_text(st.get("lease"), st.get("fenced"))
+        paused = "PAUSED" if view.get("paused") else "resuming" if view.get("resuming") else "-"
+        decision = st.get("decision") or {}
+        said = (f"{decision.get('action')} {decision.get('age_s', 0):.1f} s ago: "
+                f"{decision.get('reason')}") if decision else "-"
+        rows.append((name, role, str(view.get("term", "?")), str(pg.get("timeline") or "-"),
+                     pg.get("lsn") or "-", lag, sync, eligible, fenced, paused, _short(said)))
+    return rows
+
+
+def cluster_table(statuses):
+    """The cluster as one table (status_command), with a line for the arbiter's view."""
+    rows = cluster_rows(statuses)
+    lines = [CLUSTER_COLUMNS, *rows]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(CLUSTER_COLUMNS))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in lines)
+    views = [st["view"] for st in statuses.values() if isinstance(st.get("view"), dict)]
+    arbiter = next((st for st in statuses.values() if st.get("role") == "arbiter"), None)
+    view = (arbiter or {}).get("view") or max(views, key=lambda v: (v.get("term", 0),
+                                                                   v.get("seq", 0)), default=None)
+    if view:
+        source = "the arbiter" if arbiter else "the newest a node reported; no arbiter"
+        flag = ("   *** PAUSED: no failover, no fencing on timeouts, no sync changes ***"
+                if view.get("paused") else
+                "   (resuming: promotions wait for the primary's timed lease)"
+                if view.get("resuming") else "")
+        head = (f"view ({source}): term {view.get('term')}.{view.get('seq')}, primary "
+                f"{view.get('primary')}, eligible {view.get('eligible')}{flag}")
+    else:
+        head = "view: no node answered"
+    return head + "\n" + text
+
+
+def _http_text(code, text):
+    return code, "text/plain; charset=utf-8", (text + "\n").encode()
+
+
+def endpoint_verdicts(snap):
+    """(primary, replica): each (ok, why). Primary: the unfenced primary of the current term
+    -- its view names it, its PostgreSQL says primary, its port is under a live lease (or
+    paused). Replica: a standby whose walreceiver streams and whose port is open."""
+    node, view = snap.get("node"), snap.get("view") or {}
+    pg = snap.get("pg_now", snap.get("pg"))
+    lease = snap.get("lease") or {}
+    role = snap.get("role")
+    if role == "arbiter":
+        return (False, "the arbiter serves no clients"), (False, "the arbiter serves no clients")
+    if view.get("primary") != node:
+        primary = (False, f"{view.get('primary')} is the primary of term {view.get('term')}")
+    elif pg != "primary":
+        primary = (False, f"PostgreSQL is {pg}")
+    elif snap.get("fenced") or not (lease.get("mode") == "paused" or (
+            lease.get("mode") == "primary" and (lease.get("left_s") or 0) > 0)):
+        primary = (False, "fenced: no lease")
+    else:
+        primary = (True, f"primary of term {view.get('term')}")
+    receiver = (snap.get("postgres") or {}).get("receiver")
+    if role != "standby" or pg != "standby":
+        replica = (False, f"{role} (PostgreSQL {pg}), not a standby")
+    elif receiver != "streaming":
+        replica = (False, f"walreceiver {receiver or 'not running'}")
+    elif snap.get("fenced"):
+        replica = (False, "port closed")
+    else:
+        replica = (True, f"standby streaming from {view.get('primary')}")
+    return primary, replica
+
+
+def _metric(lines, name, kind, help_text, samples):
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        label = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        number = ("+Inf" if value == float("inf") else
+                  str(int(value)) if isinstance(value, bool) or float(value).is_integer()
+                  else f"{value:.3f}")
+        lines.append(f"{name}{{{label}}} {number}" if label else f"{name} {number}")
+
+
+def metrics_text(snap):
+    """The snapshot in Prometheus' text format (version 0.0.4)."""
+    view, lease = snap.get("view") or {}, snap.get("lease") or {}
+    (primary_ok, _), (replica_ok, _) = endpoint_verdicts(snap)
+    events = snap.get("events_total") or {}
+    lines = []
+    node = {"node": snap.get("node", "?")}
+    _metric(lines, "bobry_term", "gauge", "The term of the newest view this node knows.",
+            [({}, view.get("term", 0))])
+    _metric(lines, "bobry_role", "gauge", "1 for this node's role.",
+            [({**node, "role": r}, snap.get("role") == r)
+             for r in ("primary", "standby", "replaced", "arbiter")])
+    _metric(lines, "bobry_primary_ok", "gauge", "1 when GET /primary answers 200.",
+            [({}, primary_ok)])
+    _metric(lines, "bobry_replica_ok", "gauge", "1 when GET /replica answers 200.",
+            [({}, replica_ok)])
+    _metric(lines, "bobry_fenced", "gauge", "1 when this node's PostgreSQL port is closed "
+            "to clients (no lease).", [({}, bool(snap.get("fenced")))])
+    _metric(lines, "bobry_paused", "gauge", "1 while the view says the cluster is paused.",
+            [({}, bool(view.get("paused")))])
+    left = (lease.get("left_s") if lease.get("mode") == "primary" else
+            float("inf") if lease.get("mode") in ("paused", "standby") else 0)
+    if snap.get("role") != "arbiter":
+        _metric(lines, "bobry_lease_seconds_left", "gauge", "Seconds left on the port's lease "
+                "(+Inf: no timeout, 0: closed).", [({}, left or 0)])
+    lag = (snap.get("postgres") or {}).get("lag_bytes")
+    if lag is not None:
+        _metric(lines, "bobry_standby_lag_bytes", "gauge", "Primary: WAL bytes its standby "
+                "has not replayed.", [({}, lag)])
+    _metric(lines, "bobry_peer_contact_age_seconds", "gauge", "Seconds since a peer last "
+            "provably heard this node.", [({"peer": p}, age) for p, age in
+                                          sorted((snap.get("contact_age_s") or {}).items())])
+    _metric(lines, "bobry_decisions_total", "counter", "Decisions taken, by action (one a "
+            "tick).", [({"action": a}, n) for a, n in sorted((snap.get("decisions_total")
+                                                               or {}).items())])
+    _metric(lines, "bobry_events_total", "counter", "Events logged, by kind.",
+            [({"event": e}, n) for e, n in sorted(events.items())])
+    _metric(lines, "bobry_promotions_total", "counter", "Promotions of this node's PostgreSQL.",
+            [({}, events.get("promoted", 0))])
+    _metric(lines, "bobry_failovers_total", "counter", "Arbiter: terms granted to a standby "
+            "that lost the primary.", [({}, events.get("granted", 0))])
+    _metric(lines, "bobry_handovers_total", "counter", "Arbiter: terms handed over in a "
+            "switchover.", [({}, events.get("handover", 0))])
+    return "\n".join(lines) + "\n"
+
+
+def health_response(path, snap):
+    """(HTTP status, content type, body) of a GET on the health port, from a status snapshot
+    (Agent.health_snapshot); None: the agent could not make one."""
+    path = path.split("?", 1)[0]
+    if path not in ("/primary", "/replica", "/health", "/metrics"):
+        return _http_text(404, "not found: GET /primary, /replica, /health or /metrics")
+    if snap is None:
+        return _http_text(503, "the agent has no status yet")
+    (primary_ok, primary_why), (replica_ok, replica_why) = endpoint_verdicts(snap)
+    if path == "/primary":
+        return _http_text(200 if primary_ok else 503, primary_why)
+    if path == "/replica":
+        return _http_text(200 if replica_ok else 503, replica_why)
+    if path == "/health":
+        body = {**snap, "primary_ok": primary_ok, "replica_ok": replica_ok}
+        return 200, "application/json", (json.dumps(body, sort_keys=True) + "\n").encode()
+    return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(snap).encode()
+
+
+HISTORY_WHY = {"promote": "failover", "handover": "handover"}
+
+
+def history_record(kind, old, new, wall, requester, lost_s, reason):
+    """The arbiter's record of a new term (HistoryFile): who, when (wall clock), why."""
+    record = {"term": new.term, "primary": new.primary, "t": round(wall, 3),
+              "why": HISTORY_WHY.get(kind, kind), "previous": old.primary,
+              "requested_by": requester, "reason": _short(reason, 200)}
+    if kind == "promote":
+        record["lost_s"] = round(lost_s, 2)
+    return record
+
+
+def missing_history(records, view, fresh, wall):
+    """Records to append at the arbiter's start so that the history names the current term:
+    term 1 of a fresh arbiter is the bootstrap; a term with no record (an arbiter that crashed
+    between its state and its history, or began keeping one late) is recorded as unknown."""
+    last = max((r.get("term", 0) for r in records), default=0)
+    if last >= view.term:
+        return []
+    if fresh and view.term == 1:
+        return [{"term": 1, "primary": view.primary, "t": round(wall, 3), "why": "bootstrap",
+                 "reason": f"{view.primary} is the first primary (agent.ini)"}]
+    return [{"term": view.term, "primary": view.primary, "t": round(wall, 3), "why": "unknown",
+             "reason": f"term {view.term} was found at the arbiter's start without a record; "
+                       "the time is that start"}]
+
+
+def format_history(records):
+    """The history as a table: term, primary, when (wall clock, UTC), why."""
+    lines = [("term", "primary", "since (UTC)", "why")]
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("t", 0)))
+        why = r.get("why", "?")
+        if why == "failover":
+            why = (f"failover: {r.get('previous')} lost for {r.get('lost_s')} s (the arbiter's "
+                   f"count), {r.get('requested_by')} promoted")
+        elif why == "handover":
+            why = f"handover: switchover from {r.get('previous')}"
+        elif why == "bootstrap":
+            why = f"bootstrap: {r.get('reason')}"
+        else:
+            why = f"{why}: {r.get('reason')}"
+        lines.append((str(r.get("term")), str(r.get("primary")), when, why))
+    widths = [max(len(row[i]) for row in lines) for i in range(3)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:3], widths)), row[3]])
+                     for row in lines)
+
+
+# --------------------------------------------------------------------------------------------
 # adapters: the wire protocol
 #
 # A TCP connection carries one request and one reply and is then closed. Each message (version
@@ -647,15 +1059,19 @@ def newer_view(current, offered):
 #   eligibility primary -> arb  {"term": t, "seq": s, "standby": name, "eligible": bool}
 #   handover    primary -> arb  {"term": t, "seq": s, "to": name}: planned switchover (fenced)
 #   settle      primary -> arb  {"term": t}: my handover got no answer; make it stale
-#               replies to these five: {"granted": bool, "reason": str, "view": {…}}
+#   pause       any -> arb      {"term": t, "seq": s, "paused": bool}: the operator pauses or
+#                               resumes the cluster (agent.py … pause | resume)
+#               replies to these six: {"granted": bool, "reason": str, "view": {…}}
 #   switchover  cli -> primary  {}: hand over to the standby; reply {"done": bool, "reason"}
+#   history     any -> arb      {"after": term}: the terms after that one, from the arbiter's
+#                               history file; reply {"records": [...], "more": bool}
 # --------------------------------------------------------------------------------------------
 
 PROTOCOL_VERSION = 2
 MAX_MESSAGE = 65536
 MAX_SKEW = 30.0
 REQUEST_TYPES = ("status", "promote", "resume", "eligibility", "handover", "settle",
-                 "switchover")
+                 "switchover", "pause", "history")
 
 
 def _no_constant(name):
@@ -1121,6 +1537,209 @@ class EventLog:
             f.write(line + "\n")
 
 
+class CountedEvents:
+    """The event log (a World port), counting each kind of event for /metrics."""
+
+    def __init__(self, log):
+        self.log = log
+        self.counts = {}
+
+    def __call__(self, event, **detail):
+        self.counts[event] = self.counts.get(event, 0) + 1
+        self.log(event, **detail)
+
+    def __getattr__(self, name):  # e.g. path: the port's own attributes
+        return getattr(self.log, name)
+
+
+class HistoryFile:
+    """The arbiter's history: one JSON line per term, appended and fsynced before the reply
+    that announces the term (history_record). Never rewritten; a line that does not parse (a
+    torn last line after a crash) is skipped."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def append(self, record):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        created = not os.path.exists(self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:  # the new file's name is durable too
+            dir_fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("term"), int):
+                records.append(record)
+        return records
+
+
+class Hooks:
+    """The operator's role change hook ([agent] on_role_change): argv + [event, role, term],
+    the same in BOBRY_EVENT, BOBRY_ROLE, BOBRY_TERM (and BOBRY_NODE), no shell. Run in the
+    background (World.spawn), one at a time in the order of the changes, so that a hook never
+    delays a decision; killed (its process group) after TIMEOUT; a failure is logged,
+    rate-limited (DropLog), and changes nothing else."""
+
+    # A hook notifies (mail, chat, a DNS or virtual IP update): 30 s lets a slow endpoint
+    # answer, and bounds how long later changes wait behind a hook that hangs.
+    TIMEOUT = 30.0
+    # Changes waiting for the hook: more than a flapping node makes in TIMEOUT; past that the
+    # newest are dropped, and the drop is logged.
+    QUEUE = 32
+
+    def __init__(self, argv, node, spawn, warn, log):
+        self.argv, self.node, self.spawn, self.warn, self.log = argv, node, spawn, warn, log
+        self._lock = threading.Lock()
+        self._queue = []
+        self._running = False
+
+    def fire(self, event, role, term):
+        if not self.argv:
+            return
+        with self._lock:
+            if len(self._queue) >= self.QUEUE:
+                self.warn("role change hook", event, f"{self.QUEUE} changes already wait for "
+                          "the hook: this one is not told")
+                return
+            self._queue.append((event, role, term))
+            if self._running:
+                return
+            self._running = True
+        self.spawn("hook", self._drain)
+
+    def _drain(self):
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    return
+                event, role, term = self._queue.pop(0)
+            self.run(event, role, term)
+
+    def run(self, event, role, term):
+        """Run the hook once and wait for it (in the background thread)."""
+        argv = [*self.argv, event, role, str(term)]
+        env = {**os.environ, "BOBRY_EVENT": event, "BOBRY_ROLE": role,
+               "BOBRY_TERM": str(term), "BOBRY_NODE": self.node}
+        try:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True, cwd="/")
+        except OSError as exc:
+            self.warn("role change hook", event, f"cannot run {argv[0]}: {exc}")
+            return
+        try:
+            _, err = proc.communicate(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            self.warn("role change hook", event, f"killed after {self.TIMEOUT:.0f} s")
+            return
+        if proc.returncode != 0:
+            tail = " ".join(err.decode(errors="replace").split())[-300:]
+            self.warn("role change hook", event, f"exit status {proc.returncode}: {tail}")
+        else:
+            self.log.info("role change hook: %s %s %s: done", event, role, term)
+
+
+class HealthServer(http.server.ThreadingHTTPServer):
+    """The health endpoints (health_response) on the node's http_port: GET /primary,
+    /replica, /health, /metrics. A thread per connection, at most MAX_HANDLERS at once (a
+    connection over the cap is closed at once); one request per connection (HTTP/1.0); a
+    client that has not sent its request within TIMEOUT is dropped. Requests are not logged
+    (a checker every 200 ms would fill the log); drops are, rate-limited."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # a burst waits in the kernel's queue, not in SYN retries (1 s)
+    MAX_HANDLERS = 16  # a few checkers (HAProxy, Prometheus, people) at once, with room
+    TIMEOUT = 2.0      # a checker sends its request at once; HAProxy's own check timeout
+    #                    is shorter than this, so a slow client only ever costs its thread
+
+    def __init__(self, address, snapshot, log):
+        self.snapshot, self.log = snapshot, log
+        self.drops = DropLog(log)
+        self._slots = threading.BoundedSemaphore(self.MAX_HANDLERS)
+        super().__init__(address, _HealthHandler)
+
+    def verify_request(self, request, client_address):
+        if self._slots.acquire(blocking=False):
+            return True
+        self.drops("too many connections", client_address[0],
+                   f"{self.MAX_HANDLERS} health requests already being answered")
+        return False
+
+    def process_request(self, request, client_address):
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
+
+    def service_actions(self):
+        self.drops.flush()
+
+
+class _HealthHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    timeout = HealthServer.TIMEOUT
+
+    def do_GET(self):  # http.server's name
+        self._answer(body=True)
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def _answer(self, body):
+        try:
+            snap = self.server.snapshot()
+        except Exception as exc:  # noqa: BLE001 -- a status that fails is a 503, not a crash
+            self.server.drops("status", self.client_address[0], f"{type(exc).__name__}: {exc}")
+            snap = None
+        code, ctype, payload = health_response(self.path, snap)
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def log_message(self, format, *args):  # http.server's signature
+        pass
+
+
 class Fence:
     """The fence, enforced by the kernel: an nftables table of the agent's own in which the
     PostgreSQL port takes packets (other than over loopback) only while the element of the set
@@ -1134,7 +1753,7 @@ class Fence:
     and the other way round."""
 
     TABLE = "bobry_fence"
-    VERSION = "bobry fence v3"  # a table of another version is replaced (closed) at start
+    VERSION = "bobry fence v4"  # a table of another version is replaced (closed) at start
 
     def __init__(self, pg_port):
         self.port = pg_port
@@ -1158,6 +1777,7 @@ class Fence:
         self._nft(script=delete + f"""table inet {t} {{
   comment "{self.comment}"
   set lease {{ type inet_service; flags timeout; }}
+  set fresh {{ type inet_service; flags timeout; }}
   set handover {{ type ipv4_addr; flags timeout; }}
   chain input {{ type filter hook input priority -10; policy accept;
     iifname "lo" accept
@@ -1180,28 +1800,50 @@ class Fence:
         listed = self._nft("list", "set", "inet", self.TABLE, "lease", check=False)
         return parse_lease(listed.stdout, self.port) if listed.returncode == 0 else None
 
-    def open_for(self, seconds):
-        """Open from closed: flush and add in one transaction (a plain add would keep an old
-        expiry)."""
+    def arm(self, seconds):
+        """Start the window in which the kernel takes the next lease write: an element of the
+        set `fresh` that lives `seconds`. A write (open_for, renew) deletes it in the same
+        transaction, so a write that comes later than that -- an agent stalled between
+        computing the lease and handing it over -- fails whole: a lease never runs more than
+        `seconds` past the term the agent computed after arming."""
         ms = max(1, int(seconds * 1000))
-        self._nft(script=f"flush set inet {self.TABLE} lease\n"
-                         f"add element inet {self.TABLE} lease {{ {self.port} timeout {ms}ms }}\n")
+        self._nft(script=f"flush set inet {self.TABLE} fresh\n"
+                         f"add element inet {self.TABLE} fresh {{ {self.port} timeout {ms}ms }}\n")
 
-    def renew(self, seconds):
-        """Extend a live lease: delete and add in one transaction. If the element has expired
-        the delete fails and so does the whole transaction: a late renewal never reopens a
-        port that has closed. False when it had."""
+    def _write(self, lease_step, seconds):
         ms = max(1, int(seconds * 1000))
-        element = f"inet {self.TABLE} lease {{ {self.port}"
-        result = self._nft(script=f"delete element {element} }}\n"
-                                  f"add element {element} timeout {ms}ms }}\n", check=False)
+        t = self.TABLE
+        result = self._nft(script=f"delete element inet {t} fresh {{ {self.port} }}\n{lease_step}"
+                                  f"add element inet {t} lease {{ {self.port} timeout {ms}ms }}\n",
+                           check=False)
         if result.returncode != 0 and "No such file or directory" not in result.stderr:
             raise RuntimeError(f"nft failed: {result.stderr.strip()}")
         return result.returncode == 0
 
+    def open_for(self, seconds):
+        """Open from closed (within the armed window): False when the window had passed."""
+        return self._write(f"flush set inet {self.TABLE} lease\n", seconds)
+
+    def renew(self, seconds):
+        """Extend a live lease (within the armed window). If the lease has expired its delete
+        fails, and the whole transaction with it: a late renewal never reopens a port that
+        has closed. False when the lease or the window had passed."""
+        return self._write(f"delete element inet {self.TABLE} lease {{ {self.port} }}\n",
+                           seconds)
+
     def open(self):
         self._nft(script=f"flush set inet {self.TABLE} lease\n"
                          f"add element inet {self.TABLE} lease {{ {self.port} }}\n")
+
+    def hold(self):
+        """A paused primary: its live lease loses its timeout. Delete and add in one
+        transaction, like renew: a lease that has lapsed stays closed. False when it had."""
+        element = f"inet {self.TABLE} lease {{ {self.port}"
+        result = self._nft(script=f"delete element {element} }}\nadd element {element} }}\n",
+                           check=False)
+        if result.returncode != 0 and "No such file or directory" not in result.stderr:
+            raise RuntimeError(f"nft failed: {result.stderr.strip()}")
+        return result.returncode == 0
 
     def close(self):
         self._nft("flush", "set", "inet", self.TABLE, "lease")
@@ -1241,7 +1883,16 @@ select pg_is_in_recovery(), current_setting('synchronous_standby_names'),
        case when pg_is_in_recovery() then null
             else (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint end,
        r.state, r.sync_state, (r.flush_lsn - '0/0'::pg_lsn)::bigint,
-       extract(epoch from r.reply_time)::float8
+       extract(epoch from r.reply_time)::float8,
+       case when pg_is_in_recovery()
+            then coalesce((select received_tli from pg_stat_wal_receiver),
+                          (select timeline_id from pg_control_checkpoint()))
+            else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+       end,
+       case when pg_is_in_recovery()
+            then (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint end,
+       (r.replay_lsn - '0/0'::pg_lsn)::bigint,
+       (select status from pg_stat_wal_receiver)
 from (select 1) as one
 left join pg_stat_replication r on r.application_name = %s
 order by r.reply_time desc nulls last limit 1"""
@@ -1256,6 +1907,25 @@ class PgStatus:
     standby_sync: str | None = None
     standby_flush: int | None = None
     standby_reply_time: float | None = None  # the standby's clock: only its changes count
+    # for `status` and the health endpoints only; no decision reads them
+    timeline: int | None = None
+    replay_lsn: int | None = None      # standby: WAL replayed
+    standby_replay: int | None = None  # primary: WAL the other node has replayed
+    receiver: str | None = None        # standby: its walreceiver's status (streaming, ...)
+
+    def detail(self):
+        """What `status` and the endpoints show of it (positions as PostgreSQL writes them)."""
+        lag = (self.lsn - self.standby_replay
+               if self.lsn is not None and self.standby_replay is not None else None)
+        return {"timeline": self.timeline, "sync_names": self.sync_names,
+                "lsn": format_lsn(self.lsn if self.pg == "primary" else self.replay_lsn),
+                "standby_state": self.standby_state, "sync_state": self.standby_sync,
+                "lag_bytes": None if lag is None else max(0, lag), "receiver": self.receiver}
+
+
+def format_lsn(value):
+    """A WAL position as PostgreSQL writes it (0/3000060), or None."""
+    return None if value is None else f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 class LocalPostgres:
@@ -1311,9 +1981,11 @@ class LocalPostgres:
             rows = pg_query(local_dsn(self.cfg), STATUS_SQL, (standby_name,), timeout=timeout)
         except (psycopg2.Error, TimeoutError, OSError):
             return PgStatus("down")
-        in_recovery, sync_names, lsn, state, sync_state, flush, reply_time = rows[0]
+        (in_recovery, sync_names, lsn, state, sync_state, flush, reply_time, timeline,
+         replay_lsn, standby_replay, receiver) = rows[0]
         return PgStatus("standby" if in_recovery else "primary", sync_names, lsn, state,
-                        sync_state, flush, reply_time)
+                        sync_state, flush, reply_time, timeline, replay_lsn, standby_replay,
+                        receiver)
 
     def start(self):
         result = self._run([self._bin("pg_ctl"), "start", "-w", "-t", "60", "-D",
@@ -1502,6 +2174,21 @@ class World:
         threading.Thread(target=server.serve_forever, name="server", daemon=True).start()
         return server
 
+    def serve_http(self, agent):
+        """The health endpoints (HealthServer) on the node's http_port until shutdown() of
+        what this returns; None when the node has no http_port."""
+        if agent.cfg.me.http_port is None:
+            return None
+        try:
+            server = HealthServer((agent.cfg.me.address, agent.cfg.me.http_port),
+                                  agent.health_snapshot, agent.log)
+        except OSError as exc:  # the endpoints are for operators: failover goes on without
+            agent.log.error("no health endpoints: cannot listen on %s:%s: %s",
+                            agent.cfg.me.address, agent.cfg.me.http_port, exc)
+            return None
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        return server
+
     def postgres(self, cfg):
         return LocalPostgres(cfg)
 
@@ -1513,6 +2200,10 @@ class World:
 
     def state_file(self, path, default):
         return StateFile(path, default)
+
+    def history_file(self, path):
+        """The arbiter's record of every term (HistoryFile)."""
+        return HistoryFile(path)
 
     def event_log(self, path, node):
         return EventLog(path, node)
@@ -1661,7 +2352,9 @@ class Agent:
         self.observations = Observations(self.boot)
         self.stop = threading.Event()
         self.state = world.state_file(os.path.join(cfg.state_dir, "view.json"), default_view)
-        self.events = world.event_log(os.path.join(cfg.log_dir, "events.jsonl"), cfg.me.name)
+        self.events = CountedEvents(world.event_log(os.path.join(cfg.log_dir, "events.jsonl"),
+                                                    cfg.me.name))
+        self.decisions_total = {}  # action -> decisions taken (each tick's), for /metrics
         self.remote = world.remote_postgres(cfg)
         self.log = world.logger()
         self.log.addFilter(_RoleFilter(self))
@@ -1671,6 +2364,8 @@ class Agent:
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
         self.probe = {"target": None, "ok_at": None, "error": None, "failures": 0}
+        self.hooks = Hooks(cfg.on_role_change, cfg.me.name, world.spawn, self.warn, self.log)
+        self._role_key = None  # (role, fenced, term) when the hook last heard of it
 
     # -- views ---------------------------------------------------------------------------
     def learn(self, offered, source):
@@ -1690,8 +2385,10 @@ class Agent:
             if newer_view(self.view, view) is self.view:
                 return
             self.state.save(view)
-            self.log.info("learned from %s: %s is the primary of term %d (eligible: %s)",
-                          source, view.primary, view.term, view.eligible)
+            self.log.info("learned from %s: %s is the primary of term %d (eligible: %s)%s",
+                          source, view.primary, view.term, view.eligible,
+                          f", {PAUSED}" if view.paused else
+                          ", resuming" if view.resuming else "")
             self.view = view
 
     # -- peers ---------------------------------------------------------------------------
@@ -1798,7 +2495,9 @@ class Agent:
     def serve_and_run(self):
         """Serve peers, run every routine until stop is set, then stop serving."""
         server = self.world.serve(self)
+        http = None
         try:
+            http = self.world.serve_http(self)
             routines = self.routines()
             for name, step in routines[:-1]:
                 threading.Thread(target=self.world.run_routine, args=(self.stop, step),
@@ -1806,6 +2505,8 @@ class Agent:
             self.world.run_routine(self.stop, routines[-1][1])
         finally:
             server.shutdown()
+            if http is not None:
+                http.shutdown()
 
     def hold_lock(self):
         """The node's lock (AgentLock), waited for; False when asked to stop meanwhile."""
@@ -1818,6 +2519,7 @@ class Agent:
         shape = (decision.action, "".join(c for c in decision.reason if not c.isdigit()))
         now = self.clock()
         self.last_decision = (decision.action, decision.reason, now)
+        self.decisions_total[decision.action] = self.decisions_total.get(decision.action, 0) + 1
         if shape != self._last_said[0] or now - self._last_said[1] >= self.REPEAT_LOG:
             self.log.info("%s. %s", decision.action, decision.reason)
             self._last_said = (shape, now)
@@ -1840,7 +2542,35 @@ class Agent:
                 subprocess.SubprocessError) as exc:
             self.log.error("%s: %s", type(exc).__name__, exc)
             return 1.0  # the failed step is retried on a later tick
+        finally:
+            self.note_role()
         return self._rest(began)
+
+    # -- role changes, health ------------------------------------------------------------
+    def role_key(self):
+        """(role, fenced, term): what the role change hook is told about."""
+        return (self.role_name(), False, self.view.term)
+
+    def note_role(self):
+        """Tell the hook (in the background) when the role or the fence changed."""
+        key = self.role_key()
+        event = role_change_event(self._role_key, key)
+        self._role_key = key
+        if event:
+            self.hooks.fire(event, key[0], key[2])
+
+    def health_snapshot(self):
+        """What the health endpoints are computed from (health_response): the status, the
+        peers' contact ages, the counters."""
+        snap = self.own_status()
+        contact_at, _ = self.observations.snapshot()
+        now = self.clock()
+        snap["contact_age_s"] = {peer.name: round(_age(now, self.started_at,
+                                                       contact_at.get(peer.name)), 3)
+                                 for peer in self.peers()}
+        snap["decisions_total"] = dict(self.decisions_total)
+        snap["events_total"] = dict(self.events.counts)
+        return snap
 
 
 class DbAgent(Agent):
@@ -1865,6 +2595,7 @@ class DbAgent(Agent):
         self.handover_unsettled = False
         self.pg_state, self.pg_down_since = "down", None
         self.last_pg_answer = "down"  # the last state PostgreSQL itself told
+        self.last_pg = None  # the last tick's PgStatus, for status and the endpoints
         self.other = cfg.other_db(cfg.me.name)
         self.reply_time = None       # primary: the standby's last reply_time (its clock)
         self.standby_seen_at = None  # primary: when that reply_time last changed (our clock)
@@ -1890,10 +2621,21 @@ class DbAgent(Agent):
         return self.pg_state
 
     def own_status(self):
+        lease, view = self.lease_and_view()
+        last = self.last_pg
         return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.reported_pg(),
-                "fenced": self.fenced, "view": self.view.as_dict(),
-                "lease": self.lease_status(), "probe": self.probe_status(),
-                "decision": self.decision_status()}
+                "fenced": self.fenced, "view": view.as_dict(), "paused": view.paused,
+                "lease": lease, "probe": self.probe_status(),
+                "decision": self.decision_status(),
+                "postgres": last.detail() if last is not None else None}
+
+    def role_key(self):
+        return (self.role_name(), self.fenced, self.view.term)
+
+    def health_snapshot(self):
+        snap = super().health_snapshot()
+        snap["pg_now"] = self.pg_state  # what PostgreSQL said at the last tick, unrepeated
+        return snap
 
     def handle(self, sender, kind, body):
         if kind != "switchover":
@@ -1940,8 +2682,17 @@ class DbAgent(Agent):
         self.pg.lock_fd = self.lock.fd
         self.view = self.state.load()  # a predecessor may have written it while we waited
         self.fence.install()
+        if self.view.primary == self.cfg.me.name and self.fence.lease() == float("inf"):
+            if self.view.paused:  # a paused primary's port stays open across a restart
+                self.lease_mode, self.fenced = "paused", False
+            else:  # never adopted: closed until the arbiter's word (rule 6)
+                self.fence.close()
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
+        if self.view.primary == self.cfg.me.name:
+            # the checkpoint after a promotion (do_promote) may have died with the previous
+            # process: without it the replaced node cannot rejoin for minutes
+            self.world.spawn("checkpoint", self._checkpoint)
         return True
 
     def peers(self):
@@ -1963,18 +2714,31 @@ class DbAgent(Agent):
 
     def extend_lease(self, opening=False, anchor=None):
         """Set the kernel's lease to what lease_extension allows, when that gains at least
-        check_interval (fewer nft calls); close the port when the kernel took longer than
-        safety_margin to take it (the lease might then run past its term)."""
+        check_interval (fewer nft calls). The write is armed first (Fence.arm): the kernel
+        takes it only within safety_margin, so however long the agent stalls, the lease never
+        ends later than safety_margin past the term computed here."""
         timing = self.cfg.timing
         with self._lease_lock:
-            if self.lease_mode != "primary" and not opening:
+            if self.lease_mode not in ("primary", "paused") and not opening:
                 return
             # the anchor first, then the view: an exchange that replaced us taught us the new
             # view before it counted as an anchor (note_status)
             anchor = max(anchor or 0.0, self.observations.lease_anchor or 0.0) or None
             now = self.clock()
-            if self.view.primary != self.cfg.me.name:
+            view = self.view
+            if view.primary != self.cfg.me.name:
                 self._close_lease()
+                return
+            if self.lease_mode == "paused":
+                if view.paused:
+                    return  # open, no timeout: the arbiter grants nothing while paused
+                # resumed: a timed lease anchored as usual, or closed until the arbiter's word
+                opening, self.lease_mode, self.lease_until = True, "closed", None
+            elif view.paused and not opening and now < self.lease_until:
+                if self.fence.hold():
+                    self.lease_mode, self.lease_until = "paused", None
+                else:  # it had lapsed: never revived
+                    self.lease_mode, self.lease_until = "closed", None
                 return
             until = lease_extension(self.lease_until, anchor, now, timing, opening)
             if until is None:
@@ -1982,15 +2746,18 @@ class DbAgent(Agent):
                 return
             if not opening and until - self.lease_until < timing.check_interval:
                 return
-            if opening:
-                self.fence.open_for(until - now)
-            elif not self.fence.renew(until - now):  # it had lapsed: never revived
-                self.lease_mode, self.lease_until = "closed", None
-                return
-            if self.clock() - now > timing.safety_margin:
+            self.fence.arm(timing.safety_margin)
+            now = self.clock()  # after arming: the kernel's window started before this
+            until = lease_extension(self.lease_until, anchor, now, timing, opening)
+            if until is None:
                 self._close_lease()
-                raise RuntimeError("the kernel took the lease late: closed the port instead")
-            self.lease_mode, self.lease_until = "primary", until
+            elif (self.fence.open_for if opening else self.fence.renew)(until - now):
+                self.lease_mode, self.lease_until = "primary", until
+            elif not opening and self.fence.lease() is None:  # it had lapsed
+                self.lease_mode, self.lease_until = "closed", None
+            else:  # the window passed (a stall): nothing was written; try again later
+                self.log.warning("the kernel did not take the lease in time: not %s",
+                                 "opened" if opening else "extended")
 
     def _close_lease(self):
         """Close the port, and make sure of it: a failed close is tried again."""
@@ -2010,6 +2777,18 @@ class DbAgent(Agent):
             return {"mode": mode, "left_s": round(until - self.clock(), 3)}
         return {"mode": mode}
 
+    def lease_and_view(self):
+        """The lease and the view read together, under the lease's lock: a lease mode other
+        than "paused" reported with a resumed view is one the agent will not leave for an
+        untimed lease again (the arbiter's decide_resume_ack relies on it). A lock held long
+        (an nft call) gives mode "busy", which the arbiter does not take as an answer."""
+        if not self._lease_lock.acquire(timeout=0.05):
+            return {"mode": "busy"}, self.view
+        try:
+            return self.lease_status(), self.view
+        finally:
+            self._lease_lock.release()
+
     def _observe_fence(self, now):
         """Fenced unless this process holds a live lease that the kernel has too; a lapse
         (frozen agent, lost peers) is noticed here, and counts from now for confirm_after."""
@@ -2018,6 +2797,8 @@ class DbAgent(Agent):
             if self.lease_mode == "primary" and (kernel is None or self.lease_until is None
                                                   or now >= self.lease_until):
                 self.lease_mode, self.lease_until = "closed", None
+            if self.lease_mode == "paused" and kernel is None:
+                self.lease_mode = "closed"
             held = self.lease_mode != "closed" and kernel is not None
         if not held and not self.fenced:
             self.fenced, self.confirm_after = True, now
@@ -2049,6 +2830,7 @@ class DbAgent(Agent):
             self.bootstrap(step)
             return
         st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
+        self.last_pg = st
         now = self.clock()
         if st.pg != "down":
             self.pg_down_since, self.last_pg_answer = None, st.pg
@@ -2271,16 +3053,21 @@ def describe_lease(lease):
 class ArbiterAgent(Agent):
     """The arbiter: the one place where terms are created, durably, one at a time."""
 
+    HISTORY_PAGE = 100  # terms per `history` reply: 100 records stay far below MAX_MESSAGE
+
     def __init__(self, cfg, key, world=None):
         default = View(1, cfg.by_role("primary").name, cfg.by_role("standby").name)
         super().__init__(cfg, key, default, world)
+        self.history = self.world.history_file(
+            os.path.join(cfg.state_dir, "history.jsonl"))
 
     def role_name(self):
         return "arbiter"
 
     def own_status(self):
+        view = self.view
         return {"node": self.cfg.me.name, "role": "arbiter", "pg": "none", "fenced": False,
-                "view": self.view.as_dict(), "probe": self.probe_status(),
+                "view": view.as_dict(), "paused": view.paused, "probe": self.probe_status(),
                 "decision": self.decision_status()}
 
     def counts_alive(self, body):
@@ -2291,6 +3078,15 @@ class ArbiterAgent(Agent):
     def note_status(self, sender, body, at):
         with self._view_lock:  # a status is taken whole before or after a grant, never across
             super().note_status(sender, body, at)
+            lease = body.get("lease")
+            new = decide_resume_ack(self.view, sender, body.get("view"),
+                                    lease.get("mode") if isinstance(lease, dict) else None)
+            if new is not None:
+                self.state.save(new)  # durable before anyone hears of it
+                self.view = new
+                self.events("resume_acknowledged", primary=new.primary, term=new.term)
+                self.log.info("%s has its port under a timed lease again: promotions and "
+                              "handovers are possible again", sender)
 
     def status_body(self, to=None):
         with self._view_lock:  # the view and the echo from one side of a grant
@@ -2321,8 +3117,11 @@ class ArbiterAgent(Agent):
         if not self.hold_lock():
             return False
         self.view = self.state.load()
-        if not self.state.exists():
+        fresh = not self.state.exists()
+        if fresh:
             self.state.save(self.view)  # term 1 exists durably before anyone is told of it
+        for record in missing_history(self.history.read(), self.view, fresh, time.time()):
+            self.history.append(record)
         self.log.info("starting: view %s", self.view.as_dict())
         return True
 
@@ -2335,19 +3134,33 @@ class ArbiterAgent(Agent):
         seen = _age(now, self.started_at, alive_at.get(view.primary))
         peers = ", ".join(f"{n.name} {'reachable' if _age(now, self.started_at, contact_at.get(n.name)) < self.cfg.timing.fence_timeout else 'unreachable'}"  # noqa: E501
                           for n in self.cfg.db_nodes)
-        self.say(Decision("none", f"I am ({self.cfg.me.name}) the arbiter of term {view.term}: "
-                                  f"{view.primary} is primary (seen {seen:.1f} s ago), eligible "
-                                  f"standby {view.eligible}; {peers}"))
+        note = f"{PAUSED}: " if view.paused else ""
+        if view.resuming:
+            note = f"resuming (waiting for {view.primary} to leave its untimed lease): "
+        self.say(Decision("none", f"{note}I am ({self.cfg.me.name}) the arbiter of term "
+                                  f"{view.term}: {view.primary} is primary (seen {seen:.1f} s "
+                                  f"ago), eligible standby {view.eligible}; {peers}"))
 
     def decide_request(self, sender, kind, body):
         term, seq = body.get("term"), body.get("seq")
         db_names = {n.name for n in self.cfg.db_nodes}
-        if not isinstance(term, int) or sender not in db_names:
+        if kind == "history":  # any node (the operator's command): read only
+            after = body.get("after", 0)
+            if not isinstance(after, int) or isinstance(after, bool):
+                raise ProtocolError(f"bad history request from {sender}: {body!r}")
+            records = [r for r in self.history.read() if r.get("term", 0) > after]
+            return {"records": records[:self.HISTORY_PAGE],
+                    "more": len(records) > self.HISTORY_PAGE}
+        if not isinstance(term, int) or (sender not in db_names and kind != "pause"):
             raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
         with self._view_lock:  # one decision at a time: never two grants for one term
             now, view = self.clock(), self.view
             contact_at, alive_at = self.observations.snapshot()
-            if kind == "promote":
+            lost_s = _age(now, self.started_at, alive_at.get(view.primary))
+            if kind == "pause" and isinstance(body.get("paused"), bool) \
+                    and isinstance(seq, int):
+                granted, new, reason = decide_pause(view, term, seq, body["paused"])
+            elif kind == "promote":
                 granted, new, reason = decide_grant(view, sender, term,
                                                     alive_at.get(view.primary), now,
                                                     self.started_at, self.cfg.timing,
@@ -2371,8 +3184,13 @@ class ArbiterAgent(Agent):
                 raise ProtocolError(f"bad {kind} request from {sender}: {body!r}")
             if new != view:
                 self.state.save(new)  # durable before anyone hears of it
+                if new.term != view.term:  # the history too, fsynced, before the reply
+                    self.history.append(history_record(kind, view, new, time.time(), sender,
+                                                       lost_s, reason))
                 self.view = new
-                self.events(ARBITER_EVENTS[kind], primary=new.primary, term=new.term,
+                event = (("paused" if new.paused else "resumed") if kind == "pause"
+                         else ARBITER_EVENTS[kind])
+                self.events(event, primary=new.primary, term=new.term,
                             eligible=new.eligible, reason=reason)
             self.log.info("%s from %s: %s. %s", kind, sender,
                           "granted" if granted else "refused", reason)
@@ -2395,13 +3213,95 @@ def switchover_command(cfg, key):
     return 0 if reply.get("done") else 1
 
 
+def gather_statuses(cfg, key, timeout=1.0, ask=call):
+    """Every node's agent's status (node -> body), asked at once; a node that does not answer
+    within timeout is {"error": why}, never left out."""
+    results = {}
+
+    def one(node):
+        try:
+            results[node.name] = ask(cfg, key, node, "status", {}, timeout)
+        except (OSError, ProtocolError) as exc:
+            results[node.name] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    threads = [threading.Thread(target=one, args=(node,), daemon=True)
+               for node in cfg.nodes.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 1.0)
+    return {name: results.get(name, {"error": "no answer"}) for name in cfg.nodes}
+
+
+def cluster_status_command(cfg, key, as_json=False, watch=False, count=None, out=None):
+    """The whole cluster from any node: one table (or JSON); --watch refreshes every second
+    until Ctrl-C or count rounds."""
+    out = out or sys.stdout
+    rounds = 0
+    try:
+        while True:
+            statuses = gather_statuses(cfg, key)
+            text = (json.dumps(statuses, indent=2, sort_keys=True) if as_json
+                    else cluster_table(statuses))
+            if watch and out.isatty():
+                out.write("\033[H\033[J")  # clear the screen: the table stays in place
+            stamp = time.strftime("%H:%M:%S")
+            out.write((f"{stamp} (every 1 s, Ctrl-C stops)\n" if watch and not as_json
+                       else "") + text + "\n")
+            out.flush()
+            rounds += 1
+            if not watch or (count is not None and rounds >= count):
+                return 0
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
+def pause_command(cfg, key, paused):
+    """Ask the arbiter to pause or resume the cluster, on the view it holds now (a view that
+    moved on between the two requests: asked again, a few times)."""
+    reply = {"granted": False, "reason": "not asked"}
+    for _ in range(3):
+        try:
+            view = call(cfg, key, cfg.arbiter, "status", {}, timeout=2.0)["view"]
+            reply = call(cfg, key, cfg.arbiter, "pause",
+                         {"term": view["term"], "seq": view["seq"], "paused": paused},
+                         timeout=2.0)
+        except (OSError, ProtocolError, KeyError, TypeError) as exc:
+            reply = {"granted": False, "reason": f"{type(exc).__name__}: {exc}"}
+            break
+        if reply.get("granted"):
+            break
+    print(json.dumps(reply))
+    return 0 if reply.get("granted") else 1
+
+
+def history_command(cfg, key, as_json=False):
+    """Every term, from the arbiter's history file."""
+    records, after = [], 0
+    try:
+        while True:
+            reply = call(cfg, key, cfg.arbiter, "history", {"after": after}, timeout=2.0)
+            page = [r for r in reply.get("records", []) if isinstance(r, dict)]
+            records += page
+            if not reply.get("more") or not page:
+                break
+            after = max(r.get("term", 0) for r in page)
+    except (OSError, ProtocolError) as exc:
+        print(f"bobry: no history from {cfg.arbiter.name}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(records, indent=2) if as_json else format_history(records))
+    return 0
+
+
 def status_command(cfg, key):
-    """This host's status as JSON, for `lab status` and for people."""
+    """This host's status as JSON (`status --local`), for `lab status` and for people."""
     out = {"node": cfg.me.name, "address": cfg.me.address, "config_role": cfg.me.role}
     try:
         body = call(cfg, key, cfg.me, "status", {}, timeout=2.0)
         out.update(agent="up", **{k: body.get(k) for k in ("role", "view", "lease", "probe",
-                                                            "decision")})
+                                                            "decision", "paused")})
     except (OSError, ProtocolError) as exc:
         out.update(agent="down", agent_error=str(exc))
     if cfg.me.role != "arbiter":
@@ -2420,19 +3320,36 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Bobry failover agent")
     parser.add_argument("--config", required=True, help="the cluster's agent.ini")
     parser.add_argument("--node", required=True, help="which node of the cluster this host is")
-    parser.add_argument("command", nargs="?", choices=["run", "status", "switchover"],
-                        default="run", help="run the agent (default), print this host's "
-                        "status, or ask the primary to hand over to the standby")
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=["run", "status", "switchover", "pause", "resume", "history"],
+                        help="run the agent (default); status: the whole cluster as one table; "
+                        "switchover: ask the primary to hand over to the standby; pause, "
+                        "resume: no automatic failover while paused; history: every term")
     parser.add_argument("--debug", action="store_true", help="log every heartbeat failure")
+    parser.add_argument("--local", action="store_true",
+                        help="status: only this host, as JSON (agent, kernel fence, PostgreSQL)")
+    parser.add_argument("--json", action="store_true", help="status, history: as JSON")
+    parser.add_argument("--watch", action="store_true",
+                        help="status: refresh every second (Ctrl-C stops)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="status --watch: stop after this many tables")
     args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be at least 1")
     try:
         cfg = load_config(args.config, args.node)
         key = read_secret(cfg.agent_key_file).encode()
     except ConfigError as exc:
         print(f"bobry: bad config: {exc}", file=sys.stderr)
         return 2
-    if args.command == "status":
+    if args.command == "status" and args.local:
         return status_command(cfg, key)
+    if args.command == "status":
+        return cluster_status_command(cfg, key, args.json, args.watch, args.count)
+    if args.command in ("pause", "resume"):
+        return pause_command(cfg, key, args.command == "pause")
+    if args.command == "history":
+        return history_command(cfg, key, args.json)
     if args.command == "switchover":
         return switchover_command(cfg, key)
     handler = logging.StreamHandler(sys.stderr)

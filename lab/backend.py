@@ -80,6 +80,31 @@ class Backend:
 
     client_python = "python3"  # on the client host, with psycopg2
 
+    # HAProxy on the client host (`lab up --proxy`): clients then connect to it, and it sends
+    # them to the node whose agent answers GET /primary with 200 (provision/haproxy.cfg)
+    proxy = False       # dsn() points at HAProxy instead of the multi-host string
+    PROXY_PORT = 5000   # the primary's listener in provision/haproxy.cfg
+
+    def start_proxy(self, progress=print):
+        raise LabError(f"the {self.name} backend runs no HAProxy (the embedded lab does)")
+
+    def proxy_config(self):
+        """provision/haproxy.cfg with this lab's addresses: the nodes', and the client host's
+        for the listeners. The health port is each node's http_port."""
+        text = (REPO / "provision" / "haproxy.cfg").read_text()
+        vagrant = {"pg1": "192.168.56.11", "pg2": "192.168.56.12"}
+        for host in DB_HOSTS:
+            cfg = self.config(host)
+            if cfg.me.http_port is None:
+                raise LabError(f"{host} has no http_port in {self.config_file}: HAProxy "
+                               "needs the health endpoints")
+            text = text.replace(f"{vagrant[host]}:5432", f"{self.addresses[host]}:"
+                                                         f"{cfg.me.pg_port}")
+            text = text.replace(f"server {host} {self.addresses[host]}:{cfg.me.pg_port} check",
+                                f"server {host} {self.addresses[host]}:{cfg.me.pg_port} check "
+                                f"port {cfg.me.http_port}")
+        return text.replace("bind *:", f"bind {self.addresses[CLIENT]}:")
+
     # -- shared ----------------------------------------------------------------------------
     def check_ready(self):
         """Raise LabError when the lab cannot be trusted to run what this checkout says."""
@@ -207,6 +232,12 @@ class Backend:
                       "--mode",
                       "random", "--probability", str(probability), "-j", "DROP")
 
+    def remove_loss(self, host, probability):
+        """Undo set_loss(host, probability) (one rule)."""
+        self.run(host, ["iptables", "-w", "5", "-D", CHAIN_IN, "-i", self.lab_interface(host),
+                        "-m", "statistic", "--mode", "random", "--probability",
+                        str(probability), "-j", "DROP"])
+
     def cap_bandwidth(self, host, rate="8mbit"):
         self.must(host, ["tc", "qdisc", "replace", "dev", self.lab_interface(host), "root", "tbf",
                          "rate",
@@ -266,6 +297,8 @@ class Backend:
         cfg = self.config(DB_HOSTS[0])
         hosts = ",".join(self.addresses[h] for h in DB_HOSTS)
         ports = ",".join(str(self.config(h).me.pg_port) for h in DB_HOSTS)
+        if self.proxy:  # one address: HAProxy finds the primary (GET /primary)
+            hosts, ports = self.addresses[CLIENT], str(self.PROXY_PORT)
         # connect_timeout: libpq's floor, 2 s per host. tcp_user_timeout and keepalives: a
         # session on a host that went silent fails in seconds instead of hanging for minutes.
         parts = {"host": hosts, "port": ports, "dbname": cfg.app_database, "user": cfg.app_user,
@@ -276,7 +309,9 @@ class Backend:
 
     # -- status --------------------------------------------------------------------------
     def host_status(self, host):
-        result = self.run(host, self.agent_argv(host, "status"), timeout=20)
+        """One host's status as JSON (`agent.py … status --local`): the agent's, the kernel's
+        fence and PostgreSQL's own view."""
+        result = self.run(host, self.agent_argv(host, "status", "--local"), timeout=20)
         try:
             return json.loads(result.stdout)
         except ValueError:
@@ -285,6 +320,16 @@ class Backend:
 
     def status(self):
         return [self.host_status(h) for h in AGENT_HOSTS]
+
+    def cluster_table(self, as_json=False):
+        """The agents' own cluster table (`agent.py … status`), asked from the first host whose
+        agent answers it; "" when none does."""
+        for host in AGENT_HOSTS:
+            argv = self.agent_argv(host, "status", *(["--json"] if as_json else []))
+            result = self.run(host, argv, timeout=20)
+            if result.returncode == 0 and result.stdout.strip():
+                return result.stdout.rstrip("\n")
+        return ""
 
     def switchover(self):
         """Ask the agents for a planned switchover (from the primary's host); their answer."""

@@ -7,6 +7,8 @@ about medians over trials, and a worst case where one is stated. The benchmark f
 trial fails its own checks, when a figure is missing in any trial, or when a median or a worst
 case misses its goal."""
 import statistics
+import time
+from pathlib import Path
 
 from lab import experiments
 
@@ -26,24 +28,56 @@ GOALS = {
 }
 
 
-def run(backend, progress, what, trials, fresh=True):
+def run(backend, progress, what, trials, fresh=True, report_dir=None):
     """fresh: build a new lab first and tear it down at the end (the embedded lab); False runs
-    the trials on the lab that is up and leaves it up (a Vagrant lab takes minutes to build)."""
+    the trials on the lab that is up and leaves it up (a Vagrant lab takes minutes to build).
+    The benchmark's folder (report_dir, or a new one under the reports' root) gets each
+    trial's report folder (trial-NN) and the summary (summary.json, report.md)."""
+    from lab import report as reports
+    folder = Path(report_dir) if report_dir is not None else reports.new_folder(f"bench-{what}")
+    progress(f"{what} benchmark: {trials} trials, reports in {folder}")
     runs = []
+    began = time.monotonic()
     if fresh:
         backend.down()
         backend.up(progress)
     try:
         for trial in range(1, trials + 1):
-            progress(f"{what} trial {trial}/{trials}")
-            runs.append(experiments.EXPERIMENTS[what](backend, progress))
-            progress(f"{what} trial {trial}/{trials}: "
-                     + ", ".join(f"{k} {runs[-1][k]}" for k in FIGURES[what][:2])
-                     + f", lost_acked {runs[-1]['lost_acked']}")
+            progress(f"{what} trial {trial}/{trials}{_eta(began, trial - 1, trials)}")
+            runs.append(experiments.EXPERIMENTS[what](
+                backend, progress, report_dir=folder / f"trial-{trial:02d}"))
+            progress(trial_line(what, trial, trials, runs[-1]))
     finally:
         if fresh:
             backend.down()
-    return summarize(backend.name, what, trials, runs)
+    summary = summarize(backend.name, what, trials, runs)
+    reports.save_summary(folder, f"{what.capitalize()} benchmark ({backend.name} lab), "
+                         f"{trials} trials", summary, report(summary))
+    summary["report_dir"] = str(folder)
+    return summary
+
+
+def _eta(began, done, trials):
+    """", 1:10 elapsed, about 4:40 left" once a trial is done (the mean so far per trial)."""
+    if not done:
+        return ""
+    elapsed = time.monotonic() - began
+    left = elapsed / done * (trials - done)
+    return f", {_mmss(elapsed)} elapsed, about {_mmss(left)} left"
+
+
+def _mmss(seconds):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def trial_line(what, trial, trials, figures):
+    """The progress line after a trial: its verdict, its first figures, its report."""
+    verdict = "OK" if figures.get("ok") else "FAILED (" + ", ".join(
+        figures.get("failed_checks") or []) + ")"
+    shown = ", ".join(f"{k} {figures.get(k)}" for k in FIGURES[what][:2])
+    where = f"; report {figures['report_dir']}" if figures.get("report_dir") else ""
+    return (f"{what} trial {trial}/{trials}: {verdict}, {shown}, "
+            f"lost_acked {figures.get('lost_acked')}{where}")
 
 
 def missed_goals(summary, goals):

@@ -44,12 +44,16 @@ def cmd_up(backend, args):
     backend.up(progress)
     backend.wait_until("waiting for a primary with a synchronous standby",
                        backend.primary_with_sync_standby, args.timeout, progress)
+    if getattr(args, "proxy", False):
+        backend.start_proxy(progress)
     print(status_table(backend.status()))
 
 
 def cmd_status(backend, args):
     rows = backend.status()
     print(json.dumps(rows, indent=2) if args.json else status_table(rows))
+    if not args.json:  # and the agents' own cluster table (agent.py … status), from one host
+        print("\n" + (backend.cluster_table() or "cluster table: no agent answered"))
 
 
 def cmd_down(backend, args):
@@ -67,6 +71,7 @@ def cmd_psql(backend, args):
 
 
 def cmd_dsn(backend, args):
+    backend.proxy = args.proxy
     print(backend.dsn())
 
 
@@ -124,8 +129,11 @@ def cmd_switchover(backend, args):
 
 def cmd_experiment(backend, args):
     from lab import experiments
+    backend.proxy = getattr(args, "proxy", False)  # the load goes through HAProxy
     result = experiments.EXPERIMENTS[args.name](backend, progress, args)
     print(json.dumps(result, indent=2) if args.json else experiments.report(args.name, result))
+    if result.get("report_dir"):
+        progress(f"the report: {result['report_dir']}/report.md")
     return 0 if result.get("ok") else 1
 
 
@@ -135,6 +143,37 @@ def cmd_bench(backend, args):
     result = bench.run(backend, progress, args.what, args.trials,
                        fresh=backend.name == "netns")
     print(json.dumps(result, indent=2) if args.json else bench.report(result))
+    if result.get("report_dir"):
+        progress(f"the report: {result['report_dir']}/report.md")
+    return 0 if result.get("ok") else 1
+
+
+def cmd_report(backend, args):
+    from lab import report
+    try:
+        path = report.render(args.dir)
+    except FileNotFoundError as exc:
+        raise LabError(f"not a report folder: {exc.filename} is missing") from None
+    print(path)
+
+
+def cmd_events(backend, args):
+    import time
+
+    from lab import report
+    events = backend.events()
+    if args.since is not None:
+        events = [e for e in events if e["t"] >= time.time() - args.since]
+    if args.json:
+        print("".join(json.dumps(e) + "\n" for e in events), end="")
+    else:
+        print("\n".join(report.timeline_lines(events)))
+
+
+def cmd_chaos(backend, args):
+    from lab import chaos
+    result = chaos.chaos(backend, progress, args)
+    print(json.dumps(result, indent=2) if args.json else chaos.report(result))
     return 0 if result.get("ok") else 1
 
 
@@ -158,6 +197,8 @@ def parser():
     sp.add_argument("--strict-sync", action="store_true",
                     help="embedded lab: strict_sync = true (commits always wait for the "
                          "standby); refused by the Vagrant lab, which runs agent.ini as it is")
+    sp.add_argument("--proxy", action="store_true",
+                    help="embedded lab: HAProxy on the client host, checking GET /primary")
     add("status", cmd_status, "one line per host").add_argument("--json", action="store_true")
     add("down", cmd_down, "stop everything the lab started and remove it")
     sp = add("sh", cmd_sh, "run a command on a host")
@@ -166,7 +207,8 @@ def parser():
     sp = add("psql", cmd_psql, "psql on a database host (local socket, as postgres)")
     sp.add_argument("host")
     sp.add_argument("-c", help="run one statement and exit")
-    add("dsn", cmd_dsn, "the clients' multi-host connection string")
+    add("dsn", cmd_dsn, "the clients' multi-host connection string").add_argument(
+        "--proxy", action="store_true", help="HAProxy's address instead (lab up --proxy)")
     sp = add("cut", cmd_cut, "drop all traffic between two hosts")
     sp.add_argument("a")
     sp.add_argument("b")
@@ -194,12 +236,29 @@ def parser():
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
     sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")
+    sp.add_argument("--report-dir", help="write the report folder here (default: a new "
+                                         "folder under $BOBRY_REPORT_DIR or "
+                                         "/var/tmp/bobry-reports)")
+    sp.add_argument("--proxy", action="store_true",
+                    help="the load connects through HAProxy (lab up --proxy)")
     add("switchover", cmd_switchover, "planned switchover: the standby becomes the primary")
+    sp = add("chaos", cmd_chaos, "random faults from a seeded schedule under load; checks "
+                                 "one writer, nothing lost, convergence")
+    sp.add_argument("--minutes", type=float, default=3.0)
+    sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--json", action="store_true")
     sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians (a fresh "
                                  "embedded lab; the running Vagrant lab)")
     sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])
     sp.add_argument("--trials", type=int, default=10)
     sp.add_argument("--json", action="store_true")
+    sp = add("report", cmd_report, "draw an experiment's (or a benchmark's) report folder "
+                                   "again from its raw records")
+    sp.add_argument("dir")
+    sp = add("events", cmd_events, "the merged timeline of every host's events and the port "
+                                   "watcher's, one line each")
+    sp.add_argument("--since", type=float, metavar="S", help="only the last S seconds")
+    sp.add_argument("--json", action="store_true", help="the events as JSON lines")
     return p
 
 

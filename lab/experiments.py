@@ -16,6 +16,7 @@ kernel do, merged by wall-clock "t"):
 import contextlib
 import statistics
 import time
+from pathlib import Path
 
 from lab.backend import AGENT_HOSTS, DB_HOSTS, HOSTS, LabError
 from lab.load import Pgbench, Probe
@@ -333,7 +334,7 @@ class LoadRun:
         self.backend, self.primary, self.standby = backend, primary, _other(primary)
         self.probe, self.pgbench = probe, pgbench
         self.paused = set()
-        self.term_before = self.healed_at = None
+        self.term_before = self.healed_at = self.started_at = None
         self.clock_offsets_ms = {}
 
     def pause_for(self, host, seconds):
@@ -385,17 +386,18 @@ def check_clocks(backend, progress=None, limit=MAX_CLOCK_OFFSET_S):
 
 
 @contextlib.contextmanager
-def under_load(backend, progress, name):
+def under_load(backend, progress, name, seconds=None):
     """`with under_load(backend, progress, name) as run:` waits for a primary with a
     synchronous standby, starts the write probe and pgbench against it, and on leaving the
     block, whatever happened, resumes the agents paused with run.pause(), heals every fault,
     notes run.healed_at, then stops the probe and pgbench (in this order: the load sees the
-    whole fault window, and every step runs even if one before it failed)."""
+    whole fault window, and every step runs even if one before it failed). seconds: how long
+    the probe may run (probe.py stops by itself after 600 s by default)."""
     offsets = check_clocks(backend, progress)
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 120, progress)
     work = backend.work_dir(name)
-    probe = Probe(backend, work / "probe.jsonl")
+    probe = Probe(backend, work / "probe.jsonl", seconds=seconds)
     pgbench = Pgbench(backend, work / "pgbench.log")
     probe.prepare()
     pgbench.prepare()
@@ -407,6 +409,7 @@ def under_load(backend, progress, name):
         cleanup.callback(probe.stop)
         cleanup.callback(run._heal)
         cleanup.callback(run._resume_all)
+        run.started_at = time.time()
         probe.start()
         pgbench.start()
         yield run
@@ -432,11 +435,28 @@ def _probe_ids(backend, host):
     return [int(row[0]) for row in backend.sql(host, "select id from bobry_probe")]
 
 
+def _report_dir(args, report_dir):
+    return report_dir if report_dir is not None else getattr(args, "report_dir", None)
+
+
+def publish(backend, name, run, result, report_dir=None):
+    """Write the experiment's report folder (lab/report.py: the raw records, the timeline,
+    the picture, report.md) into report_dir, or a new folder under the reports' root; its
+    path goes into result["report_dir"]. Returns result."""
+    from lab import report as reports
+    folder = report_dir if report_dir is not None else reports.new_folder(name)
+    reports.save(folder, name, result, run.records(), run.tps(), backend.events(),
+                backend.addresses, run.started_at)
+    result["report_dir"] = str(folder)
+    return result
+
+
 # -- the experiments ---------------------------------------------------------------------------
-def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
+def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=None):
     """Isolate the primary under load; wait for the promotion and for the load to move; run
     `create table x(i int)` on the former standby; heal; wait for the old primary to rejoin
-    as the synchronous standby; measure."""
+    as the synchronous standby; measure. The report goes to report_dir (or args.report_dir,
+    or a new folder)."""
     with under_load(backend, progress, "failover") as run:
         primary, standby = run.primary, run.standby
         new_address = backend.addresses[standby]
@@ -463,14 +483,16 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0):
     figures = failover_metrics(
         run.records(), backend.events(), cut_at, primary, standby, backend.addresses,
         _probe_ids(backend, standby), healed_at=run.healed_at, tps=run.tps(),
-        create_table_ok=create.returncode == 0, create_table_error=create.stderr.strip() or None,
+        create_table_ok=create.returncode == 0,  # psql's NOTICE on stderr is not an error
+        create_table_error=(create.stderr.strip() or None) if create.returncode else None,
         old_primary_fenced=fenced_while_isolated, pgbench_restarts=run.pgbench.restarts())
-    return {"backend": backend.name, "old_primary": primary, "new_primary": standby,
-            "cut_at": cut_at, "healed_at": run.healed_at,
-            "clock_offsets_ms": run.clock_offsets_ms, **figures}
+    return publish(backend, "failover", run, {
+        "backend": backend.name, "old_primary": primary, "new_primary": standby,
+        "cut_at": cut_at, "healed_at": run.healed_at,
+        "clock_offsets_ms": run.clock_offsets_ms, **figures}, _report_dir(args, report_dir))
 
 
-def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0):
+def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0, report_dir=None):
     """Isolate the standby under load: the primary must take writes again within seconds, no
     one may promote, and after the heal the standby must become eligible again."""
     with under_load(backend, progress, "standby-loss") as run:
@@ -483,23 +505,28 @@ def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0):
         run.records(), backend.events(), cut_at, run.healed_at, run.primary, run.standby,
         _probe_ids(backend, run.primary), tps=run.tps(), rate=run.pgbench.rate,
         term_before=run.term_before, term_after=_view(backend).get("term"))
-    return {"backend": backend.name, "primary": run.primary, "standby": run.standby,
-            "cut_at": cut_at, "healed_at": run.healed_at,
-            "clock_offsets_ms": run.clock_offsets_ms, **figures}
+    return publish(backend, "standby-loss", run, {
+        "backend": backend.name, "primary": run.primary, "standby": run.standby,
+        "cut_at": cut_at, "healed_at": run.healed_at,
+        "clock_offsets_ms": run.clock_offsets_ms, **figures}, _report_dir(args, report_dir))
 
 
 CHECKSUM_SQL = ("select count(*), coalesce(md5(string_agg(id::text, ',' order by id)), '') "
                 "from bobry_probe")
 
 
-def pingpong(backend, progress, args=None, rounds=None):
+def pingpong(backend, progress, args=None, rounds=None, report_dir=None):
     """`rounds` failovers back and forth, each healed and rejoined before the next; at the end
-    both nodes must hold the same probe rows."""
+    both nodes must hold the same probe rows. The report folder holds each round's (round-N)."""
+    from lab import report as reports
     rounds = rounds if rounds is not None else getattr(args, "rounds", 3)
+    folder = _report_dir(args, report_dir)
+    folder = Path(folder) if folder is not None else reports.new_folder("pingpong")
     runs = []
     for round_no in range(1, rounds + 1):
         progress(f"pingpong round {round_no}/{rounds}")
-        runs.append(failover(backend, progress, settle=2.0))
+        runs.append(failover(backend, progress, settle=2.0,
+                             report_dir=folder / f"round-{round_no}"))
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 60, progress)
     standby = _other(primary)
@@ -511,15 +538,19 @@ def pingpong(backend, progress, args=None, rounds=None):
     with contextlib.suppress(LabError):  # not equal in time: pingpong_metrics says so
         backend.wait_until("the standby replays everything",
                            lambda: rows(primary) == rows(standby), 30)
-    figures = pingpong_metrics(runs, rounds, rows(primary), rows(standby))
     offsets = {}  # the largest offset of each host over the rounds
     for r in runs:
         for host, value in r["clock_offsets_ms"].items():
             offsets[host] = max(offsets.get(host, value), value, key=abs)
-    return {"backend": backend.name, "clock_offsets_ms": offsets, **figures}
+    result = {"backend": backend.name, "clock_offsets_ms": offsets,
+              **pingpong_metrics(runs, rounds, rows(primary), rows(standby))}
+    reports.save_summary(folder, f"Pingpong experiment ({backend.name} lab): {rounds} "
+                         "failovers back and forth", result, report("pingpong", result))
+    result["report_dir"] = str(folder)
+    return result
 
 
-def switchover(backend, progress, args=None, baseline=3.0, settle=3.0):
+def switchover(backend, progress, args=None, baseline=3.0, settle=3.0, report_dir=None):
     """A planned switchover under load: the roles swap, nothing acknowledged is lost, the old
     primary comes back as the eligible synchronous standby."""
     with under_load(backend, progress, "switchover") as run:
@@ -538,12 +569,14 @@ def switchover(backend, progress, args=None, baseline=3.0, settle=3.0):
     figures = switchover_metrics(
         run.records(), backend.events(), started, primary, standby, backend.addresses,
         _probe_ids(backend, standby if answer.get("done") else primary), answer)
-    return {"backend": backend.name, "old_primary": primary, "new_primary": standby,
-            "started_at": started, "clock_offsets_ms": run.clock_offsets_ms, **figures}
+    return publish(backend, "switchover", run, {
+        "backend": backend.name, "old_primary": primary, "new_primary": standby,
+        "started_at": started, "clock_offsets_ms": run.clock_offsets_ms, **figures},
+        _report_dir(args, report_dir))
 
 
 def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, loss=0.05,
-           rate="10mbit", baseline=3.0):
+           rate="10mbit", baseline=3.0, report_dir=None):
     """A degraded but working network for `minutes`: `loss` random packet loss into every
     host, a bandwidth cap on the primary, and SIGSTOP pauses of `pause` s (half of
     fence_timeout) of one agent after another. Nothing may fence, promote or drop the standby
@@ -570,9 +603,11 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
         run.records(), backend.events(), start, run.healed_at,
         _probe_ids(backend, run.primary), tps=run.tps(), agent_pauses=pauses,
         term_before=run.term_before, term_after=_view(backend).get("term"))
-    return {"backend": backend.name, "primary": run.primary, "minutes": minutes,
-            "loss": loss, "bandwidth_cap": rate, "pause_s": pause, "started_at": start,
-            "healed_at": run.healed_at, "clock_offsets_ms": run.clock_offsets_ms, **figures}
+    return publish(backend, "jitter", run, {
+        "backend": backend.name, "primary": run.primary, "minutes": minutes, "loss": loss,
+        "bandwidth_cap": rate, "pause_s": pause, "started_at": start,
+        "healed_at": run.healed_at, "clock_offsets_ms": run.clock_offsets_ms, **figures},
+        _report_dir(args, report_dir))
 
 
 EXPERIMENTS = {"failover": failover, "jitter": jitter, "pingpong": pingpong,

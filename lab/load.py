@@ -13,19 +13,29 @@ RESTART_MARK = "bobry: pgbench exited, restarting"
 class Probe:
     """lab/probe.py on the client host: a numbered insert every 100 ms, each ack recorded."""
 
-    def __init__(self, backend, out_path, deadline=1.0, interval=0.1):
-        self.backend, self.out_path = backend, out_path
+    def __init__(self, backend, out_path, deadline=1.0, interval=0.1, dsn=None, id_base=None,
+                 seconds=None):
+        """dsn: another connection string (one host, say); id_base: a range of ids of this
+        probe's own, [id_base, id_base + 10**12), apart from the main probe's positive ids;
+        seconds: when it stops by itself (probe.py's default: 600)."""
+        self.backend, self.out_path, self.id_base = backend, out_path, id_base
         self.argv = ["env", f"PGPASSFILE={backend.client_pgpass}", backend.client_python,
-                     backend.remote_path(REPO / "lab" / "probe.py"), "--dsn", backend.dsn(),
+                     backend.remote_path(REPO / "lab" / "probe.py"), "--dsn",
+                     dsn or backend.dsn(),
                      "--out", str(out_path), "--interval", str(interval),
                      "--deadline", str(deadline)]
+        if seconds is not None:
+            self.argv += ["--seconds", str(seconds)]
         self.process = None
 
     def prepare(self):
         """The table, and ids that continue where an earlier run stopped."""
+        last = ("select coalesce(max(id), 0) + 1 from bobry_probe" if self.id_base is None
+                else f"select coalesce(max(id), {self.id_base - 1}) + 1 from bobry_probe where "
+                     f"id >= {self.id_base} and id < {self.id_base + 10**12}")
         result = self.backend.client_sql("create table if not exists bobry_probe "
                                          "(id bigint primary key, at timestamptz default now());"
-                                         "select coalesce(max(id), 0) + 1 from bobry_probe")
+                                         + last)
         if result.returncode != 0:
             raise RuntimeError(f"cannot create the probe table: {result.stderr.strip()}")
         self.argv += ["--first-id", result.stdout.split()[-1]]

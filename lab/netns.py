@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab.backend import AGENT_HOSTS, DB_HOSTS, HOSTS, REPO, Backend, LabError, check_host
+from lab.backend import AGENT_HOSTS, CLIENT, DB_HOSTS, HOSTS, REPO, Backend, LabError, check_host
 
 SUBNET = "10.89.0.0/24"
 ADDRESSES = {"pg1": "10.89.0.11", "pg2": "10.89.0.12", "arb": "10.89.0.13",
@@ -145,6 +145,30 @@ class NetnsBackend(Backend):
 
     def portwatch_log(self):
         return WATCH, str(self.lab_dir / "portwatch.jsonl")
+
+    def start_proxy(self, progress=print):
+        """Debian's haproxy on the client host (provision/haproxy.cfg with the lab's
+        addresses), in the foreground of a process group of its own; `down` stops it with
+        every other process of the lab's namespaces. Returns when its port takes connections."""
+        if not shutil.which("haproxy"):
+            raise LabError("haproxy is not installed (apt-get install haproxy)")
+        pid_file = self.pid_dir / "haproxy.pid"
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            return int(pid_file.read_text())
+        config = self.lab_dir / "haproxy.cfg"
+        config.write_text(self.proxy_config())
+        proc = self.spawn(CLIENT, ["haproxy", "-db", "-f", str(config)],
+                          self.lab_dir / "haproxy.log").proc
+        pid_file.write_text(str(proc.pid))
+        probe = ("import socket,sys,time\nend=time.monotonic()+10\nwhile True:\n try:\n"
+                 f"  socket.create_connection(('{ADDRESSES[CLIENT]}',{self.PROXY_PORT}),1)"
+                 ".close(); sys.exit(0)\n except OSError:\n  if time.monotonic()>end: "
+                 "sys.exit(1)\n  time.sleep(0.1)\n")
+        if self.run(CLIENT, [sys.executable, "-c", probe], timeout=20).returncode != 0:
+            raise LabError(f"haproxy did not start: see {self.lab_dir / 'haproxy.log'}")
+        progress(f"haproxy on client {ADDRESSES[CLIENT]}:{self.PROXY_PORT} (checks GET /primary "
+                 "every 200 ms)")
+        return proc.pid
 
     def _start_portwatch(self):
         pid_file = self.pid_dir / "portwatch.pid"

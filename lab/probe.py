@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The write probe: inserts a numbered row every --interval seconds through the clients'
 multi-host connection string and records, one JSON line each, every acknowledged id with the
-wall-clock time of the acknowledgement and the server that gave it.
+wall-clock time of the acknowledgement, the server that gave it and the server's timeline
+(PostgreSQL's count of promotions: a primary's term as the data sees it).
 
 It runs on the client host (standalone: only psycopg2). A write counts as acknowledged only
 when COMMIT returned before --deadline: a client-side timeout. It never cancels a query or
@@ -44,9 +45,10 @@ def insert(conn, probe_id, deadline):
     ext.set_wait_callback(_wait_with_deadline)
     try:
         cur = conn.cursor()
-        cur.execute(f"insert into {TABLE} (id) values (%s) returning host(inet_server_addr())",
+        cur.execute(f"insert into {TABLE} (id) values (%s) returning host(inet_server_addr()), "
+                    "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
                     (probe_id,))
-        return cur.fetchone()[0]
+        return cur.fetchone()
     finally:
         ext.set_wait_callback(None)
 
@@ -78,7 +80,7 @@ def main(argv=None):
             try:
                 if conn is None or conn.closed:
                     conn = connect(args.dsn)
-                record["server"] = insert(conn, probe_id, args.deadline)
+                record["server"], record["tli"] = insert(conn, probe_id, args.deadline)
                 record["ack"] = time.time()
             except (psycopg2.Error, TimeoutError, OSError) as exc:
                 record["error"] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"

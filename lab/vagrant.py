@@ -195,6 +195,12 @@ class VagrantBackend(Backend):
                       self.control_address(), "-m", "statistic", "--mode", "random",
                       "--probability", str(probability), "-j", "DROP")
 
+    def remove_loss(self, host, probability):
+        """Undo set_loss(host, probability) (one rule)."""
+        self.run(host, ["iptables", "-w", "5", "-D", CHAIN_IN, "-i", self.lab_interface(host),
+                        "!", "-s", self.control_address(), "-m", "statistic", "--mode",
+                        "random", "--probability", str(probability), "-j", "DROP"])
+
     def control_address(self):
         """This machine's address on the lab network (the source of its packets to the client;
         a UDP connect sends nothing)."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The labs on this Debian/Ubuntu machine, as root:
 #   provision/local.sh setup         install PostgreSQL, iptables, nftables, iproute2 and a Python venv (.venv)
-#   provision/local.sh demo          setup, bring the embedded lab up, run the failover experiment, tear down
+#   provision/local.sh demo          setup, bring the embedded lab up, run the failover experiment, tear down,
+#                                    say where the report is
 #   provision/local.sh test          setup, the whole test suite (what CI runs): `pytest tests` (unit,
 #                                    embedded lab, testinfra on it), then the Vagrant-LXC suite below
 #   provision/local.sh test ARGS…    only `pytest ARGS…` (e.g. tests/unit -k config)
@@ -71,12 +72,20 @@ case "${1:-}" in
     setup ;;
   demo)
     setup
+    # the report folder outlives the lab (`lab down` removes /var/tmp/bobry-lab)
+    report="${BOBRY_REPORT_DIR:-/var/tmp/bobry-reports}/demo-$(date +%Y%m%d-%H%M%S)"
     trap '.venv/bin/python -m lab down' EXIT
     .venv/bin/python -m lab up
-    .venv/bin/python -m lab experiment failover ;;
+    rc=0
+    .venv/bin/python -m lab experiment failover --report-dir "$report" || rc=$?
+    .venv/bin/python -m lab down
+    trap - EXIT
+    echo "the report (picture, timeline, figures): $report/report.md" >&2
+    exit "$rc" ;;
   test)
     # the tests also check the Vagrantfile (vagrant validate) and the shell scripts
-    setup vagrant:vagrant shellcheck:shellcheck
+    # and the HAProxy example config (haproxy -c)
+    setup vagrant:vagrant shellcheck:shellcheck haproxy:haproxy
     shift
     if [ "$#" -gt 0 ]; then
       exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"

@@ -11,7 +11,7 @@ from lab.backend import AGENT_HOSTS, CHAIN_IN, CHAIN_OUT, DB_HOSTS, HOSTS, REPO
 
 
 def agent_status(lab, host, name):
-    return json.loads(host.check_output(shlex.join(lab.agent_argv(name, "status"))))
+    return json.loads(host.check_output(shlex.join(lab.agent_argv(name, "status", "--local"))))
 
 
 @pytest.mark.parametrize("name", AGENT_HOSTS)
@@ -23,6 +23,8 @@ def test_agent_is_running_and_listening(lab, hosts, name):
         assert service.is_enabled and service.is_running
     assert host.socket(f"tcp://{cfg.me.address}:{cfg.me.agent_port}").is_listening
     assert agent_status(lab, host, name)["agent"] == "up"
+    if cfg.me.http_port is not None:  # the health endpoints
+        assert host.socket(f"tcp://{cfg.me.address}:{cfg.me.http_port}").is_listening
 
 
 @pytest.mark.parametrize("name", DB_HOSTS)

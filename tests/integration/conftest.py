@@ -15,6 +15,15 @@ def pytest_collection_modifyitems(items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def report_root(tmp_path_factory):
+    """The experiments' report folders go to pytest's temporary directory, not to
+    /var/tmp/bobry-reports (unless BOBRY_REPORT_DIR says where)."""
+    if not os.environ.get("BOBRY_REPORT_DIR"):
+        os.environ["BOBRY_REPORT_DIR"] = str(tmp_path_factory.mktemp("reports"))
+    yield os.environ["BOBRY_REPORT_DIR"]
+
+
 @pytest.fixture
 def lab():
     yield from fresh_lab()

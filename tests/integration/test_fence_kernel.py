@@ -17,17 +17,27 @@ import agent
 fence, out = agent.Fence(5432), {}
 fence.install()
 out["installed"] = agent.describe_lease(fence.lease())
-fence.open_for(0.5)
+out["unarmed_open"] = fence.open_for(0.5)  # a write needs an armed window
+fence.arm(0.3)
+out["open_for_ok"] = fence.open_for(0.5)
 out["open_for"] = fence.lease()
+out["renew_unarmed"] = fence.renew(1.0)  # the window is used up by the write
+fence.arm(0.3)
 out["renew_live"] = fence.renew(1.0)
 out["after_renew"] = fence.lease()
 fence.install()  # a restarted agent keeps the kernel's state
 out["kept_by_install"] = fence.lease() is not None
+fence.arm(0.3)
 fence.open_for(0.2)
 time.sleep(0.4)
 out["lapsed"] = fence.lease()
+fence.arm(0.3)
 out["renew_lapsed"] = fence.renew(1.0)  # a late renewal must not reopen the port
 out["after_late_renew"] = fence.lease()
+fence.arm(0.1)
+time.sleep(0.3)  # the agent stalls after arming
+out["late_open"] = fence.open_for(1.0)
+out["after_late_open"] = fence.lease()
 fence.open()
 out["standby"] = fence.lease()
 fence.close()
@@ -45,16 +55,19 @@ def namespace():
         subprocess.run(["ip", "netns", "del", NS], check=False)
 
 
-def test_a_lease_lapses_by_itself_and_a_late_renewal_never_reopens_it(namespace):
+def test_a_lease_lapses_by_itself_and_a_late_write_never_opens_the_port(namespace):
     result = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", SCRIPT,
                              str(REPO)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["installed"] == "closed (fenced)"
+    assert out["unarmed_open"] is False and out["open_for_ok"] is True
     assert 0.3 < out["open_for"] <= 0.5
+    assert out["renew_unarmed"] is False
     assert out["renew_live"] is True and 0.8 < out["after_renew"] <= 1.0
     assert out["kept_by_install"]
     assert out["lapsed"] is None
     assert out["renew_lapsed"] is False and out["after_late_renew"] is None
+    assert out["late_open"] is False and out["after_late_open"] is None  # too late: refused
     assert out["standby"] == float("inf")
     assert out["closed"] is None

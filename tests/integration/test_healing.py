@@ -2,9 +2,8 @@
 without losing an acknowledged write and without two writable primaries."""
 import time
 
-from labtest import client_write, eventually
-
 from lab import experiments
+from labtest import client_write, eventually
 
 QUIET = 7.0
 

@@ -4,9 +4,9 @@ timeouts and real iptables. Timings are asserted with generous bounds; the safet
 import time
 
 import pytest
-from labtest import client_write, eventually
 
 from lab import experiments
+from labtest import client_write, eventually
 
 # long enough for any decision: failover_timeout (2 s) + a grant + a promotion, three times
 QUIET = 7.0

@@ -69,8 +69,9 @@ def test_unknown_section(tmp_path):
 @pytest.mark.parametrize("old,new,expected", [
     ("check_interval = 0.2", "check_interval = fast", "[timing] check_interval: bad value 'fast'"),
     ("check_interval = 0.2", "check_interval = -1", "[timing] check_interval: bad value '-1'"),
-    ("pg_port = 5432\nagent_port = 7400\n\n[node pg2]", "pg_port = 99999\nagent_port = 7400\n\n"
-     "[node pg2]", "[node pg1] pg_port: bad value '99999'"),
+    ("pg_port = 5432\nagent_port = 7400\nhttp_port = 8008\n\n[node pg2]",
+     "pg_port = 99999\nagent_port = 7400\nhttp_port = 8008\n\n[node pg2]",
+     "[node pg1] pg_port: bad value '99999'"),
     ("address = 192.168.56.12", "address = pg2.local", "[node pg2] address: bad value"),
     ("role = standby", "role = replica", "[node pg2] role: bad value 'replica'"),
     ("client_addresses = 192.168.56.0/24", "client_addresses = 192.168.56.0/33",

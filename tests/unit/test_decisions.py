@@ -1,7 +1,6 @@
-"""The agent's decisions, rule by rule (README, "Rules"), and over every combination of the
-inputs they read. Pure functions: no I/O, no clock."""
-import itertools
-
+"""The agent's decisions, rule by rule (README, "The rules"), example by example. The invariants
+over every combination of their inputs are in test_decision_invariants.py. Pure functions: no
+I/O, no clock."""
 import pytest
 
 import agent
@@ -195,68 +194,6 @@ def test_new_primary_stops_waiting_for_a_standby_only_on_the_arbiters_word():
             synced=False)
     d = decide_db("pg2", "pg1", "arb", o, T)
     assert d.action == "drop_standby" and d.sync_names == ""
-
-
-# -- every combination -------------------------------------------------------------------------
-
-AGES = {"fresh": FRESH, "lost": LOST, "long": LONG_LOST, "never": None}
-VIEWS = [View(0, "pg1", "pg2"), TERM1, View(2, "pg2", None), View(3, "pg1", None)]
-
-
-def all_observations(me):
-    for pg, fenced, other, arbiter, primary, view, signal, down in itertools.product(
-            ("primary", "standby", "down"), (False, True), AGES, AGES, AGES, VIEWS,
-            (False, True), (None, NOW - 1, NOW - 10)):
-        yield obs(me=me, pg=pg, fenced=fenced, other=AGES[other], arbiter=AGES[arbiter],
-                  primary=AGES[primary], view=view, standby_signal=signal, down_since=down)
-
-
-@pytest.mark.parametrize("me", ["pg1", "pg2"])
-def test_invariants_over_every_combination(me):
-    peer = "pg2" if me == "pg1" else "pg1"
-    count = 0
-    for o in all_observations(me):
-        d = decide_db(me, peer, "arb", o, T)
-        count += 1
-        assert d.reason, o
-        def age(at, o=o):
-            return NOW - (at if at is not None else o.started_at)
-        if d.action == "promote":  # only with the arbiter's grant
-            assert o.view.primary == me and o.pg == "standby"
-        if d.action == "request_promotion":
-            assert o.view.primary != me and o.view.eligible == me and o.pg == "standby"
-            assert age(o.primary_alive_at) >= T.failover_timeout
-            assert age(o.contact_at["arb"]) < T.fence_timeout
-        if d.action == "unfence" and o.pg == "primary":  # a writable primary opens only
-            assert o.view.primary == me and o.view.term > 0  # on the arbiter's fresh word
-            assert age(o.contact_at["arb"]) < T.fence_timeout
-        if d.action == "resume":
-            assert o.view.primary == me and o.pg == "down" and o.view.term > 0
-        if o.pg == "primary" and o.view.primary != me:  # replaced: fenced, whatever else
-            assert d.action in (("none", "rejoin") if o.fenced else ("fence",))
-        if d.action == "rejoin":  # only a fenced or stopped former primary, onto a live one
-            assert o.view.primary != me and (o.fenced or o.pg == "down")
-            assert o.pg != "standby" and not (o.pg == "down" and o.has_standby_signal)
-            assert age(o.primary_alive_at) < T.fence_timeout
-        if o.pg == "primary" and o.view.primary == me and not o.fenced:
-            both_lost = (age(o.contact_at[peer]) >= T.fence_timeout
-                         and age(o.contact_at["arb"]) >= T.fence_timeout)
-            assert (d.action == "fence") == both_lost
-        if d.action == "start_standby":
-            assert o.has_standby_signal and o.pg == "down" and o.view.primary != me
-    assert count == 3 * 2 * 4 * 4 * 4 * 4 * 2 * 3
-
-
-def test_grant_invariants_over_every_combination():
-    for view, candidate, term, seen in itertools.product(
-            VIEWS[1:], ("pg1", "pg2"), (0, 1, 2, 3), (None, NOW - 0.1, NOW - 1.9, NOW - 2.0)):
-        granted, new, _ = decide_grant(view, candidate, term, seen, NOW, NOW - 100, T, NOW - 0.1)
-        if new != view:  # a new term: exactly one more, for an eligible candidate, after loss
-            assert granted and same(new, View(view.term + 1, candidate, None))
-            assert view.eligible == candidate and term == view.term
-            assert NOW - (seen if seen is not None else NOW - 100) >= T.failover_timeout
-        elif granted:  # no new term: only the candidate that already is the primary
-            assert view.primary == candidate
 
 
 # -- issue 4: the standby lost and found, switchover, rejoin -------------------------------------

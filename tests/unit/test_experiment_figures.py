@@ -171,7 +171,7 @@ def test_an_unmeasured_figure_fails_a_bound():
 
 # -- under_load -------------------------------------------------------------------------------
 class FakeLoad:
-    def __init__(self, backend, path):
+    def __init__(self, backend, path, **options):
         self.calls, self.rate = backend.calls, 100
 
     def prepare(self):

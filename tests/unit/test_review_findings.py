@@ -24,13 +24,12 @@ NOW = 1000.0
 
 
 def primary_obs(**kw):
-    base = dict(now=NOW, started_at=NOW - 100, pg="primary", pg_down_since=None,
-                has_standby_signal=False, fenced=False, view=View(1, "pg1", "pg2", 4),
-                contact_at={"pg2": NOW - 0.1, "arb": NOW - 0.1}, primary_alive_at=None,
-                sync_names="pg2", standby_seen_at=NOW - 0.1, standby_streaming=True,
-                standby_synced=True)
-    base.update(kw)
-    return DbObservation(**base)
+    base = {"now": NOW, "started_at": NOW - 100, "pg": "primary", "pg_down_since": None,
+            "has_standby_signal": False, "fenced": False, "view": View(1, "pg1", "pg2", 4),
+            "contact_at": {"pg2": NOW - 0.1, "arb": NOW - 0.1}, "primary_alive_at": None,
+            "sync_names": "pg2", "standby_seen_at": NOW - 0.1, "standby_streaming": True,
+            "standby_synced": True}
+    return DbObservation(**{**base, **kw})
 
 
 # -- stand-ins ----------------------------------------------------------------------------------
@@ -58,8 +57,16 @@ class Recorder:
         return agent.PgStatus("primary", "pg2", 100, "streaming", "sync", 100, 1.0)
 
     # the fence
+    def arm(self, seconds):
+        pass
+
     def open_for(self, seconds):
         self.lease_left = seconds
+        return True
+
+    def renew(self, seconds):
+        self.lease_left = seconds
+        return True
 
     def open(self):
         self.lease_left = float("inf")
@@ -126,8 +133,8 @@ def act(node, obs):
 def test_finding1_primary_never_stops_waiting_on_its_local_view():
     """eligible None locally, the standby silent: clearing synchronous_standby_names needs the
     arbiter's word first (drop_standby), and without the arbiter writes keep waiting."""
-    silent = dict(view=View(1, "pg1", None, 5), sync_names="pg2", standby_streaming=False,
-                  standby_seen_at=NOW - 10, standby_synced=False)
+    silent = {"view": View(1, "pg1", None, 5), "sync_names": "pg2", "standby_streaming": False,
+              "standby_seen_at": NOW - 10, "standby_synced": False}
     d = decide_db("pg1", "pg2", "arb", primary_obs(**silent), T)
     assert d.action == "drop_standby" and d.sync_names == ""
     cut_off = primary_obs(contact_at={"pg2": NOW - 10, "arb": NOW - 1.5}, **silent)
@@ -415,8 +422,9 @@ def test_rule8_standby_killed_between_the_grant_and_pg_promote_promotes_after_re
 
     pg2.do_promote = killed
     pg2.observations.remember_stamp("arb", arb.status_body("pg2"))  # its latest news from arb
-    standby = dict(pg="standby", has_standby_signal=True, sync_names=None, view=pg2.view,
-                   primary_alive_at=NOW - 10, contact_at={"pg1": NOW - 10, "arb": NOW - 0.1})
+    standby = {"pg": "standby", "has_standby_signal": True, "sync_names": None,
+               "view": pg2.view, "primary_alive_at": NOW - 10,
+               "contact_at": {"pg1": NOW - 10, "arb": NOW - 0.1}}
     with pytest.raises(Crash):
         decision = decide_db("pg2", "pg1", "arb", primary_obs(**standby), T)
         assert decision.action == "request_promotion"

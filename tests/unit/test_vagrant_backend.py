@@ -136,10 +136,10 @@ def test_heal_flushes_only_the_lab_chains(recorded):
 
 def test_status_runs_the_installed_agent(recorded):
     backend, calls, outputs = recorded
-    outputs["--node pg1 status"] = '{"node": "pg1", "agent": "up", "pg": "primary"}'
+    outputs["--node pg1 status --local"] = '{"node": "pg1", "agent": "up", "pg": "primary"}'
     assert backend.host_status("pg1")["pg"] == "primary"
     assert remote(calls[0]) == ("sudo -n timeout 20 python3 /opt/bobry/agent.py --config "
-                                "/etc/bobry/agent.ini --node pg1 status")
+                                "/etc/bobry/agent.ini --node pg1 status --local")
 
 
 def test_kill_agent_goes_through_systemd(recorded):

@@ -1,0 +1,430 @@
+"""Regression scenarios: each finding of the review "Close every known path…" (issue 8) as a
+scripted fault schedule on the simulator. Each passes on today's agent and fails with the
+finding's fix reverted: `old()` puts the code before the fix back by monkeypatching (the
+function as it was, or the world as the old fence saw it), so that the failure is shown, not
+claimed (tests/sim/test_scenarios.py runs both ways)."""
+import contextlib
+import dataclasses
+
+import agent
+
+from . import world as simworld
+from .run import run
+
+SCENARIOS = {}
+
+
+@dataclasses.dataclass
+class Scenario:
+    name: str
+    script: object   # script(cluster): the faults, run on the simulated clock
+    old: object      # a context manager: the code before the fix
+    strict: bool = False
+    expect: tuple = ()  # the violations the old code shows (any of them)
+    seed: int = 1
+
+    @property
+    def __doc__(self):
+        return self.script.__doc__
+
+
+def scenario(name, old, strict=False, expect=()):
+    def register(script):
+        SCENARIOS[name] = Scenario(name, script, old, strict, expect)
+        return script
+    return register
+
+
+def run_scenario(name, old=False, log=None):
+    s = SCENARIOS[name]
+    with (s.old() if old else contextlib.nullcontext()):
+        return run(s.seed, 0, strict=s.strict, log=log, setup=lambda c, plan: s.script(c),
+                   wall_skew=0.0)
+
+
+@contextlib.contextmanager
+def patched(obj, attr, value):
+    original = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield original
+    finally:
+        setattr(obj, attr, original)
+
+
+# -- helpers on the simulated cluster -----------------------------------------------------------
+
+def wait(c, seconds):
+    c.sched.run_until(c.sched.now + seconds)
+
+
+def cut(c, a, b):
+    for k in ((a, b), (b, a)):
+        c.net.drop[k] = c.net.drop.get(k, 0) + 1
+    c.trace("fault", f"cut {a} {b}")
+
+
+def heal(c):
+    c.net.drop.clear()
+    c.net.block.clear()
+    c.trace("fault", "heal everything")
+
+
+def isolate(c, host, client_too=True):
+    for other in simworld.HOSTS:
+        if other != host and (client_too or other != "client"):
+            cut(c, host, other)
+
+
+def primary(c):
+    return c.arb_view.primary
+
+
+def write_gaps(c, start, end):
+    times = sorted(t for t, _ in c.acked.values() if start <= t <= end)
+    edges = [start, *times, end]
+    return max(b - a for a, b in zip(edges, edges[1:]))
+
+
+# -- 1. the primary stops waiting on a stale view -------------------------------------------------
+
+@contextlib.contextmanager
+def old_finding1():
+    """Before the fix: a primary whose local view says nobody is eligible clears
+    synchronous_standby_names at once, without the arbiter's word."""
+    original = agent._decide_as_primary
+
+    def decide(me, other, arbiter, obs, timing, age, arbiter_lost):
+        d = original(me, other, arbiter, obs, timing, age, arbiter_lost)
+        stale_branch = (d.action == "drop_standby" and obs.view.eligible is None) or \
+            (d.action == "none" and "writes keep waiting" in d.reason)
+        if stale_branch:
+            return agent.Decision("set_sync", "(old) no standby is eligible in my view: "
+                                              "writes stop waiting", "")
+        return d
+
+    with patched(agent, "_decide_as_primary", decide):
+        yield
+
+
+@scenario("finding1-stale-view-sync-clear", old_finding1, expect=("lost_acked",))
+def finding1(c):
+    """Finding 1: the arbiter records `eligible pg2` but its reply to pg1 is lost; pg2 stops
+    streaming; pg1 must not stop waiting on its stale view; pg1 is then isolated and pg2
+    asks for the promotion: no acknowledged write may be missing on pg2."""
+    m, s = primary(c), c.other_db(primary(c))
+    cut(c, m, s)                      # the standby is dropped (eligible None), durably
+    wait(c, 4.0)
+    heal(c)
+    c.net.reply_drops.append((m, "eligibility"))  # the mark_eligible reply will be lost
+
+    def marked(view):                 # and from that moment no one hears the arbiter
+        if view.eligible == s:
+            c.save_hooks.clear()
+            cut(c, m, "arb")
+            cut(c, s, "arb")
+    c.save_hooks.append(marked)
+    wait(c, 5.0)
+    assert c.arb_view.eligible == s and c.nodes[m].agent.view.eligible is None
+    c.pg[s].start_fails = True        # the standby's PostgreSQL stops and cannot start
+    c.pg[s].stop("stopped behind the agent's back")
+    wait(c, 6.0)
+    heal(c)
+    isolate(c, m)                     # then the primary is cut off; the standby is back
+    c.pg[s].start_fails = False
+    wait(c, 10.0)
+    heal(c)
+
+
+# -- 3. a restarted agent forgets how long it has been cut off ------------------------------------
+
+@contextlib.contextmanager
+def old_finding3():
+    """Before the fix: a restarted agent ages peers it never heard from from its own start:
+    as primary it serves until fence_timeout after its start, whatever the partition."""
+    original = agent.DbAgent.prepare
+
+    def prepare(self):
+        ready = original(self)
+        if ready and self.view.primary == self.cfg.me.name:
+            self.observations.lease_anchor = self.clock()  # "heard" when it starts to act
+            self.extend_lease(opening=True)
+            self.fenced = self.lease_mode != "primary"
+        return ready
+
+    def open_for(self, seconds):  # and, as then, a write the kernel takes whenever it comes
+        self._nft()
+        self._set(self.w.sched.now + seconds)
+        return self._done(True)
+
+    with patched(agent.DbAgent, "prepare", prepare), \
+            patched(simworld.SimFence, "open_for", open_for):
+        yield
+
+
+@scenario("finding3-restarted-agent-forgets-partition", old_finding3, expect=("dual_rw",))
+def finding3(c):
+    """Finding 3: the primary is isolated, its agent killed 0.9 s into the partition (before
+    it fenced) and started again 0.7 s later (as the lab's test does, a supervisor's delay):
+    the port must be closed before the standby is granted the next term, whatever the
+    restarted agent has not heard."""
+    m = primary(c)
+    isolate(c, m, client_too=False)
+    wait(c, 0.9)
+    c.crash(m, "SIGKILL (scenario)")
+    wait(c, 0.7)
+    c.start_agent(m)
+    wait(c, 8.0)
+    heal(c)
+
+
+# -- 4. a switchover unfences when the arbiter did not answer ------------------------------
+
+@contextlib.contextmanager
+def old_finding4():
+    """Before the fix: no answer to the handover request counts as a refusal, and the primary
+    reopens its port at once."""
+    def do_handover(self, decision):
+        self.fence.let_through(self.other.address, self.HANDOVER_CATCHUP + 2)
+        self.do_fence(decision)
+        began = self.clock()
+        while True:
+            st = self.pg.status(self.LOCAL_TIMEOUT, self.other.name)
+            if st.lsn is not None and st.standby_flush is not None \
+                    and st.standby_flush >= st.lsn:
+                break
+            if self.clock() - began >= self.HANDOVER_CATCHUP:
+                break
+            self.world.sleep(0.05)
+        answer = self._ask_arbiter("handover", {"to": self.other.name, "seq": self.view.seq})
+        self.fence.stop_letting_through()
+        if answer == "granted":
+            self._finish_switchover(True, "done")
+            return
+        self.do_unfence(decision)  # (old) refused or unknown alike: reopen
+        self._finish_switchover(False, "the arbiter refused the handover")
+
+    with patched(agent.DbAgent, "do_handover", do_handover):
+        yield
+
+
+@scenario("finding4-handover-without-answer", old_finding4, expect=("dual_rw", "dual_ack"))
+def finding4(c):
+    """Finding 4: a switchover whose handover request the arbiter grants but whose reply is
+    lost: the old primary must stay fenced until the arbiter settles it."""
+    m = primary(c)
+    c.net.reply_drops.append((m, "handover"))
+    request, refusal = c.nodes[m].agent.ask_switchover()
+    assert request is not None, refusal
+    wait(c, 10.0)
+
+
+# -- 5. contact is counted before the reply's view is learned -------------------------------------
+
+@contextlib.contextmanager
+def old_finding5():
+    """Before the fix: the exchange counts as contact first, then the view is learned (and a
+    view that cannot be persisted leaves the contact counted)."""
+    def note_status(self, sender, body, at):
+        self.observations.remember_stamp(sender, body)
+        self.observations.heard(sender, body.get("echo"), at,
+                                arbiter=sender == self.cfg.arbiter.name)
+        if isinstance(body.get("view"), dict):
+            self.learn(body["view"], sender)
+        if self.counts_alive(body):
+            self.observations.alive(sender, at)
+
+    with patched(agent.Agent, "note_status", note_status):
+        yield
+
+
+@scenario("finding5-contact-before-view-learned", old_finding5, expect=("dual_rw", "dual_ack"))
+def finding5(c):
+    """Finding 5: the isolated primary is replaced; its disk fills up before the partition
+    heals, so it cannot persist the new view: the exchange with the arbiter must not count
+    as contact, or the replaced primary reopens as the primary of the old term."""
+    m = primary(c)
+    isolate(c, m, client_too=False)
+    wait(c, 5.0)
+    assert primary(c) != m, "no failover"
+    c.nodes[m].disk_fail = True
+    heal(c)
+    wait(c, 10.0)
+    c.nodes[m].disk_fail = False
+
+
+# -- 6. the fence can be skipped or come late: now the kernel's lease ------------------------------
+
+@contextlib.contextmanager
+def old_finding6():
+    """Before the fix: the fence was a rule the agent added itself; the kernel knew no
+    deadline (an nft element without timeout: open until the agent closes it)."""
+    def open_for(self, seconds):
+        self._nft()
+        self._set(float("inf"))
+        return self._done(True)
+
+    def renew(self, seconds):
+        self._nft()
+        return self._done(self.k.open_at(self.w.sched.now))
+
+    with patched(simworld.SimFence, "open_for", open_for), \
+            patched(simworld.SimFence, "renew", renew):
+        yield
+
+
+@scenario("finding6-frozen-agent-fenced-by-the-kernel", old_finding6, expect=("dual_rw",))
+def finding6(c):
+    """Finding 6: the primary is isolated and its agent frozen (SIGSTOP) for 6 s: the kernel
+    closes the port before the standby may be granted the next term."""
+    m = primary(c)
+    isolate(c, m, client_too=False)
+    c.nodes[m].paused_until = c.sched.now + 6.0
+    wait(c, 8.0)
+    heal(c)
+
+
+# -- 7. clock offset between hosts -------------------------------
+
+@contextlib.contextmanager
+def old_finding7():
+    """Before the fix: the standby's liveness was the primary's wall clock minus the
+    walreceiver's reply_time, which is stamped with the standby's clock."""
+    def observe_standby(self, st, now):
+        if st.standby_state in ("streaming", "catchup") and st.standby_reply_time is not None:
+            age = self.world.wall() - st.standby_reply_time
+            seen = now - max(0.0, age)
+            self.standby_seen_at = max(seen, self.standby_seen_at or seen)
+        sync_now = (st.pg == "primary" and st.sync_names == self.other.name
+                    and st.standby_sync == "sync")
+        if not sync_now:
+            self.sync_barrier = None
+        elif self.sync_barrier is None:
+            self.sync_barrier = st.lsn
+        synced = (sync_now and st.standby_flush is not None
+                  and st.standby_flush >= self.sync_barrier)
+        return st.standby_state == "streaming", synced
+
+    with patched(agent.DbAgent, "_observe_standby", observe_standby):
+        yield
+
+
+@scenario("finding7-standby-clock-behind", old_finding7, expect=("no_convergence",))
+def finding7(c):
+    """Finding 7: the standby's clock is 2.5 s behind the primary's; it loses its link for
+    4 s and comes back: it must become the eligible synchronous standby again."""
+    m, s = primary(c), c.other_db(primary(c))
+    c.nodes[s].wall_offset = c.nodes[m].wall_offset - 2.5
+    cut(c, m, s)
+    wait(c, 4.0)
+    heal(c)
+
+
+# -- 8. one-way faults ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def old_finding8():
+    """Before the fix: only the round trips a node starts count as contact; a peer's request
+    (which echoes our stamp) did not."""
+    def handle(self, sender, kind, body):
+        if kind == "status":
+            if isinstance(body.get("view"), dict):
+                self.learn(body["view"], sender)
+            if self.counts_alive(body):
+                self.observations.alive(sender, self.clock())
+            self.observations.remember_stamp(sender, body)
+            return self.status_body(sender)
+        raise agent.ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
+
+    with patched(agent.Agent, "handle", handle):
+        yield
+
+
+def _one_way(c, src, dsts, seconds):
+    for d in dsts:
+        c.net.block[(src, d)] = 1
+    c.trace("fault", f"one-way: {src} cannot connect to {', '.join(dsts)}")
+    began = c.sched.now
+    wait(c, seconds)
+    gap = write_gaps(c, began, c.sched.now)
+    c.net.block.clear()
+    if gap > 8.0:
+        c.violation("no_writes", f"one-way fault from {src}: no write acknowledged for "
+                                 f"{gap:.1f} s (want a primary that writes, or a failover)")
+
+
+@scenario("finding8-one-way-faults", old_finding8, expect=("no_writes",))
+def finding8(c):
+    """Finding 8: the primary cannot open connections to the arbiter nor the standby, which
+    can reach it; then each other one-way direction in turn: writes go on (or fail over)."""
+    m = primary(c)
+    _one_way(c, m, [c.other_db(m), "arb"], 20.0)
+    wait(c, 10.0)
+    for src, dst in (("arb", primary(c)), (c.other_db(primary(c)), primary(c)),
+                     (primary(c), "arb"), (primary(c), c.other_db(primary(c)))):
+        _one_way(c, src, [dst], 10.0)
+        wait(c, 10.0)
+
+
+# -- 9. strict_sync is forgotten after a failover -------------------------------------------------
+
+@contextlib.contextmanager
+def old_finding9():
+    """Before the fix: whom the primary waits for ignored strict_sync once nobody was eligible
+    (a new primary ran with synchronous_standby_names = '')."""
+    def desired(view, standby_streaming=False, other=None, strict=False):
+        if view.eligible:
+            return view.eligible
+        return other if standby_streaming and other else ""
+
+    with patched(agent, "desired_sync_names", desired):
+        yield
+
+
+@scenario("finding9-strict-sync-after-failover", old_finding9, strict=True,
+          expect=("strict_sync_single_host",))
+def finding9(c):
+    """Finding 9: with strict_sync, the primary is isolated and the standby takes over: no
+    write may be acknowledged while it rests on one host."""
+    m = primary(c)
+    isolate(c, m, client_too=False)
+    wait(c, 10.0)
+    heal(c)
+
+
+# -- found by the simulator: the checkpoint after a promotion dies with the agent ----------------
+
+@contextlib.contextmanager
+def old_checkpoint_at_start():
+    """Before the fix: only do_promote asks for the checkpoint that lets the replaced node
+    rejoin; a restarted primary agent does not."""
+    def prepare(self):
+        self.pg.prepare_dirs()
+        if not self.hold_lock():
+            return False
+        self.pg.lock_fd = self.lock.fd
+        self.view = self.state.load()
+        self.fence.install()
+        return True
+
+    with patched(agent.DbAgent, "prepare", prepare):
+        yield
+
+
+@scenario("sim-promoted-agent-killed-before-checkpoint", old_checkpoint_at_start,
+          expect=("no_convergence",))
+def promoted_agent_killed(c):
+    """Found by the simulator (seed 23): the new primary's agent is killed right after
+    pg_promote(), before its checkpoint ran: the old primary must still rejoin within the
+    bound (pg_rewind needs the new timeline in the new primary's pg_control)."""
+    m, s = primary(c), c.other_db(primary(c))
+    isolate(c, m, client_too=False)
+    c.promotion_hooks.append(lambda name: c.crash(name, "SIGKILL right after pg_promote() "
+                                                      "(scenario)"))
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)
+    c.promotion_hooks.clear()
+    wait(c, 1.0)
+    c.start_agent(s)
+    heal(c)
+    wait(c, 2.0)
+

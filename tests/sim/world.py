@@ -1,0 +1,767 @@
+"""The simulated world: a scheduler, the network, PostgreSQL, the kernel's fence, disks and
+clocks, and the agent.World ports implemented on them.
+
+Time. One global simulated clock (`Scheduler.now`, seconds) that only moves forward. An agent
+step runs to its end unless it blocks: whatever takes time in the real world (a round trip to
+a peer, a timeout, a probe, world.sleep, a slow fsync or nft call, a SIGSTOP that lands in the
+middle of a step) is a nested run of the scheduler up to the moment the step may go on, so
+everything else -- the other nodes, this node's other routines, the network -- moves on
+meanwhile, as the real threads would. Each host has its own clocks: monotonic = now + an offset
+(large and different per host), wall = now + a smaller offset (seconds, per seed).
+
+Locks. An agent step that blocks while it holds one of the agent's locks (the view lock around
+a state file write, the lease lock around an nft call) marks its node `locked`: until it
+returns, the node's other routines and requests to it wait (they would block on the lock).
+"""
+import heapq
+import logging
+import socket
+
+import agent
+
+
+class SimCrash(BaseException):
+    """Raised in a node's own port call when its agent process is killed there: it unwinds
+    the step (no agent code catches BaseException) and the scheduler forgets the process."""
+
+    def __init__(self, node):
+        super().__init__(node)
+        self.node = node
+
+
+class Violation(BaseException):
+    """An invariant broken (or the simulator's own bug, kind "sim_bug"). A BaseException, so
+    that no `except` of the agent's code swallows it in a blocked step."""
+
+    def __init__(self, kind, detail):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def wire(value):
+    """What the other end gets of a JSON message: a deep copy, tuples as lists, keys as
+    strings (json.loads(json.dumps(value)), faster)."""
+    if isinstance(value, dict):
+        return {str(k): wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [wire(v) for v in value]
+    return value
+
+
+# -- the scheduler -----------------------------------------------------------------------------
+
+class Scheduler:
+    def __init__(self):
+        self.now = 0.0
+        self.heap = []
+        self.seq = 0
+        self.steps = 0
+        self.after_step = None  # invariant checks, called after every step
+
+    def at(self, t, fn):
+        self.seq += 1
+        heapq.heappush(self.heap, (max(t, self.now), self.seq, fn))
+
+    def run_until(self, target, until=None):
+        """Run every event due by target (or until `until()` holds); nested calls are how a
+        step blocks."""
+        heap = self.heap
+        while heap and heap[0][0] <= target:
+            t, _, fn = heapq.heappop(heap)
+            self.now = max(self.now, t)
+            try:
+                fn()
+            except Exception as exc:  # the simulator's own bug: never into the agent's code
+                raise Violation("sim_bug", f"{type(exc).__name__}: {exc}") from exc
+            self.steps += 1
+            if self.after_step is not None:
+                self.after_step()
+            if until is not None and until():
+                return
+        self.now = max(self.now, target)
+
+
+# -- the network ---------------------------------------------------------------------------------
+
+HOSTS = ("pg1", "pg2", "arb", "client")
+
+
+class Net:
+    """Per ordered pair of hosts: packet drops (a -> b; a symmetric cut drops both ways),
+    connection blocks (new connections from a to b refused: the lab's one-way cut), loss
+    probability and extra delay. Counters, so that overlapping faults heal independently."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.drop, self.block, self.loss, self.slow = {}, {}, {}, {}
+        self.reply_drops = []  # [(src, kind)]: lose the reply to src's next request of kind
+
+    @staticmethod
+    def _add(table, key, value):
+        table[key] = table.get(key, 0) + value
+        if abs(table[key]) < 1e-12:
+            del table[key]
+
+    def packet_ok(self, a, b):
+        return (a, b) not in self.drop
+
+    def connect_ok(self, a, b):
+        return (a, b) not in self.drop and (b, a) not in self.drop and (a, b) not in self.block
+
+    def lost(self, a, b):
+        p = self.loss.get((a, b))
+        return p is not None and self.rng.random() < p
+
+    def delay(self, a, b):
+        return 0.0004 + self.rng.random() * 0.002 + self.slow.get((a, b), 0.0)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+class Pg:
+    """One node's PostgreSQL: its data directory (WAL as a list of entries, each a unique id
+    with its timeline and the client write it carries), the server process, its settings
+    (written and active), the walreceiver's connection, and the commits waiting for the
+    synchronous standby. Entries are never changed once made, so two WALs agree up to a
+    position iff their entries at that position are the same."""
+
+    def __init__(self, cluster, name):
+        self.c, self.name = cluster, name
+        self.exists = False
+        self.signal = False
+        self.running = False
+        self.recovery = False
+        self.tli = 1
+        self.ckpt_tli = 1
+        self.wal = []          # [(entry id, timeline, write id or 0)]
+        self.writes = set()    # write ids in the WAL
+        self.conf = {"sync": "", "primary": None}
+        self.active = dict(self.conf)
+        self.pending = []      # [write id, lsn, client deadline]
+        self.conn = None       # walreceiver: the primary it streams from
+        self.silent_since = None
+        self.caught_up = False
+        self.retry_at = 0.0
+        self.reply_wall = None  # the walreceiver's last reply, stamped with this host's clock
+        self.reply_at = None   # ... and when (simulated time)
+        self.ship_due = False
+        self.primary_since = None
+        self.status_slow_until = 0.0
+        self.start_fails = False
+
+    # data
+    def set_wal(self, wal):
+        self.wal = list(wal)
+        self.writes = {w for _, _, w in self.wal if w}
+
+    def append(self, tli, write=0):
+        self.c.entry_seq += 1
+        self.wal.append((self.c.entry_seq, tli, write))
+        if write:
+            self.writes.add(write)
+
+    def prefix_of(self, other):
+        n = len(self.wal)
+        return n <= len(other.wal) and (n == 0 or self.wal[-1][0] == other.wal[n - 1][0])
+
+    def common_prefix(self, other):
+        lo, hi = 0, min(len(self.wal), len(other.wal))
+        while lo < hi:  # entries agree up to a position iff they agree there
+            mid = (lo + hi + 1) // 2
+            if self.wal[mid - 1][0] == other.wal[mid - 1][0]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # the server
+    @property
+    def is_primary(self):
+        return self.running and not self.recovery
+
+    def start(self):
+        self.running = True
+        self.recovery = self.signal
+        self.active = dict(self.conf)
+        self.conn, self.silent_since, self.retry_at = None, None, 0.0
+        if not self.recovery:
+            self.ckpt_tli = self.tli  # crash recovery ends with a checkpoint
+            self.became_primary("started")
+
+    def stop(self, why):
+        if self.running:
+            self.c.trace(self.name, f"postgres stops ({why})")
+        if self.is_primary:
+            self.c.closed_primary(self.name)
+        self.running = False
+        self.conn = None
+        self.fail_pending()
+
+    def became_primary(self, how):
+        self.primary_since = self.c.sched.now
+        self.c.trace(self.name, f"postgres runs as primary ({how}, timeline {self.tli})")
+        self.c.opened_primary(self.name)
+
+    def promote(self):
+        self.tli += 1
+        self.append(self.tli)  # the timeline switch
+        self.recovery = self.signal = False
+        self.conn = None
+        self.became_primary("promoted")
+        for hook in list(self.c.promotion_hooks):
+            hook(self.name)
+        tli = self.tli
+
+        def checkpointed():  # the spread checkpoint PostgreSQL requests itself at promotion:
+            if self.is_primary and self.tli == tli:  # 0.9 x checkpoint_timeout (5 min)
+                self.ckpt_tli = max(self.ckpt_tli, tli)
+        self.c.sched.at(self.c.sched.now + 270.0, checkpointed)
+
+    def fail_pending(self):
+        self.pending = []
+
+    def commit(self, write, deadline):
+        self.append(self.tli, write)
+        self.pending.append([write, len(self.wal), deadline])
+        self.release()
+        if self.pending:
+            self.c.ship_soon(self.name)
+
+    def sync_standby(self):
+        """The standby that synchronous replication counts on now, or None."""
+        name = self.active["sync"]
+        if not name or name == self.name:
+            return None
+        s = self.c.pg[name]
+        if s.conn == self.name and s.silent_since is None and s.caught_up and s.running:
+            return s
+        return None
+
+    def release(self):
+        """Commits whose wait is over: no synchronous standby named, or it has flushed them."""
+        if not self.pending or not self.is_primary:
+            return
+        if self.active["sync"] == "":
+            done, self.pending = self.pending, []
+        else:
+            s = self.sync_standby()
+            if s is None:
+                return
+            flushed = len(s.wal)
+            done = [p for p in self.pending if p[1] <= flushed]
+            self.pending = [p for p in self.pending if p[1] > flushed]
+        for write, _, deadline in done:
+            self.c.commit_returned(self.name, write, deadline)
+
+    def walsender_row(self, standby):
+        """What pg_stat_replication says of `standby` on this primary: (state, sync_state,
+        flush, reply_time) or None. A row outlives a silent standby by wal_sender_timeout."""
+        s = self.c.pg.get(standby)
+        if s is None or s.conn != self.name or not s.running:
+            return None
+        state = "streaming" if s.caught_up else "catchup"
+        sync = "sync" if self.active["sync"] == standby and s.caught_up else "async"
+        return state, sync, len(s.wal), s.reply_wall
+
+
+class Fence:
+    """The kernel's side of agent.Fence: the lease element (None closed, inf, or an expiry in
+    simulated time) and the handover element. Survives agent restarts."""
+
+    def __init__(self):
+        self.installed = False
+        self.expiry = None
+        self.handover_until = None
+        self.fresh_until = None  # the armed window of the next lease write (Fence.arm)
+        self.opened_at = None  # when the current client window opened
+
+    def open_at(self, now):
+        return self.expiry is not None and self.expiry > now
+
+    def admits(self, src, other_db, now):
+        """Is a new connection (or a packet of one) from src to the PostgreSQL port let in?"""
+        if self.open_at(now):
+            return True
+        return src == other_db and self.handover_until is not None and self.handover_until > now
+
+
+# -- the ports -----------------------------------------------------------------------------------
+
+class SimWorld(agent.World):
+    """agent.World for one incarnation of one node's agent process."""
+
+    def __init__(self, cluster, node):
+        self.c, self.node, self.name = cluster, node, node.name
+        self.inc = node.inc
+        self.sched = cluster.sched
+
+    # -- the process: every port call is a point where it can be killed or stopped ----------
+    def _enter(self):
+        node = self.node
+        if node.inc != self.inc:
+            raise SimCrash(self.name)
+        if node.crash_countdown is not None:
+            node.crash_countdown -= 1
+            if node.crash_countdown <= 0:
+                node.crash_countdown = None
+                self.c.crash(self.name, "killed in the middle of a step")
+                raise SimCrash(self.name)
+        if node.stall_at_next_call:  # SIGSTOP lands in the middle of this step
+            stall, node.stall_at_next_call = node.stall_at_next_call, 0.0
+            node.paused_until = max(node.paused_until, self.sched.now + stall)
+            self._wait(0.0, locked=True)  # it may hold a lock here: no thread of it runs
+
+    def _holds_locks(self):
+        """Does any step of this agent hold one of its locks now?"""
+        a = self.node.agent
+        if a is None or self.node.inc != self.inc:
+            return False
+        locks = [getattr(a, "_lease_lock", None), getattr(a, "_switchover_lock", None),
+                 a.observations._lock]
+        return any(lk is not None and lk.locked() for lk in locks) or a._view_lock._is_owned()
+
+    def _wait(self, seconds, locked=False, pause=True):
+        """Block this step for `seconds` (more if the node is stopped meanwhile, or a nested
+        wait overruns); everything else runs meanwhile -- but none of this node's steps while
+        it holds one of its locks."""
+        node, sched = self.node, self.sched
+        locked = locked or self._holds_locks()
+        if locked:
+            node.locked += 1
+        try:
+            sched.run_until(sched.now + seconds)
+            while pause and node.paused_until > sched.now and node.inc == self.inc:
+                sched.run_until(node.paused_until)
+        finally:
+            if locked and node.inc == self.inc:
+                node.locked -= 1
+        if node.inc != self.inc:
+            raise SimCrash(self.name)
+
+    # -- clock ------------------------------------------------------------------------------
+    def monotonic(self):
+        return self.sched.now + self.node.mono_offset
+
+    def wall(self):
+        return self.sched.now + self.node.wall_offset
+
+    def sleep(self, seconds):
+        self._enter()
+        self._wait(seconds)
+
+    def boot_id(self):
+        return f"sim-boot-{self.name}"  # hosts do not reboot in the simulation
+
+    # -- peers ------------------------------------------------------------------------------
+    def call(self, cfg, key, peer, kind, body, timeout):
+        self._enter()
+        c, src, dst = self.c, self.name, peer.name
+        net, deadline = c.net, self.sched.now + timeout
+        c.count("messages")
+        if not net.connect_ok(src, dst) or net.lost(src, dst):
+            self._wait(timeout)
+            raise socket.timeout("timed out")
+        message = {"from": src, "kind": kind, "nonce": c.nonce(), "ts": self.wall(),
+                   "body": wire(body)}
+        if c.rng_net.random() < c.dup_rate:  # the network delivers a copy later
+            c.count("duplicates")
+            c.deliver_later(dst, message, self.sched.now + c.rng_net.random() * 3)
+        self._wait(net.delay(src, dst))
+        target = c.nodes[dst]
+        if not target.alive:
+            raise ConnectionRefusedError(f"{dst}: connection refused")
+        if target.busy():  # stopped or blocked on a lock: the request waits in its socket
+            c.deliver_later(dst, message, target.free_at())
+            self._wait(max(0.0, deadline - self.sched.now))
+            raise socket.timeout("timed out")
+        reply = c.serve(dst, message)
+        if reply is None:
+            raise ConnectionResetError(f"{dst} closed the connection")
+        for i, (who, what) in enumerate(net.reply_drops):
+            if who == src and what == kind:
+                del net.reply_drops[i]
+                c.trace(src, f"the network loses {dst}'s reply to {kind}")
+                reply = None
+                break
+        d2 = net.delay(dst, src)
+        if reply is None or not net.packet_ok(dst, src) or net.lost(dst, src) \
+                or self.sched.now + d2 > deadline:
+            self._wait(max(0.0, deadline - self.sched.now))
+            raise socket.timeout("timed out")
+        self._wait(d2)
+        return reply
+
+    def serve(self, agent_):
+        self.node.replays = agent.ReplayCache()
+        return _Server()
+
+    # -- the world's objects ------------------------------------------------------------------
+    def postgres(self, cfg):
+        return SimPostgres(self)
+
+    def remote_postgres(self, cfg):
+        return SimRemote(self)
+
+    def fence(self, pg_port):
+        return SimFence(self)
+
+    def state_file(self, path, default):
+        return SimStateFile(self, default)
+
+    def event_log(self, path, node):
+        return SimEvents(self)
+
+    def agent_lock(self, state_dir):
+        return _Lock()
+
+    def logger(self):
+        log = logging.Logger(f"bobry.{self.name}", logging.INFO)  # one logger per simulated node
+        log.addHandler(_TraceHandler(self.c, self.name))
+        return log
+
+    def spawn(self, name, step):
+        self.c.run_as(self.name, self.inc, self.sched.now + 0.01, step, name)
+
+    def run_routine(self, stop, step):
+        raise AssertionError("the simulator schedules routines itself")
+
+
+class _Server:
+    def shutdown(self):
+        pass
+
+
+class _Lock:
+    fd = None
+
+    def acquire(self, log, stop):
+        return True
+
+
+class _TraceHandler(logging.Handler):
+    def __init__(self, cluster, node):
+        super().__init__(logging.INFO)
+        self.c, self.node = cluster, node
+
+    def emit(self, record):
+        self.c.trace(self.node, record.getMessage(), kind="log")
+
+
+class SimStateFile:
+    """view.json: write, fsync, rename -- a crash before the rename keeps the old file."""
+
+    def __init__(self, world, default):
+        self.w, self.default = world, default
+
+    def load(self):
+        self.w._enter()
+        return self.w.node.disk_view or self.default
+
+    def exists(self):
+        return self.w.node.disk_view is not None
+
+    def save(self, view):
+        w = self.w
+        w._enter()
+        node = w.node
+        if node.disk_fail:
+            raise OSError(28, "No space left on device")
+        if node.disk_slow:
+            w._wait(node.disk_slow, locked=True)
+        node.disk_view = view
+        w.c.saved(w.name, view)
+        if node.crash_after_save:
+            node.crash_after_save = False
+            w.c.crash(w.name, "killed right after a durable write")
+            raise SimCrash(w.name)
+
+
+class SimEvents:
+    def __init__(self, world):
+        self.w = world
+
+    def __call__(self, event, **detail):
+        self.w._enter()
+        self.w.c.event(self.w.name, event, detail)
+
+
+class SimFence:
+    """agent.Fence on the simulated kernel (Cluster.fences)."""
+
+    def __init__(self, world):
+        self.w = world
+        self.k = world.c.fences[world.name]
+
+    def _nft(self):
+        w = self.w
+        w._enter()
+        if w.node.nft_fail:
+            raise RuntimeError("nft failed: simulated")
+        if w.node.nft_slow:  # the nft process: a SIGSTOP of the agent does not stop it
+            w._wait(w.node.nft_slow, locked=True, pause=False)
+
+    def _done(self, result=None):
+        """nft has done its work; the agent goes on when it is not stopped."""
+        self.w._wait(0.0, locked=True)
+        return result
+
+    def install(self):
+        self._nft()
+        if not self.k.installed:
+            self.k.installed = True
+            self._set(None)
+        self._done()
+
+    def lease(self):
+        self.w._enter()
+        k, now = self.k, self.w.sched.now
+        if not k.open_at(now):
+            return None
+        return k.expiry - now
+
+    def _set(self, expiry):
+        c, k, now = self.w.c, self.k, self.w.sched.now
+        was_open = k.open_at(now)
+        k.expiry = expiry
+        if k.open_at(now) and not was_open:
+            k.opened_at = now
+            c.fence_opened(self.w.name)
+        elif was_open and not k.open_at(now):
+            c.trace(self.w.name, "fence: port closed")
+
+    def arm(self, seconds):
+        self._nft()
+        self.k.fresh_until = self.w.sched.now + max(0.001, int(seconds * 1000) / 1000)
+        self._done()
+
+    def _write(self, seconds, renewing):
+        """One transaction: the armed window and (renewing) the live lease must still be
+        there, else nothing is done (False)."""
+        self._nft()
+        k, now = self.k, self.w.sched.now
+        armed = k.fresh_until is not None and k.fresh_until > now
+        if not armed or (renewing and not k.open_at(now)):
+            return self._done(False)
+        k.fresh_until = None
+        self._set(now + max(0.001, int(seconds * 1000) / 1000))
+        return self._done(True)
+
+    def open_for(self, seconds):
+        return self._write(seconds, renewing=False)
+
+    def renew(self, seconds):
+        """Extend a live lease; False (and nothing done) when it has lapsed."""
+        return self._write(seconds, renewing=True)
+
+    def open(self):
+        self._nft()
+        self._set(float("inf"))
+        self._done()
+
+    def close(self):
+        self._nft()
+        self._set(None)
+        self._done()
+
+    def let_through(self, address, seconds):
+        self._nft()
+        self.k.handover_until = self.w.sched.now + int(seconds * 1000) / 1000
+        self._done()
+
+    def stop_letting_through(self):
+        self._nft()
+        self.k.handover_until = None
+        self._done()
+
+
+class SimPostgres:
+    """agent.LocalPostgres on the simulated PostgreSQL of this node."""
+
+    lock_fd = None
+
+    def __init__(self, world):
+        self.w = world
+        self.c = world.c
+        self.pg = world.c.pg[world.name]
+        self.cfg = world.c.cfgs[world.name]
+
+    def _local(self, seconds=0.001):
+        """A query over the local socket: fails at once when the server is down."""
+        self.w._enter()
+        if not self.pg.running:
+            raise OSError("could not connect to server: No such file or directory")
+        self.w._wait(seconds)
+        if not self.pg.running:
+            raise OSError("server closed the connection unexpectedly")
+
+    def prepare_dirs(self):
+        self.w._enter()
+
+    def data_exists(self):
+        self.w._enter()
+        return self.pg.exists
+
+    def has_standby_signal(self):
+        return self.pg.signal
+
+    def write_config(self, view, data_dir=None, sync_names=None):
+        self.w._enter()
+        settings = agent.pg_settings(self.cfg, view, sync_names)
+        conninfo = settings.get("primary_conninfo")
+        primary = None
+        if conninfo:
+            address = conninfo.split()[0].split("=")[1]
+            primary = self.c.by_address[address]
+        self.pg.conf = {"sync": settings["synchronous_standby_names"], "primary": primary}
+
+    def status(self, timeout, standby_name):
+        self.w._enter()
+        pg, now = self.pg, self.w.sched.now
+        if pg.running and pg.status_slow_until > now:
+            self.w._wait(timeout)
+            return agent.PgStatus("down")
+        if not pg.running:
+            return agent.PgStatus("down")
+        self.w._wait(0.001)
+        if not pg.running:
+            return agent.PgStatus("down")
+        if pg.recovery:
+            return agent.PgStatus("standby", pg.active["sync"])
+        row = pg.walsender_row(standby_name)
+        if row is None:
+            return agent.PgStatus("primary", pg.active["sync"], len(pg.wal))
+        state, sync, flush, reply = row
+        return agent.PgStatus("primary", pg.active["sync"], len(pg.wal), state, sync, flush,
+                              reply)
+
+    def start(self):
+        self.w._enter()
+        if self.pg.running:
+            raise RuntimeError("pg_ctl start failed: another server might be running")
+        if not self.pg.exists:
+            raise RuntimeError("pg_ctl start failed: no data directory")
+        if self.pg.start_fails:
+            raise RuntimeError("pg_ctl start failed: simulated (the server would not start)")
+        self.w._wait(0.05)
+        if not self.pg.running:
+            self.pg.start()
+            self.c.trace(self.w.name, "postgres started" + (" (standby)" if self.pg.recovery
+                                                             else ""))
+
+    def stop_immediate(self):
+        self.w._enter()
+        self.pg.stop("pg_ctl stop -m immediate")
+
+    def timeline(self):
+        self.w._enter()
+        if not self.pg.exists:
+            raise RuntimeError("pg_controldata: no data directory")
+        return self.pg.ckpt_tli
+
+    def rewind(self, view):
+        self.w._enter()
+        pg, c = self.pg, self.c
+        if pg.running:
+            raise RuntimeError("pg_rewind failed: target server must be shut down cleanly")
+        source = view.primary
+        src = c.pg[source]
+        self.w._wait(0.2)
+        if not c.pg_reachable(self.w.name, source):
+            raise RuntimeError(f"pg_rewind from {source} failed: could not connect")
+        if src.ckpt_tli <= pg.ckpt_tli and not pg.prefix_of(src):
+            raise RuntimeError(f"pg_rewind from {source} failed: source and target cluster "
+                               "are on the same timeline")
+        at = pg.common_prefix(src)
+        pg.set_wal(src.wal)
+        pg.tli, pg.ckpt_tli = src.tli, src.ckpt_tli
+        c.trace(self.w.name, f"pg_rewind onto {source}: diverged at {at}")
+        return f"pg_rewind: servers diverged at WAL location 0/{at:X} on timeline {pg.tli}"
+
+    def move_aside(self):
+        self.w._enter()
+        self.pg.exists = False
+        self.pg.signal = False
+        self.pg.set_wal([])
+        return f"{self.cfg.data_dir}.replaced-sim"
+
+    def make_standby(self, view):
+        self.w._enter()
+        self.pg.signal = True
+        self.write_config(view)
+
+    def reload(self):
+        self._local()
+        self.pg.active = dict(self.pg.conf)
+        self.pg.release()
+
+    def promote(self):
+        self._local(0.02)
+        if not self.pg.recovery:
+            raise RuntimeError("pg_promote failed: recovery is not in progress")
+        self.pg.promote()
+
+    def checkpoint(self, timeout=600):
+        self._local(0.05)
+        self.pg.ckpt_tli = self.pg.tli
+
+    def terminate_clients(self):
+        self._local()
+        if self.pg.pending:
+            self.c.trace(self.w.name, f"client sessions ended: {len(self.pg.pending)} "
+                                      "commits get an error")
+        self.pg.fail_pending()
+
+    def initdb(self, view):
+        self.w._enter()
+        self.w._wait(0.5)
+        pg = self.pg
+        pg.exists, pg.signal, pg.tli, pg.ckpt_tli = True, False, 1, 1
+        pg.set_wal([])
+        pg.append(1)
+        self.write_config(view)
+
+    def basebackup(self, view):
+        self.w._enter()
+        source = view.primary
+        self.w._wait(0.5)
+        if not self.c.pg_reachable(self.w.name, source, replication=True):
+            raise RuntimeError(f"pg_basebackup from {source} failed: could not connect")
+        src, pg = self.c.pg[source], self.pg
+        pg.set_wal(src.wal)
+        pg.exists, pg.signal, pg.tli, pg.ckpt_tli = True, True, src.tli, src.tli
+        self.write_config(view)
+
+
+class SimRemote:
+    """agent.RemotePostgres: the other nodes' PostgreSQL, over the simulated network."""
+
+    def __init__(self, world):
+        self.w = world
+
+    def prepare(self):
+        self.w._enter()
+
+    def _ask(self, node, timeout):
+        w, c = self.w, self.w.c
+        w._enter()
+        src, dst = w.name, node.name
+        if not c.net.connect_ok(src, dst) or c.net.lost(src, dst):
+            w._wait(timeout)
+            raise TimeoutError("PostgreSQL did not answer in time")
+        w._wait(c.net.delay(src, dst))
+        pg = c.pg[dst]
+        if not pg.running:
+            raise OSError(f"could not connect to {dst}: connection refused")
+        if not c.fences[dst].admits(src, c.other_db(dst), w.sched.now):
+            raise OSError(f"could not connect to {dst}: connection reset (fenced)")
+        if not c.net.packet_ok(dst, src) or c.net.lost(dst, src):
+            w._wait(timeout)
+            raise TimeoutError("PostgreSQL did not answer in time")
+        w._wait(c.net.delay(dst, src))
+        return pg
+
+    def in_recovery(self, node, timeout):
+        return self._ask(node, timeout).recovery
+
+    def checkpoint_timeline(self, node, timeout):
+        return self._ask(node, timeout).ckpt_tli
