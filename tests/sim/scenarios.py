@@ -270,7 +270,8 @@ def old_finding6():
         yield
 
 
-@scenario("finding6-frozen-agent-fenced-by-the-kernel", old_finding6, expect=("dual_rw", "unbounded_lease"))
+@scenario("finding6-frozen-agent-fenced-by-the-kernel", old_finding6,
+          expect=("dual_rw", "unbounded_lease"))
 def finding6(c):
     """Finding 6: the primary is isolated and its agent frozen (SIGSTOP) for 6 s: the kernel
     closes the port before the standby may be granted the next term."""
