@@ -142,10 +142,10 @@ class FaultPlan:
         db = p["db"]
         dnode, pg = c.nodes[db], c.pg[db]
         if kind == "stop_pg":
-            pg.stop("stopped behind the agent's back")
+            pg.stop("stopped behind the agent's back", clean=True)
             return None, f"PostgreSQL on {db} stopped"
         if kind == "pg_start_fails":
-            pg.stop("stopped behind the agent's back")
+            pg.stop("stopped behind the agent's back", clean=True)
             pg.start_fails = True
             return (lambda: setattr(pg, "start_fails", False),
                     f"PostgreSQL on {db} stopped and cannot start")

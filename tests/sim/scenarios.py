@@ -127,7 +127,7 @@ def finding1(c):
     wait(c, 5.0)
     assert c.arb_view.eligible == s and c.nodes[m].agent.view.eligible is None
     c.pg[s].start_fails = True        # the standby's PostgreSQL stops and cannot start
-    c.pg[s].stop("stopped behind the agent's back")
+    c.pg[s].stop("stopped behind the agent's back", clean=True)
     wait(c, 6.0)
     heal(c)
     isolate(c, m)                     # then the primary is cut off; the standby is back

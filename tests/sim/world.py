@@ -133,6 +133,7 @@ class Pg:
         self.recovery = False
         self.tli = 1
         self.ckpt_tli = 1
+        self.control = None    # pg_control's "Database cluster state" (pg_controldata)
         self.wal = []          # [(entry id, timeline, write id or 0)]
         self.writes = set()    # write ids in the WAL
         self.conf = {"sync": "", "primary": None}
@@ -182,15 +183,20 @@ class Pg:
     def start(self):
         self.running = True
         self.recovery = self.signal
+        self.control = "in archive recovery" if self.recovery else "in production"
         self.active = dict(self.conf)
         self.conn, self.silent_since, self.retry_at = None, None, 0.0
         if not self.recovery:
             self.ckpt_tli = self.tli  # crash recovery ends with a checkpoint
             self.became_primary("started")
 
-    def stop(self, why):
+    def stop(self, why, clean=False):
+        """clean: a fast or smart shutdown, which says so in pg_control; an immediate one, or
+        a crash, leaves it as it was."""
         if self.running:
             self.c.trace(self.name, f"postgres stops ({why})")
+            if clean:
+                self.control = "shut down in recovery" if self.recovery else "shut down"
         if self.is_primary:
             self.c.closed_primary(self.name)
         self.running = False
@@ -206,6 +212,7 @@ class Pg:
         self.tli += 1
         self.append(self.tli)  # the timeline switch
         self.recovery = self.signal = False
+        self.control = "in production"
         self.conn = None
         self.became_primary("promoted")
         for hook in list(self.c.promotion_hooks):
@@ -707,6 +714,12 @@ class SimPostgres:
             raise RuntimeError("pg_controldata: no data directory")
         return self.pg.ckpt_tli
 
+    def rewound(self):
+        self.w._enter()
+        if not self.pg.exists:
+            raise RuntimeError("pg_controldata: no data directory")
+        return self.pg.control == "in archive recovery"
+
     def rewind(self, view):
         self.w._enter()
         pg, c = self.pg, self.c
@@ -717,12 +730,15 @@ class SimPostgres:
         self.w._wait(0.2)
         if not c.pg_reachable(self.w.name, source):
             raise RuntimeError(f"pg_rewind from {source} failed: could not connect")
+        if pg.control not in ("shut down", "shut down in recovery"):
+            pg.control = "shut down"  # pg_rewind's crash recovery in single-user mode
         if src.ckpt_tli <= pg.ckpt_tli and not pg.prefix_of(src):
             raise RuntimeError(f"pg_rewind from {source} failed: source and target cluster "
                                "are on the same timeline")
         at = pg.common_prefix(src)
         pg.set_wal(src.wal)
         pg.tli, pg.ckpt_tli = src.tli, src.ckpt_tli
+        pg.control = "in archive recovery"  # the source's pg_control, pg_rewind's last write
         c.trace(self.w.name, f"pg_rewind onto {source}: diverged at {at}")
         return f"pg_rewind: servers diverged at WAL location 0/{at:X} on timeline {pg.tli}"
 
@@ -730,6 +746,7 @@ class SimPostgres:
         self.w._enter()
         self.pg.exists = False
         self.pg.signal = False
+        self.pg.control = None
         self.pg.set_wal([])
         return f"{self.cfg.data_dir}.replaced-sim"
 
@@ -765,6 +782,7 @@ class SimPostgres:
         self.w._wait(0.5)
         pg = self.pg
         pg.exists, pg.signal, pg.tli, pg.ckpt_tli = True, False, 1, 1
+        pg.control = "shut down"
         pg.set_wal([])
         pg.append(1)
         self.write_config(view)
@@ -778,6 +796,7 @@ class SimPostgres:
         src, pg = self.c.pg[source], self.pg
         pg.set_wal(src.wal)
         pg.exists, pg.signal, pg.tli, pg.ckpt_tli = True, True, src.tli, src.tli
+        pg.control = "in production"  # the running primary's pg_control, copied as it is
         self.write_config(view)
 
 
