@@ -419,6 +419,8 @@ class DbObservation:
     #                                     it sent after this moment may reopen the port
     port_open: bool | None = None  # the kernel lets clients in (None: taken as not fenced)
     handover_unsettled: bool = False  # a handover request of ours got no answer
+    rewound: bool = False  # down without standby.signal, pg_control "in archive recovery":
+    #                        a pg_rewind ran to its end (it writes pg_control last)
 
 
 def _age(obs_now, started_at, at):
@@ -495,6 +497,10 @@ def _decide_db(me, other, arbiter, obs, timing):
         if primary_lost >= timing.fence_timeout:
             return Decision("none", f"replaced by {primary} in term {view.term}; waiting to "
                                     f"reach it to rejoin (unseen for {primary_lost:.1f} s)")
+        if obs.pg == "down" and obs.rewound:  # the agent died between pg_rewind and the start
+            return Decision("finish_rejoin", f"replaced by {primary} in term {view.term} and "
+                                             "rewound before a restart: starting as its "
+                                             "standby")
         return Decision("rejoin", f"replaced by {primary} in term {view.term}: rewinding to "
                                   "rejoin as its standby")
     if obs.pg == "down":
@@ -2002,13 +2008,25 @@ class LocalPostgres:
         if result.returncode != 0 and "not running" not in result.stderr + result.stdout:
             raise RuntimeError(f"pg_ctl stop failed: {result.stderr.strip()}")
 
-    def timeline(self):
-        """The timeline of the last checkpoint, from pg_control (running or not)."""
-        result = self._run([self._bin("pg_controldata"), "-D", self.cfg.data_dir], timeout=30)
+    def _controldata(self, field):
+        """One field of pg_control (running or not), by its untranslated label."""
+        result = self._run([self._bin("pg_controldata"), "-D", self.cfg.data_dir], timeout=30,
+                           env={"LC_ALL": "C"})
         for line in result.stdout.splitlines():
-            if line.startswith("Latest checkpoint's TimeLineID:"):
-                return int(line.split(":")[1])
-        raise RuntimeError(f"pg_controldata: {result.stderr.strip() or 'no timeline'}")
+            label, _, value = line.partition(":")
+            if label == field:
+                return value.strip()
+        raise RuntimeError(f"pg_controldata: {result.stderr.strip() or 'no ' + field}")
+
+    def timeline(self):
+        """The timeline of the last checkpoint."""
+        return int(self._controldata("Latest checkpoint's TimeLineID"))
+
+    def rewound(self):
+        """Did a pg_rewind run to its end? Its last write to the data directory is the source's
+        pg_control with the state "in archive recovery"; an old primary's, or one a rewind
+        stopped half-way left, says "shut down" or "in production"."""
+        return self._controldata("Database cluster state") == "in archive recovery"
 
     def rewind(self, view):
         """pg_rewind onto the new primary; the output names the point of divergence."""
@@ -2849,15 +2867,19 @@ class DbAgent(Agent):
         port_open = self._observe_fence(now)
         streaming, synced = self._observe_standby(st, now)
         contact_at, alive_at = self.observations.snapshot()
+        signal = self.pg.has_standby_signal()
+        # pg_controldata only for a replaced node that is down: no extra process per tick
+        rewound = (st.pg == "down" and not signal and self.view.primary != self.cfg.me.name
+                   and self.pg.rewound())
         obs = DbObservation(
             now=now, started_at=self.started_at, pg=self.pg_state,
-            pg_down_since=self.pg_down_since, has_standby_signal=self.pg.has_standby_signal(),
+            pg_down_since=self.pg_down_since, has_standby_signal=signal,
             fenced=self.fenced, view=self.view, contact_at=contact_at,
             primary_alive_at=alive_at.get(self.view.primary), sync_names=st.sync_names,
             standby_seen_at=self.standby_seen_at, standby_streaming=streaming,
             standby_synced=synced, switchover_requested=self.switchover is not None,
             strict_sync=self.cfg.strict_sync, confirm_after=self.confirm_after,
-            port_open=port_open, handover_unsettled=self.handover_unsettled)
+            port_open=port_open, handover_unsettled=self.handover_unsettled, rewound=rewound)
         decision = decide_db(self.cfg.me.name, self.other.name, self.cfg.arbiter.name, obs,
                              self.cfg.timing)
         self.say(decision)
@@ -3008,10 +3030,20 @@ class DbAgent(Agent):
             return
         diverged = next((line for line in output.splitlines() if "diverged" in line), output)
         self.log.info("rewound onto %s: %s", self.view.primary, diverged)
+        self._start_rejoined(diverged)
+
+    def do_finish_rejoin(self, decision):
+        """An agent killed after pg_rewind and before standby.signal left a complete rewind
+        (pg_control, its last write, says so): it needs only the standby's files and a start.
+        Its timeline is already the new primary's: do_rejoin's check would wait forever."""
+        self._start_rejoined("not known: rewound by an agent killed before it started "
+                             "PostgreSQL")
+
+    def _start_rejoined(self, divergence):
         self.pg.make_standby(self.view)
         self.pg.start()
         self.events("rejoined", primary=self.view.primary, term=self.view.term,
-                    divergence=diverged)
+                    divergence=divergence)
 
     def do_handover(self, decision):
         """Planned switchover: fence (no new writes; the standby alone still streams), let it

@@ -98,10 +98,11 @@ def promote_only_on_a_view_naming_me(c):
 
 
 def role_changes_only_on_the_arbiters_view(c):
-    """Rules 1 and 6: a promotion or a rewind follows a view that the arbiter made (term > 0),
-    never the local guess of an agent that has not heard from it (term 0, from the config).
-    It was a known violation, found by this sweep and fixed."""
-    if c.d.action not in ("promote", "rejoin"):
+    """Rules 1 and 6: a promotion, a rewind or the start of a rewound node as a standby follows
+    a view that the arbiter made (term > 0), never the local guess of an agent that has not
+    heard from it (term 0, from the config). It was a known violation, found by this sweep and
+    fixed."""
+    if c.d.action not in ("promote", "rejoin", "finish_rejoin"):
         return False
     assert c.view.term > 0, c
     return True
@@ -227,6 +228,31 @@ def rejoin_only_a_replaced_node_onto_a_live_primary(c):
     assert ((c.o.pg == "primary" and not c.port_open)
             or (c.o.pg == "down" and not c.o.has_standby_signal)), c
     assert c.age(c.o.primary_alive_at) < T.fence_timeout, c
+    return True
+
+
+def finish_rejoin_only_a_rewound_replaced_node_onto_a_live_primary(c):
+    """Healing, "Rejoin", and DbAgent.do_finish_rejoin: a node starts a data directory without
+    standby.signal as a standby only when the view names the other node, its PostgreSQL is
+    down, pg_control says a rewind ran to its end, and the primary was seen within
+    fence_timeout."""
+    if c.d.action != "finish_rejoin":
+        return False
+    assert not c.mine, c
+    assert c.o.pg == "down" and not c.o.has_standby_signal and c.o.rewound, c
+    assert c.age(c.o.primary_alive_at) < T.fence_timeout, c
+    return True
+
+
+def rewound_node_finishes_its_rejoin(c):
+    """Healing, "Rejoin", the other half (found by the simulator): a replaced node that is down
+    with a complete rewind and no standby.signal, on a view of the arbiter's (term > 0), with
+    the primary seen within fence_timeout, starts as a standby -- never rewinds again, whose
+    timeline check would wait forever (pg_control has the new primary's timeline)."""
+    if not (not c.mine and c.view.term > 0 and c.o.pg == "down" and not c.o.has_standby_signal
+            and c.o.rewound and c.age(c.o.primary_alive_at) < T.fence_timeout):
+        return False
+    assert c.d.action == "finish_rejoin", c
     return True
 
 
@@ -370,7 +396,9 @@ DB_INVARIANTS = [
     fence_only_a_lost_or_replaced_primary, replaced_primary_takes_no_write,
     unfence_only_a_standby_or_a_confirmed_primary, fenced_primary_unfences_on_the_arbiters_word,
     resume_only_the_primary_after_restart_grace, primary_down_resumes_after_restart_grace,
-    rejoin_only_a_replaced_node_onto_a_live_primary, start_standby_only_with_standby_signal,
+    rejoin_only_a_replaced_node_onto_a_live_primary,
+    finish_rejoin_only_a_rewound_replaced_node_onto_a_live_primary,
+    rewound_node_finishes_its_rejoin, start_standby_only_with_standby_signal,
     sync_names_go_to_no_one_only_through_drop_standby, strict_sync_never_drops,
     drop_standby_only_with_a_fresh_arbiter, drop_standby_only_when_writes_wait,
     wait_for_a_returning_standby_only_once_it_streams,
@@ -799,7 +827,7 @@ TERM1 = View(1, "pg1", "pg2")
 def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
         primary=0.1, down=None, signal=True, started=100.0, sync=None, seen=0.1,
         streaming=True, synced=True, switchover=False, strict=False, confirm_after=None,
-        port_open=None, unsettled=False):
+        port_open=None, unsettled=False, rewound=False):
     """A DbObservation at NOW from ages (seconds before NOW; None: never)."""
     contact = {k: at(a) for k, a in ((other(me), peer), (ARB, arbiter)) if a is not None}
     return DbObservation(
@@ -808,7 +836,7 @@ def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
         primary_alive_at=at(primary), sync_names=sync, standby_seen_at=at(seen),
         standby_streaming=streaming, standby_synced=synced, switchover_requested=switchover,
         strict_sync=strict, confirm_after=confirm_after, port_open=port_open,
-        handover_unsettled=unsettled)
+        handover_unsettled=unsettled, rewound=rewound)
 
 
 STARTED = (100.0, 0.5)  # an agent long up, or one just started (never heard: 0.5 s ago)
@@ -822,11 +850,14 @@ def db_cases():
         mine = [v for v in views() if v.primary == me]
         theirs = [v for v in views() if v.primary != me]
         # a standby, a replaced primary, a node whose PostgreSQL is down: the view names the peer
-        for view, pg, fenced, port, signal, primary, arbiter, started in itertools.product(
-                theirs, ("primary", "standby", "down"), (False, True), (None, False, True),
-                (False, True), (0.1, 0.5, 1.0, 1.5, 2.0, None), (0.1, 1.0, None), STARTED):
+        # (rewound is observed only when PostgreSQL is down: the grid draws it everywhere)
+        for view, pg, fenced, port, signal, rewound, primary, arbiter, started in \
+                itertools.product(theirs, ("primary", "standby", "down"), (False, True),
+                                  (None, False, True), (False, True), (False, True),
+                                  (0.1, 0.5, 1.0, 1.5, 2.0, None), (0.1, 1.0, None),
+                                  STARTED):
             yield me, obs(me, pg, view, fenced, primary=primary, arbiter=arbiter,
-                          signal=signal, started=started, port_open=port,
+                          signal=signal, started=started, port_open=port, rewound=rewound,
                           sync="" if pg == "primary" else None)
         # the view names me, PostgreSQL not running as a primary
         for view, pg, fenced, signal, down, started in itertools.product(
@@ -916,7 +947,7 @@ def db_observations(draw):
         standby_seen_at=draw(moments), standby_streaming=draw(flags),
         standby_synced=draw(flags), switchover_requested=draw(flags), strict_sync=draw(flags),
         confirm_after=draw(moments), port_open=draw(st.sampled_from((None, False, True))),
-        handover_unsettled=draw(flags))
+        handover_unsettled=draw(flags), rewound=draw(flags))
 
 
 @SMALL

@@ -18,14 +18,14 @@ PAUSED = View(1, "pg1", "pg2", 5, paused=True)
 
 def obs(pg="primary", view=TERM1, fenced=False, other=FRESH, arbiter=FRESH, primary=FRESH,
         down_since=None, standby_signal=False, sync="pg2", me="pg1", standby=FRESH,
-        streaming=True, synced=True, switchover=False, strict=False):
+        streaming=True, synced=True, switchover=False, strict=False, rewound=False):
     peer = "pg2" if me == "pg1" else "pg1"
     return DbObservation(now=NOW, started_at=NOW - 100, pg=pg, pg_down_since=down_since,
                          has_standby_signal=standby_signal, fenced=fenced, view=view,
                          contact_at={peer: other, "arb": arbiter}, primary_alive_at=primary,
                          sync_names=sync if pg == "primary" else None, standby_seen_at=standby,
                          standby_streaming=streaming, standby_synced=synced,
-                         switchover_requested=switchover, strict_sync=strict)
+                         switchover_requested=switchover, strict_sync=strict, rewound=rewound)
 
 
 def same(a, b):  # views equal but for seq
@@ -255,6 +255,34 @@ def test_replaced_primary_rejoins_when_it_reaches_the_new_primary():
     assert m(view=replaced, pg="down", primary=FRESH).action == "rejoin"
     # once it runs as a standby, the fence goes
     assert m(view=replaced, pg="standby", fenced=True, standby_signal=True).action == "unfence"
+
+
+def test_replaced_primary_killed_after_its_rewind_starts_as_a_standby():
+    """Found by the simulator: the agent killed after pg_rewind, before standby.signal. Its
+    pg_control says "in archive recovery" (rewound) and has the new primary's timeline, so a
+    second rewind would wait forever for a newer one: it starts as the standby instead, on
+    the same conditions as the rejoin."""
+    replaced = View(2, "pg2", None)
+    d = m(view=replaced, pg="down", rewound=True)
+    assert d.action == "finish_rejoin"
+    assert d.reason == ("replaced by pg2 in term 2 and rewound before a restart: starting as "
+                        "its standby")
+    assert m(view=replaced, pg="down").action == "rejoin"  # not rewound: rewind
+    # the same conditions as the rejoin: a view of the arbiter's, the new primary seen lately
+    assert m(view=View(0, "pg2", None), pg="down", rewound=True).action == "none"
+    assert m(view=replaced, pg="down", rewound=True, primary=NOW - 0.99).action == \
+        "finish_rejoin"
+    assert m(view=replaced, pg="down", rewound=True, primary=NOW - 1.0).action == "none"
+    assert m(view=replaced, pg="down", rewound=True, primary=None).action == "none"
+    # standby.signal written already: a plain start; PostgreSQL running: rewound says nothing
+    assert m(view=replaced, pg="down", rewound=True, standby_signal=True).action == \
+        "start_standby"
+    assert m(view=replaced, pg="primary", fenced=True, rewound=True).action == "rejoin"
+    # the view names me: the primary's rules, whatever pg_control says
+    assert m(pg="down", rewound=True, down_since=NOW - 10).action == "resume"
+    # paused: it rejoins all the same (as the rewind does), and says PAUSED
+    d = m(view=View(2, "pg2", None, 3, paused=True), pg="down", rewound=True)
+    assert d.action == "finish_rejoin" and d.reason.startswith("PAUSED: ")
 
 
 # -- pause (README, "Pause and resume"): the decisions ----------------------------------------
