@@ -467,30 +467,31 @@ def late_opening(c):
     heal(c)
 
 
-# -- open: found by the simulator, not fixed (README, "Found by the simulator") ------------------
+# -- found by the simulator: killed between pg_rewind and standby.signal -------------------------
 
-OPEN = {}
+@contextlib.contextmanager
+def old_rewound_unseen():
+    """Before the fix: the decision did not know what pg_control says of the data directory:
+    a replaced node down without standby.signal always rejoined through do_rejoin, whose
+    timeline check waits for the new primary's timeline to be newer than its own."""
+    original = agent._decide_db
+
+    def decide(me, other, arbiter, obs, timing):
+        return original(me, other, arbiter, dataclasses.replace(obs, rewound=False), timing)
+
+    with patched(agent, "_decide_db", decide):
+        yield
 
 
-def open_bug(name, expect):
-    def register(script):
-        OPEN[name] = Scenario(name, script, contextlib.nullcontext, False, expect)
-        return script
-    return register
-
-
-def run_open(name, log=None):
-    s = OPEN[name]
-    return run(s.seed, 0, log=log, setup=lambda c, plan: s.script(c), wall_skew=0.0)
-
-
-@open_bug("open-killed-between-rewind-and-standby-signal", expect=("no_convergence",))
+@scenario("sim-killed-between-rewind-and-standby-signal", old_rewound_unseen,
+          expect=("no_convergence",))
 def killed_after_rewind(c):
-    """Open (found by seed 1124 of the long run): the replaced primary's agent is killed after
-    pg_rewind finished and before it wrote standby.signal (in the lab: killed during the
-    rewind, whose child outlives it and finishes). pg_control now shows the new primary's
-    timeline, so the restarted agent's rejoin check ("has the new primary checkpointed a
-    newer timeline than mine?") waits forever: the node never rejoins."""
+    """Found by the simulator (seed 1124 of the long run): the replaced primary's agent is
+    killed after pg_rewind finished and before it wrote standby.signal (in the lab: killed
+    during the rewind, whose child outlives it and finishes). pg_control now shows the new
+    primary's timeline, so a rejoin that first asks "has the new primary checkpointed a newer
+    timeline than mine?" waits forever; pg_control also says "in archive recovery", which
+    only a complete rewind leaves: the restarted agent must start it as a standby."""
     m, s = primary(c), c.other_db(primary(c))
     isolate(c, m, client_too=False)
     c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)

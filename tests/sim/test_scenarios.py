@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .scenarios import OPEN, SCENARIOS, run_open, run_scenario
+from .scenarios import SCENARIOS, run_scenario
 
 sys.setrecursionlimit(20000)
 
@@ -22,10 +22,3 @@ def test_scenario_fails_on_the_code_before_its_fix(name):
     assert r.violation is not None, f"{name}: the old code passed"
     assert r.violation[1] in SCENARIOS[name].expect, r.violation
 
-
-@pytest.mark.parametrize("name", list(OPEN))
-@pytest.mark.xfail(strict=True, reason="open: found by the simulator, not fixed yet (README, "
-                                       "'Found by the simulator'); XPASS means it was fixed")
-def test_open_bug(name):
-    r = run_open(name)
-    assert r.violation is None, r.violation
