@@ -1,7 +1,7 @@
 """Helpers for the tests that run a real embedded lab (integration and infra suites)."""
 import time
 
-from lab.backend import LabError
+from lab.backend import AGENT_HOSTS, LabError
 from lab.netns import NetnsBackend
 
 
@@ -15,6 +15,18 @@ def fresh_lab(strict_sync=False):
         yield backend
     finally:
         backend.down()
+
+
+def agent_log_tails(backend, lines=40):
+    """The last lines each agent logged (one decision per line when it changes)."""
+    tails = []
+    for host in AGENT_HOSTS:
+        try:
+            text = backend.read_file(host, backend.lab_dir / "hosts" / host / "log" / "agent.log")
+        except OSError as exc:
+            text = f"(unreadable: {exc})"
+        tails.append(f"--- {host}\n" + "\n".join(text.splitlines()[-lines:]))
+    return "\n".join(tails)
 
 
 def eventually(predicate, timeout, interval=0.2):

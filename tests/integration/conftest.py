@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from labtest import fresh_lab
+from labtest import agent_log_tails, fresh_lab
 
 
 def pytest_collection_modifyitems(items):
@@ -13,6 +13,17 @@ def pytest_collection_modifyitems(items):
         for item in items:
             if "integration" in str(item.fspath):
                 item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with each agent's last decisions: the lab is gone by the
+    time anyone reads it, and CI keeps only what pytest printed."""
+    report = yield
+    backend = item.funcargs.get("lab") or item.funcargs.get("strict_lab")
+    if report.when == "call" and report.failed and backend is not None:
+        report.sections.append(("agent logs, last lines", agent_log_tails(backend)))
+    return report
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -136,6 +136,9 @@ def test_pause_holds_an_isolated_primary_and_resume_lets_the_failover_happen(lab
     assert arb_view(lab)["resuming"] is True
     lab.heal()  # pg1 hears of the resume, its lease is timed again
     eventually(lambda: not arb_view(lab)["resuming"], 15)
+    # pg1 dropped pg2 from sync on resuming (it had not streamed for the whole pause): only
+    # once pg2 is eligible again may a failover promote it
+    eventually(lambda: arb_view(lab)["eligible"] == "pg2", 30)
     # resumed: the failover happens
     since = time.time()
     lab.isolate("pg1")
