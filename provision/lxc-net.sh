@@ -30,7 +30,9 @@ fi
 exec 9< "$0"
 flock 9
 
-guard_present() { ip route show type unreachable | grep -q "^unreachable $subnet "; }
+# (grep without -q in pipelines: an early exit would SIGPIPE the writer, and pipefail would
+# turn a match into a failure)
+guard_present() { ip route show type unreachable | grep "^unreachable $subnet " >/dev/null; }
 
 up() {
   mkdir -p "$state"
@@ -40,7 +42,7 @@ up() {
   if ! ip link show "$bridge" >/dev/null 2>&1; then
     ip link add "$bridge" type bridge
   fi
-  ip addr show dev "$bridge" | grep -q "inet $address " || ip addr add "$address" dev "$bridge"
+  ip addr show dev "$bridge" | grep "inet $address " >/dev/null || ip addr add "$address" dev "$bridge"
   ip link set "$bridge" up
   nft -f - <<EOF
 table inet bobry_lab
@@ -89,7 +91,7 @@ down() {
 
 in_use() {
   # a container whose configuration links an interface to the lab bridge
-  grep -ls "^lxc.net.[0-9]*.link *= *$bridge\$" /var/lib/lxc/*/config 2>/dev/null | grep -q .
+  grep -ls "^lxc.net.[0-9]*.link *= *$bridge\$" /var/lib/lxc/*/config 2>/dev/null | grep . >/dev/null
 }
 
 case "${1:-}" in
