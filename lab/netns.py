@@ -120,9 +120,11 @@ class NetnsBackend(Backend):
         os.kill(pid, sig)
         if sig in (signal.SIGTERM, signal.SIGKILL):
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            _reap(pid)
+            while time.monotonic() < deadline:
+                _reap(pid)  # an agent this process started is a zombie until reaped
+                if not _alive(pid):
+                    break
+                time.sleep(0.02)
         return pid
 
     # -- the lab's life cycle --------------------------------------------------------------

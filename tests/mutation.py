@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 SURVIVORS = REPO / "tests" / "mutation_survivors.md"
 
 DECISIONS = ["check_timing", "promote_window", "View.changed", "_age", "desired_sync_names",
-             "lease_extension", "standby_heard", "decide_db", "_decide_as_primary",
-             "decide_grant", "decide_resume", "decide_eligibility", "decide_handover",
+             "lease_extension", "standby_heard", "decide_db", "_decide_db",
+             "_decide_as_primary", "decide_grant", "paused_refusal", "decide_pause",
+             "decide_resume_ack", "decide_resume", "decide_eligibility", "decide_handover",
              "decide_settle", "bootstrap_action", "newer_view"]
 FIGURES = ["acked", "lost", "first_event", "count_events", "seconds_since", "longest_silence",
            "longest_gap", "median", "slowest_minute_tps", "tps_timeline", "verdict",

@@ -60,7 +60,9 @@ def test_finding2_dead_primary_agent_is_fenced_by_the_kernel_then_replaced(lab, 
         lab.isolate("pg1")
     lab.signal_agent("pg1", "KILL")
     closed, granted = closed_before_the_grant(lab, since)
-    assert closed < 1.6, closed  # fence_timeout + safety_margin after the last heartbeat
+    t = lab.config("pg1").timing  # the lease: fence_timeout + safety_margin after a peer
+    assert closed < t.fence_timeout + t.safety_margin + t.check_interval + t.probe_timeout, \
+        closed  # last heard pg1, which was at most a heartbeat before the fault
     wait_for(lab, "promoted", "pg2", since)
     client_write(lab, "create table t(i int); insert into t values (1)", timeout=30)
     lab.heal()

@@ -45,6 +45,7 @@ class Node:
         self.crash_after_save = False
         self.stall_at_next_call = 0.0
         self.disk_view = None  # view.json
+        self.history = []      # the arbiter's history file
         self.disk_fail = False
         self.disk_slow = 0.0
         self.nft_fail = False

@@ -153,9 +153,8 @@ def old_finding3():
         return ready
 
     def open_for(self, seconds):  # and, as then, a write the kernel takes whenever it comes
-        self._nft()
-        self._set(self.w.sched.now + seconds)
-        return self._done(True)
+        self._nft(lambda: self._set(self._timeout(seconds)))
+        return True
 
     with patched(agent.DbAgent, "prepare", prepare), \
             patched(simworld.SimFence, "open_for", open_for):
@@ -260,13 +259,11 @@ def old_finding6():
     """Before the fix: the fence was a rule the agent added itself; the kernel knew no
     deadline (an nft element without timeout: open until the agent closes it)."""
     def open_for(self, seconds):
-        self._nft()
-        self._set(float("inf"))
-        return self._done(True)
+        self._nft(lambda: self._set(float("inf")))
+        return True
 
     def renew(self, seconds):
-        self._nft()
-        return self._done(self.k.open_at(self.w.sched.now))
+        return self._nft(lambda: self.k.open_at(self.w.sched.now))
 
     with patched(simworld.SimFence, "open_for", open_for), \
             patched(simworld.SimFence, "renew", renew):
@@ -428,3 +425,42 @@ def promoted_agent_killed(c):
     heal(c)
     wait(c, 2.0)
 
+
+
+# -- found by the simulator ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def old_unarmed_writes():
+    """Before the fix: no armed window (no arm before computing the lease); the kernel took a
+    write whenever it came, with a timeout counted from then."""
+    with patched(simworld.SimFence, "_armed_then", lambda self, change: change), \
+            patched(simworld.SimFence, "arm", lambda self, seconds: None):
+        yield
+
+
+@scenario("sim-late-opening-outlives-the-grant", old_unarmed_writes,
+          expect=("dual_rw", "dual_ack"))
+def late_opening(c):
+    """Found by the simulator (seed 5): a fenced primary decides to unfence on the arbiter's
+    fresh word, and the opening reaches the kernel 2.5 s later (nft slow, or the agent stopped
+    between computing the lease and running nft) while the primary is cut off. The element's
+    timeout counts from when the kernel takes it, so without the armed window the port opens
+    after the standby was granted the next term."""
+    m = primary(c)
+    agent_m = c.nodes[m].agent
+    cut(c, m, "arb")
+    cut(c, m, c.other_db(m))
+    wait(c, 1.5)                       # the lease lapses: fenced
+    original = agent_m.do_unfence
+
+    def do_unfence(decision):          # the moment it decides, nft stalls and the link goes
+        agent_m.do_unfence = original
+        c.nodes[m].nft_slow = 2.5
+        cut(c, m, "arb")
+        cut(c, m, c.other_db(m))
+        return original(decision)
+    agent_m.do_unfence = do_unfence
+    heal(c)
+    wait(c, 8.0)
+    c.nodes[m].nft_slow = 0.0
+    heal(c)

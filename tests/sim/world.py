@@ -411,11 +411,17 @@ class SimWorld(agent.World):
     def event_log(self, path, node):
         return SimEvents(self)
 
+    def history_file(self, path):
+        return SimHistory(self)
+
+    def serve_http(self, agent_):
+        return None  # the health endpoints are for operators: not simulated
+
     def agent_lock(self, state_dir):
         return _Lock()
 
     def logger(self):
-        log = logging.Logger(f"bobry.{self.name}", logging.INFO)  # one logger per simulated node
+        log = logging.Logger(f"bobry.{self.name}", logging.INFO)  # one per agent, not shared
         log.addHandler(_TraceHandler(self.c, self.name))
         return log
 
@@ -476,6 +482,26 @@ class SimStateFile:
             raise SimCrash(w.name)
 
 
+class SimHistory:
+    """The arbiter's history file: appended records survive restarts (a slow disk too)."""
+
+    def __init__(self, world):
+        self.w = world
+
+    def append(self, record):
+        w = self.w
+        w._enter()
+        if w.node.disk_fail:
+            raise OSError(28, "No space left on device")
+        if w.node.disk_slow:
+            w._wait(w.node.disk_slow, locked=True)
+        w.node.history.append(wire(record))
+
+    def read(self):
+        self.w._enter()
+        return [dict(r) for r in self.w.node.history]
+
+
 class SimEvents:
     def __init__(self, world):
         self.w = world
@@ -492,25 +518,32 @@ class SimFence:
         self.w = world
         self.k = world.c.fences[world.name]
 
-    def _nft(self):
+    def _nft(self, change):
+        """Run nft: `change()` is what the kernel does, when nft is done -- nft_slow after the
+        call, whatever happens to the agent meanwhile (a SIGSTOP, a delay in resuming its
+        step). The agent goes on afterwards, when it is not stopped; nft's answer is
+        change()'s value."""
         w = self.w
         w._enter()
         if w.node.nft_fail:
             raise RuntimeError("nft failed: simulated")
-        if w.node.nft_slow:  # the nft process: a SIGSTOP of the agent does not stop it
+        result = []
+        if not w.node.nft_slow:
+            result.append(change())
+        else:
+            w.sched.at(w.sched.now + w.node.nft_slow, lambda: result.append(change()))
             w._wait(w.node.nft_slow, locked=True, pause=False)
-
-    def _done(self, result=None):
-        """nft has done its work; the agent goes on when it is not stopped."""
-        self.w._wait(0.0, locked=True)
-        return result
+            while not result:  # a nested wait may not have reached nft's moment yet
+                w._wait(0.001, locked=True, pause=False)
+        w._wait(0.0, locked=True)
+        return result[0]
 
     def install(self):
-        self._nft()
-        if not self.k.installed:
-            self.k.installed = True
-            self._set(None)
-        self._done()
+        def change():
+            if not self.k.installed:
+                self.k.installed = True
+                self._set(None)
+        self._nft(change)
 
     def lease(self):
         self.w._enter()
@@ -529,49 +562,65 @@ class SimFence:
         elif was_open and not k.open_at(now):
             c.trace(self.w.name, "fence: port closed")
 
-    def arm(self, seconds):
-        self._nft()
-        self.k.fresh_until = self.w.sched.now + max(0.001, int(seconds * 1000) / 1000)
-        self._done()
+    def _timeout(self, seconds):
+        """An element's timeout counts from when the kernel takes it."""
+        return self.w.sched.now + max(0.001, int(seconds * 1000) / 1000)
 
-    def _write(self, seconds, renewing):
-        """One transaction: the armed window and (renewing) the live lease must still be
-        there, else nothing is done (False)."""
-        self._nft()
-        k, now = self.k, self.w.sched.now
-        armed = k.fresh_until is not None and k.fresh_until > now
-        if not armed or (renewing and not k.open_at(now)):
-            return self._done(False)
-        k.fresh_until = None
-        self._set(now + max(0.001, int(seconds * 1000) / 1000))
-        return self._done(True)
+    def arm(self, seconds):
+        def change():
+            self.k.fresh_until = self._timeout(seconds)
+        self._nft(change)
+
+    def _armed_then(self, change):
+        """The write deletes the armed window's element in the same transaction: a write
+        the kernel gets after the window fails whole, changing nothing (False)."""
+        def write():
+            k = self.k
+            if k.fresh_until is None or k.fresh_until <= self.w.sched.now:
+                return False
+            k.fresh_until = None
+            return change()
+        return write
 
     def open_for(self, seconds):
-        return self._write(seconds, renewing=False)
+        def change():
+            self._set(self._timeout(seconds))
+            return True
+        return self._nft(self._armed_then(change))
+
+    def _live_then(self, expiry):
+        """delete + add in one transaction: fails, changing nothing, on a lapsed element."""
+        def change():
+            if not self.k.open_at(self.w.sched.now):
+                return False
+            self._set(expiry() if callable(expiry) else expiry)
+            return True
+        return change
 
     def renew(self, seconds):
-        """Extend a live lease; False (and nothing done) when it has lapsed."""
-        return self._write(seconds, renewing=True)
+        """Extend a live lease (within the armed window); False (and nothing done) when it
+        has lapsed or the window has passed."""
+        return self._nft(self._armed_then(self._live_then(lambda: self._timeout(seconds))))
 
     def open(self):
-        self._nft()
-        self._set(float("inf"))
-        self._done()
+        self._nft(lambda: self._set(float("inf")))
+
+    def hold(self):
+        """A paused primary's live lease loses its timeout; False when it had lapsed."""
+        return self._nft(self._live_then(float("inf")))
 
     def close(self):
-        self._nft()
-        self._set(None)
-        self._done()
+        self._nft(lambda: self._set(None))
 
     def let_through(self, address, seconds):
-        self._nft()
-        self.k.handover_until = self.w.sched.now + int(seconds * 1000) / 1000
-        self._done()
+        def change():
+            self.k.handover_until = self.w.sched.now + int(seconds * 1000) / 1000
+        self._nft(change)
 
     def stop_letting_through(self):
-        self._nft()
-        self.k.handover_until = None
-        self._done()
+        def change():
+            self.k.handover_until = None
+        self._nft(change)
 
 
 class SimPostgres:

@@ -99,12 +99,12 @@ def test_timing_that_lets_the_standby_promote_before_the_fence(tmp_path):
 
 
 def test_timing_under_which_a_healthy_lease_would_lapse(tmp_path):
-    text = shipped().replace("check_interval = 0.2", "check_interval = 0.8")
+    text = shipped().replace("check_interval = 0.2", "check_interval = 1.0")
     assert "[timing] check_interval" in error_of(tmp_path, text)
 
 
 def test_probe_timeout_not_shorter_than_fence_timeout(tmp_path):
-    text = shipped().replace("probe_timeout = 0.3", "probe_timeout = 1.0").replace(
+    text = shipped().replace("probe_timeout = 0.3", "probe_timeout = 1.2").replace(
         "failover_timeout = 2.0", "failover_timeout = 5")
     assert "[timing] probe_timeout" in error_of(tmp_path, text)
 

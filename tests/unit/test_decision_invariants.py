@@ -42,8 +42,12 @@ def other(me):
     return "pg2" if me == "pg1" else "pg1"
 
 
-def views(terms=(0, 1, 2), seqs=(0,), eligibles=(None, "pg1", "pg2")):
-    return [View(t, p, e, s) for t, p, e, s in itertools.product(terms, DB, eligibles, seqs)]
+PAUSE_STATES = ((False, False), (True, False), (False, True), (True, True))  # (paused, resuming)
+
+
+def views(terms=(0, 1, 2), seqs=(0,), eligibles=(None, "pg1", "pg2"), pauses=((False, False),)):
+    return [View(t, p, e, s, *pause) for t, p, e, s, pause
+            in itertools.product(terms, DB, eligibles, seqs, pauses)]
 
 
 class Case:
@@ -115,8 +119,9 @@ def request_promotion_only_when_the_rules_allow(c):
 
 def standby_asks_once_the_rules_allow(c):
     """Rule 1, the other half: the eligible, running, unfenced standby that lost M for
-    failover_timeout and reaches A asks it (else no failover ever happens)."""
-    if not (not c.mine and c.o.pg == "standby" and not c.o.fenced
+    failover_timeout and reaches A asks it (else no failover ever happens) -- unless the cluster
+    is paused."""
+    if not (not c.mine and c.o.pg == "standby" and not c.o.fenced and not c.view.paused
             and c.view.eligible == c.me and c.age(c.o.primary_alive_at) >= T.failover_timeout
             and c.arbiter_fresh):
         return False
@@ -126,12 +131,13 @@ def standby_asks_once_the_rules_allow(c):
 
 def primary_fences_exactly_when_it_lost_both_peers(c):
     """Rule 5: the unfenced running primary of the view fences itself when it has had no round
-    trip with S nor with A for fence_timeout, and never while one of them answers (rule 7)."""
+    trip with S nor with A for fence_timeout, and never while one of them answers (rule 7);
+    while the cluster is paused it never fences on a timeout (README, "Pause and resume")."""
     if not (c.mine and c.o.pg == "primary" and not c.o.fenced):
         return False
     both_lost = (c.age(c.o.contact_at.get(c.peer)) >= T.fence_timeout
                  and not c.arbiter_fresh)
-    assert (c.d.action == "fence") == both_lost, c
+    assert (c.d.action == "fence") == (both_lost and not c.view.paused), c
     return True
 
 
@@ -142,7 +148,7 @@ def fence_only_a_lost_or_replaced_primary(c):
         return False
     assert c.o.pg == "primary", c
     if c.mine:
-        assert not c.o.fenced and not c.arbiter_fresh, c
+        assert not c.o.fenced and not c.arbiter_fresh and not c.view.paused, c
         assert c.age(c.o.contact_at.get(c.peer)) >= T.fence_timeout, c
     return True
 
@@ -294,8 +300,8 @@ def wait_for_a_returning_standby_only_once_it_streams(c):
 def silent_eligible_standby_is_dropped_when_allowed(c):
     """Healing, "Standby lost", the other half: the unfenced primary, not asked to switch over,
     reaching A, whose eligible standby has not replied for failover_timeout, asks A to drop
-    it -- unless strict_sync."""
-    if not (c.mine and c.o.pg == "primary" and not c.o.fenced
+    it -- unless strict_sync, or the cluster is paused."""
+    if not (c.mine and c.o.pg == "primary" and not c.o.fenced and not c.view.paused
             and not c.o.switchover_requested and c.view.eligible == c.peer
             and c.age(c.o.standby_seen_at) >= T.failover_timeout and c.arbiter_fresh):
         return False
@@ -335,6 +341,29 @@ def settle_only_an_unsettled_handover(c):
     return True
 
 
+def paused_no_promotion_no_handover_no_sync_change(c):
+    """README, "Pause and resume": while the view says paused no standby asks to be promoted,
+    the primary hands nothing over (it refuses a switchover, or holds if it lost both peers)
+    and changes synchronous replication on its own in no way (no drop_standby, mark_eligible,
+    set_sync)."""
+    if not c.view.paused:
+        return False
+    assert c.d.action not in ("request_promotion", "handover", "drop_standby",
+                              "mark_eligible", "set_sync"), c
+    if c.mine and c.o.pg == "primary" and not c.o.fenced and c.o.switchover_requested:
+        both_lost = (c.age(c.o.contact_at.get(c.peer)) >= T.fence_timeout
+                     and not c.arbiter_fresh)  # then it holds its port open, says none
+        assert c.d.action == ("none" if both_lost else "refuse_switchover"), c
+    return True
+
+
+def paused_reasons_say_so(c):
+    """README, "Pause and resume": while paused every decision's reason starts with PAUSED,
+    and only then."""
+    assert c.d.reason.startswith(agent.PAUSED + ": ") == c.view.paused, c
+    return c.view.paused
+
+
 DB_INVARIANTS = [
     known_action, promote_only_on_a_view_naming_me, request_promotion_only_when_the_rules_allow,
     standby_asks_once_the_rules_allow, primary_fences_exactly_when_it_lost_both_peers,
@@ -348,12 +377,13 @@ DB_INVARIANTS = [
     silent_eligible_standby_is_dropped_when_allowed,
     handover_only_to_an_eligible_standby_with_the_arbiter, mark_eligible_only_a_synced_standby,
     settle_only_an_unsettled_handover, role_changes_only_on_the_arbiters_view,
+    paused_no_promotion_no_handover_no_sync_change, paused_reasons_say_so,
 ]
 
 
 # -- the arbiter's decisions ----------------------------------------------------------------------
 
-ARB_VIEWS = views(terms=(0, 1, 2), seqs=(0, 1))
+ARB_VIEWS = views(terms=(0, 1, 2), seqs=(0, 1), pauses=PAUSE_STATES)
 SEEN = (None, NOW - 0.1, NOW - 1.0, NOW - 1.9, NOW - 2.0, NOW - 10)
 
 
@@ -375,14 +405,16 @@ def grant_creates_one_term_for_the_eligible_candidate(view, candidate, term, see
     exactly the next term, with the candidate as primary and no eligible standby yet, for the
     eligible standby asking about the current term on news from A no older than promote_window
     (a request held in the network, replayed or queued is refused), when A itself has seen no
-    sign of the primary for failover_timeout. A grant without a new view only re-answers the
-    candidate that already is the primary (a lost reply); a refusal changes nothing."""
+    sign of the primary for failover_timeout, and never while the cluster is paused or resuming
+    (README, "Pause and resume"). A grant without a new view only re-answers the candidate that
+    already is the primary (a lost reply); a refusal changes nothing."""
     if new == view:
         if granted:
             assert candidate == view.primary
         return False
     assert granted and new == View(view.term + 1, candidate, None, view.seq + 1)
     assert view.eligible == candidate and term == view.term and candidate != view.primary
+    assert not view.paused and not view.resuming  # README, "Pause and resume"
     assert news is not None and NOW - news <= promote_window(GRANT_T)
     assert NOW - (seen if seen is not None else started) >= GRANT_T.failover_timeout
     return True
@@ -396,6 +428,7 @@ def grant_once_the_rules_allow(view, candidate, term, seen, started, news, grant
         assert granted and new == view
         return True
     if not (view.eligible == candidate and term == view.term and news is not None
+            and not view.paused and not view.resuming
             and NOW - news <= promote_window(GRANT_T)
             and NOW - (seen if seen is not None else started) >= GRANT_T.failover_timeout):
         return False
@@ -470,9 +503,11 @@ def handover_only_to_the_eligible_standby_the_arbiter_sees(view, requester, term
                                                            seen, granted, new):
     """Healing, "Planned switchover", and decide_handover's docstring: the current primary, on
     the current view (term, seq), hands the next term to the eligible standby that A heard
-    within fence_timeout, and nothing else does; the answer is exactly the next term with the
-    target as primary and no eligible standby."""
+    within fence_timeout, never while the cluster is paused or resuming (README, "Pause and
+    resume"), and nothing else does; the answer is exactly the next term with the target as
+    primary and no eligible standby."""
     allowed = (requester == view.primary and term == view.term and seq == view.seq
+               and not view.paused and not view.resuming
                and view.eligible == target and seen is not None
                and NOW - seen < T.fence_timeout)
     assert granted == allowed
@@ -509,6 +544,57 @@ def test_decide_settle_over_every_combination():
         assert reason
         results.append(settle_bumps_seq_only_for_the_primary_of_the_term(view, requester, term,
                                                                           granted, new))
+    assert any(results) and not all(results)
+
+
+def pause_only_on_the_current_view(view, term, seq, paused, granted, new):
+    """README, "Pause and resume", and decide_pause's docstring: a pause or a resume based on
+    an older view (term, seq) is refused and changes nothing; a pause makes the next view paused
+    (and not resuming); a resume makes the next view not paused but resuming, until the primary
+    has its port under a timed lease again; asking for what already holds changes nothing."""
+    if (term, seq) != (view.term, view.seq):
+        assert not granted and new == view
+        return False
+    assert granted
+    if paused:
+        assert new == (view if view.paused else view.changed(paused=True, resuming=False))
+    else:
+        assert new == (view.changed(paused=False, resuming=True) if view.paused else view)
+    return new != view
+
+
+def test_decide_pause_over_every_combination():
+    results = []
+    for view, term, seq, paused in itertools.product(ARB_VIEWS, (0, 1, 2, 3), (0, 1, 2),
+                                                     (False, True)):
+        granted, new, reason = agent.decide_pause(view, term, seq, paused)
+        assert reason
+        results.append(pause_only_on_the_current_view(view, term, seq, paused, granted, new))
+    assert any(results) and not all(results)
+
+
+def resuming_ends_only_on_the_primarys_timed_lease(view, sender, reported, lease_mode, new):
+    """decide_resume_ack's docstring (README, "Pause and resume"): a resumed cluster stays
+    `resuming` (no promotion, no handover) until its primary, reporting the very view the
+    arbiter holds, says its lease is timed again ("primary") or closed; then the next view
+    is the same but not resuming. Nothing else ends it, and nothing else changes."""
+    ends = (view.resuming and not view.paused and sender == view.primary
+            and isinstance(reported, dict)
+            and (reported.get("term"), reported.get("seq")) == (view.term, view.seq)
+            and lease_mode in ("primary", "closed"))
+    assert new == (view.changed(resuming=False) if ends else None)
+    return ends
+
+
+def test_decide_resume_ack_over_every_combination():
+    results = []
+    for view, sender, reported, lease_mode in itertools.product(
+            ARB_VIEWS, DB, (None, "x", {"term": 1, "seq": 0}, {"term": 1, "seq": 1},
+                            {"term": 2, "seq": 1}, {"seq": 0}),
+            ("primary", "closed", "paused", "busy", "standby")):
+        new = agent.decide_resume_ack(view, sender, reported, lease_mode)
+        results.append(resuming_ends_only_on_the_primarys_timed_lease(view, sender, reported,
+                                                                      lease_mode, new))
     assert any(results) and not all(results)
 
 
@@ -579,22 +665,25 @@ def test_desired_sync_names_over_every_combination():
 
 
 def test_the_arbiters_history_never_gives_a_term_twice():
-    """Rule 1 and View's docstring, over every sequence of three requests from every view: each
-    new view has a higher (term, seq) than the one before, and a term once given to a primary
-    is never given to another."""
+    """Rule 1 and View's docstring, over every sequence of two requests (promote, handover,
+    eligibility, settle, pause and resume) from two views: each new view has a higher (term,
+    seq) than the one before, a term once given to a primary is never given to another, and
+    no term is made while the cluster is paused or resuming."""
     requests = [("promote", c, t) for c in DB for t in (1, 2)]
     requests += [("handover", c, t, s, target) for c in DB for t in (1, 2) for s in (0, 1, 2)
                  for target in DB]
     requests += [("eligibility", c, t, s, standby, e) for c in DB for t in (1, 2)
                  for s in (0, 1, 2) for standby in DB for e in (False, True)]
     requests += [("settle", c, t) for c in DB for t in (1, 2)]
+    requests += [("pause", t, s, p) for t in (1, 2) for s in (0, 1, 2) for p in (False, True)]
     apply = {
         "promote": lambda v, c, t: agent.decide_grant(v, c, t, None, NOW, NOW - 100, T, NOW)[1],
         "handover": lambda v, c, t, s, to: agent.decide_handover(v, c, t, s, to, NOW, NOW, T)[1],
         "eligibility": lambda v, *a: agent.decide_eligibility(v, *a)[1],
         "settle": lambda v, c, t: agent.decide_settle(v, c, t)[1],
+        "pause": lambda v, *a: agent.decide_pause(v, *a)[1],
     }
-    for start in (View(1, "pg1", "pg2"), View(1, "pg1", None)):
+    for start in (View(1, "pg1", "pg2"), View(1, "pg1", None), View(1, "pg1", "pg2", 1, True)):
         for steps in itertools.product(requests, repeat=2):
             view, given_to = start, {start.term: start.primary}
             for kind, *args in steps:
@@ -602,6 +691,8 @@ def test_the_arbiters_history_never_gives_a_term_twice():
                 if new != view:
                     assert (new.term, new.seq) > (view.term, view.seq), (view, new)
                     assert given_to.setdefault(new.term, new.primary) == new.primary
+                    if new.term > view.term:  # never while paused or resuming
+                        assert not view.paused and not view.resuming, (view, new)
                 view = new
 
 
@@ -749,6 +840,21 @@ def db_cases():
             yield me, obs(me, "primary", view, True, peer=peer, arbiter=arbiter,
                           started=started, confirm_after=confirm, unsettled=unsettled,
                           switchover=switchover, sync=other(me), signal=False)
+        # a paused cluster: the standby that would ask, the unfenced primary that would fence,
+        # hand over or change sync (the other branches read no `paused`: hypothesis draws it)
+        for view, fenced, primary, arbiter in itertools.product(
+                views(terms=(1, 2), pauses=((True, False),)), (False, True),
+                (0.1, 2.0, None), (0.1, 1.0, None)):
+            if view.primary != me:
+                yield me, obs(me, "standby", view, fenced, primary=primary, arbiter=arbiter)
+        for (view, peer, arbiter, switchover, seen, strict, synced, streaming,
+             sync) in itertools.product(
+                [v for v in views(terms=(1,), pauses=((True, False),)) if v.primary == me],
+                (0.1, 1.0, None), (0.1, 1.0, None), (False, True), (0.1, 2.0, None),
+                (False, True), (False, True), (False, True), (None, "", "pg1", "pg2")):
+            yield me, obs(me, "primary", view, False, peer=peer, arbiter=arbiter, seen=seen,
+                          switchover=switchover, strict=strict, synced=synced,
+                          streaming=streaming, sync=sync, signal=False)
         # the unfenced primary
         for (view, peer, arbiter, switchover, seen, strict, synced, streaming, sync,
              started) in itertools.product(
@@ -793,11 +899,13 @@ flags = st.booleans()
 @st.composite
 def db_observations(draw):
     """Every input of decide_db drawn at once: who I am, every field of DbObservation (contact
-    with either peer may be missing), the view's term, primary, eligible standby and seq."""
+    with either peer may be missing), the view's term, primary, eligible standby, seq, paused
+    and resuming."""
     me = draw(names)
     contact = {p: draw(moments) for p in (other(me), ARB)}
     view = View(draw(st.sampled_from((0, 1, 2, 3))), draw(names),
-                draw(st.sampled_from((None, "pg1", "pg2"))), draw(st.sampled_from((0, 1, 5))))
+                draw(st.sampled_from((None, "pg1", "pg2"))), draw(st.sampled_from((0, 1, 5))),
+                draw(flags), draw(flags))
     return me, DbObservation(
         now=NOW, started_at=NOW - draw(st.sampled_from((0.0, 0.5, 1.0, 2.0, 100.0))),
         pg=draw(st.sampled_from(("primary", "standby", "down"))), pg_down_since=draw(moments),

@@ -1,6 +1,8 @@
 """The agent's decisions, rule by rule (README, "The rules"), example by example. The invariants
 over every combination of their inputs are in test_decision_invariants.py. Pure functions: no
 I/O, no clock."""
+import dataclasses
+
 import pytest
 
 import agent
@@ -11,6 +13,7 @@ T = agent.Timing(check_interval=0.2, probe_timeout=0.3, fence_timeout=1.0, safet
 NOW = 1000.0
 FRESH, LOST, LONG_LOST = NOW - 0.1, NOW - 1.5, NOW - 10.0
 TERM1 = View(1, "pg1", "pg2")
+PAUSED = View(1, "pg1", "pg2", 5, paused=True)
 
 
 def obs(pg="primary", view=TERM1, fenced=False, other=FRESH, arbiter=FRESH, primary=FRESH,
@@ -252,3 +255,156 @@ def test_replaced_primary_rejoins_when_it_reaches_the_new_primary():
     assert m(view=replaced, pg="down", primary=FRESH).action == "rejoin"
     # once it runs as a standby, the fence goes
     assert m(view=replaced, pg="standby", fenced=True, standby_signal=True).action == "unfence"
+
+
+# -- pause (README, "Pause and resume"): the decisions ----------------------------------------
+
+def pobs(pg="primary", view=PAUSED, fenced=False, other=NOW - 0.1, arbiter=NOW - 0.1,
+        primary=NOW - 0.1, standby_signal=False, sync="pg2", me="pg1", standby=NOW - 0.1,
+        streaming=True, synced=True, switchover=False):
+    peer = "pg2" if me == "pg1" else "pg1"
+    return DbObservation(now=NOW, started_at=NOW - 100, pg=pg, pg_down_since=None,
+                         has_standby_signal=standby_signal, fenced=fenced, view=view,
+                         contact_at={peer: other, "arb": arbiter}, primary_alive_at=primary,
+                         sync_names=sync if pg == "primary" else None, standby_seen_at=standby,
+                         standby_streaming=streaming, standby_synced=synced,
+                         switchover_requested=switchover)
+
+
+def pm(**kw):
+    return decide_db("pg1", "pg2", "arb", pobs(me="pg1", **kw), T)
+
+
+def ps(**kw):
+    kw.setdefault("pg", "standby")
+    kw.setdefault("standby_signal", True)
+    return decide_db("pg2", "pg1", "arb", pobs(me="pg2", **kw), T)
+
+
+def test_paused_standby_does_not_ask_to_be_promoted():
+    unpaused = dataclasses.replace(PAUSED, paused=False)
+    assert ps(view=unpaused, primary=NOW - 5).action == "request_promotion"
+    d = ps(primary=NOW - 5)
+    assert d.action == "none" and d.reason.startswith("PAUSED: ") and "no promotion" in d.reason
+
+
+def test_paused_primary_does_not_fence_on_a_timeout():
+    unpaused = dataclasses.replace(PAUSED, paused=False)
+    assert pm(view=unpaused, other=NOW - 5, arbiter=NOW - 5).action == "fence"
+    d = pm(other=NOW - 5, arbiter=NOW - 5)
+    assert d.action == "none" and d.reason.startswith("PAUSED: ") and "stays open" in d.reason
+
+
+@pytest.mark.parametrize("case", ["drop", "drop_on_stale_names", "mark_eligible", "set_sync"])
+def test_paused_primary_changes_no_sync_on_its_own(case):
+    unpaused = dataclasses.replace(PAUSED, paused=False)
+    kw = {"drop": {"standby": NOW - 5},
+          "drop_on_stale_names": {"view": View(1, "pg1", None, 5), "streaming": False,
+                                  "synced": False},
+          "mark_eligible": {"view": View(1, "pg1", None, 5), "sync": "pg2"},
+          "set_sync": {"sync": ""}}[case]
+    view = kw.pop("view", unpaused)
+    normal = pm(view=view, **kw).action
+    assert normal in ("drop_standby", "mark_eligible", "set_sync")  # what pause prevents
+    d = pm(view=dataclasses.replace(view, paused=True), **kw)
+    assert d.action == "none" and d.reason.startswith("PAUSED: ")
+
+
+def test_paused_primary_refuses_a_switchover():
+    d = pm(switchover=True)
+    assert d.action == "refuse_switchover" and "paused" in d.reason
+
+
+def test_while_paused_safety_still_acts():
+    """A granted term is finished, a replaced primary still fences, and a fenced primary
+    still reopens on the arbiter's word: pause stops automatic failover, not the rules
+    that protect data."""
+    granted = View(2, "pg2", None, 6, paused=True)
+    assert ps(view=granted).action == "promote"
+    assert pm(view=granted, pg="primary").action == "fence"
+    assert pm(fenced=True).action == "unfence"
+
+
+def test_every_decision_says_paused_while_paused():
+    for d in (pm(), ps(), pm(other=NOW - 5, arbiter=NOW - 5), ps(primary=NOW - 5)):
+        assert d.reason.startswith("PAUSED: ")
+    assert not pm(view=dataclasses.replace(PAUSED, paused=False)).reason.startswith("PAUSED")
+
+
+def grant(view, news=NOW - 0.1):
+    return agent.decide_grant(view, "pg2", view.term, NOW - 5, NOW, NOW - 100, T, news)
+
+
+def test_the_arbiter_grants_no_promotion_or_handover_while_paused_or_resuming():
+    normal = View(1, "pg1", "pg2", 5)
+    assert grant(normal)[0]
+    for view in (PAUSED, View(1, "pg1", "pg2", 6, resuming=True)):
+        granted, new, reason = grant(view)
+        assert not granted and new == view and ("paused" in reason or "resumed" in reason)
+        handed, new, reason = agent.decide_handover(view, "pg1", 1, view.seq, "pg2", NOW - 0.1,
+                                                    NOW, T)
+        assert not handed and new == view
+    assert agent.decide_handover(normal, "pg1", 1, 5, "pg2", NOW - 0.1, NOW, T)[0]
+
+
+def test_pause_and_resume_name_the_view_they_are_based_on():
+    view = View(1, "pg1", "pg2", 5)
+    refused = agent.decide_pause(view, 1, 4, True)
+    assert not refused[0] and refused[1] == view and "ask again" in refused[2]
+    granted, paused, _ = agent.decide_pause(view, 1, 5, True)
+    assert granted and paused.paused and paused.seq == 6 and not paused.resuming
+    assert agent.decide_pause(paused, 1, 6, True) == (True, paused,
+                                                      "the cluster already is paused")
+    granted, resumed, _ = agent.decide_pause(paused, 1, 6, False)
+    assert granted and not resumed.paused and resumed.resuming and resumed.seq == 7
+    # not paused: nothing to resume, and the operator is told so (no error)
+    assert agent.decide_pause(view, 1, 5, False) == (True, view, "the cluster is not paused")
+
+
+def test_resume_ends_when_the_primary_reports_a_timed_lease_under_the_resumed_view():
+    resuming = View(1, "pg1", "pg2", 7, resuming=True)
+    ack = agent.decide_resume_ack
+    assert ack(resuming, "pg1", resuming.as_dict(), "paused") is None  # still untimed
+    assert ack(resuming, "pg1", PAUSED.as_dict(), "primary") is None   # has not learned it
+    assert ack(resuming, "pg1", resuming.as_dict(), "busy") is None    # no answer
+    assert ack(resuming, "pg2", resuming.as_dict(), "primary") is None  # not the primary
+    for mode in ("primary", "closed"):
+        new = ack(resuming, "pg1", resuming.as_dict(), mode)
+        assert new == View(1, "pg1", "pg2", 8)
+    assert ack(View(1, "pg1", "pg2", 8), "pg1", {"term": 1, "seq": 8}, "primary") is None
+
+
+def test_views_carry_pause_and_old_views_read_as_not_paused():
+    assert View.from_dict(PAUSED.as_dict()) == PAUSED
+    assert View.from_dict({"term": 1, "primary": "pg1", "eligible": None}).paused is False
+    with pytest.raises(ValueError):
+        View.from_dict({"term": 1, "primary": "pg1", "paused": "yes"})
+
+def test_pause_the_paused_primary_keeps_its_port_open_from_the_bound_on():
+    for other, arbiter in ((NOW - 1.0, NOW - 5), (NOW - 5, NOW - 1.0), (NOW - 1.0, NOW - 1.0)):
+        d = pm(other=other, arbiter=arbiter)
+        assert d.action == "none" and "my port stays open" in d.reason
+    for other, arbiter in ((NOW - 0.9, NOW - 5), (NOW - 5, NOW - 0.9)):  # one peer still hears
+        d = pm(other=other, arbiter=arbiter)
+        assert d.action == "none" and "synchronous_standby_names stays 'pg2'" in d.reason
+
+
+def test_pause_the_paused_primarys_plain_decision():
+    d = pm()
+    assert d == agent.Decision("none", "PAUSED: I am (pg1) the primary of term 1; "
+                                       "synchronous_standby_names stays 'pg2', eligible pg2")
+
+
+def test_pause_what_the_arbiter_may_not_do_is_said():
+    assert agent.paused_refusal(View(1, "pg1", "pg2")) is None
+    assert "paused" in agent.paused_refusal(PAUSED)
+    assert "has not yet said" in agent.paused_refusal(View(1, "pg1", "pg2", 6, resuming=True))
+
+
+def test_pause_no_resume_ack_on_a_paused_view():
+    both = View(1, "pg1", "pg2", 7, paused=True, resuming=True)
+    assert agent.decide_resume_ack(both, "pg1", both.as_dict(), "primary") is None
+    resuming = View(1, "pg1", "pg2", 7, resuming=True)
+    assert agent.decide_resume_ack(resuming, "pg1", "not a dict", "primary") is None
+    assert agent.decide_resume_ack(resuming, "pg1", {"term": 1, "seq": 6}, "primary") is None
+    assert agent.decide_resume_ack(resuming, "pg1", {"term": 0, "seq": 7}, "closed") is None

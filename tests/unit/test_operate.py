@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import agent
-from agent import DbObservation, View, decide_db
+from agent import View
 
 REPO = Path(__file__).resolve().parents[2]
 T = agent.Timing(check_interval=0.2, probe_timeout=0.3, fence_timeout=1.0, safety_margin=0.3,
@@ -89,129 +89,6 @@ def test_a_bad_hook_names_file_section_and_key(tmp_path, value, problem):
     with pytest.raises(agent.ConfigError) as err:
         agent.load_config(write(tmp_path, text), "pg1")
     assert "[agent] on_role_change" in str(err.value) and problem in str(err.value)
-
-
-# -- pause: the decisions -----------------------------------------------------------------------
-
-def obs(pg="primary", view=PAUSED, fenced=False, other=NOW - 0.1, arbiter=NOW - 0.1,
-        primary=NOW - 0.1, standby_signal=False, sync="pg2", me="pg1", standby=NOW - 0.1,
-        streaming=True, synced=True, switchover=False):
-    peer = "pg2" if me == "pg1" else "pg1"
-    return DbObservation(now=NOW, started_at=NOW - 100, pg=pg, pg_down_since=None,
-                         has_standby_signal=standby_signal, fenced=fenced, view=view,
-                         contact_at={peer: other, "arb": arbiter}, primary_alive_at=primary,
-                         sync_names=sync if pg == "primary" else None, standby_seen_at=standby,
-                         standby_streaming=streaming, standby_synced=synced,
-                         switchover_requested=switchover)
-
-
-def m(**kw):
-    return decide_db("pg1", "pg2", "arb", obs(me="pg1", **kw), T)
-
-
-def s(**kw):
-    kw.setdefault("pg", "standby")
-    kw.setdefault("standby_signal", True)
-    return decide_db("pg2", "pg1", "arb", obs(me="pg2", **kw), T)
-
-
-def test_paused_standby_does_not_ask_to_be_promoted():
-    unpaused = dataclasses.replace(PAUSED, paused=False)
-    assert s(view=unpaused, primary=NOW - 5).action == "request_promotion"
-    d = s(primary=NOW - 5)
-    assert d.action == "none" and d.reason.startswith("PAUSED: ") and "no promotion" in d.reason
-
-
-def test_paused_primary_does_not_fence_on_a_timeout():
-    unpaused = dataclasses.replace(PAUSED, paused=False)
-    assert m(view=unpaused, other=NOW - 5, arbiter=NOW - 5).action == "fence"
-    d = m(other=NOW - 5, arbiter=NOW - 5)
-    assert d.action == "none" and d.reason.startswith("PAUSED: ") and "stays open" in d.reason
-
-
-@pytest.mark.parametrize("case", ["drop", "drop_on_stale_names", "mark_eligible", "set_sync"])
-def test_paused_primary_changes_no_sync_on_its_own(case):
-    unpaused = dataclasses.replace(PAUSED, paused=False)
-    kw = {"drop": {"standby": NOW - 5},
-          "drop_on_stale_names": {"view": View(1, "pg1", None, 5), "streaming": False,
-                                  "synced": False},
-          "mark_eligible": {"view": View(1, "pg1", None, 5), "sync": "pg2"},
-          "set_sync": {"sync": ""}}[case]
-    view = kw.pop("view", unpaused)
-    normal = m(view=view, **kw).action
-    assert normal in ("drop_standby", "mark_eligible", "set_sync")  # what pause prevents
-    d = m(view=dataclasses.replace(view, paused=True), **kw)
-    assert d.action == "none" and d.reason.startswith("PAUSED: ")
-
-
-def test_paused_primary_refuses_a_switchover():
-    d = m(switchover=True)
-    assert d.action == "refuse_switchover" and "paused" in d.reason
-
-
-def test_while_paused_safety_still_acts():
-    """A granted term is finished, a replaced primary still fences, and a fenced primary
-    still reopens on the arbiter's word: pause stops automatic failover, not the rules
-    that protect data."""
-    granted = View(2, "pg2", None, 6, paused=True)
-    assert s(view=granted).action == "promote"
-    assert m(view=granted, pg="primary").action == "fence"
-    assert m(fenced=True).action == "unfence"
-
-
-def test_every_decision_says_paused_while_paused():
-    for d in (m(), s(), m(other=NOW - 5, arbiter=NOW - 5), s(primary=NOW - 5)):
-        assert d.reason.startswith("PAUSED: ")
-    assert not m(view=dataclasses.replace(PAUSED, paused=False)).reason.startswith("PAUSED")
-
-
-def grant(view, news=NOW - 0.1):
-    return agent.decide_grant(view, "pg2", view.term, NOW - 5, NOW, NOW - 100, T, news)
-
-
-def test_the_arbiter_grants_no_promotion_or_handover_while_paused_or_resuming():
-    normal = View(1, "pg1", "pg2", 5)
-    assert grant(normal)[0]
-    for view in (PAUSED, View(1, "pg1", "pg2", 6, resuming=True)):
-        granted, new, reason = grant(view)
-        assert not granted and new == view and ("paused" in reason or "resumed" in reason)
-        handed, new, reason = agent.decide_handover(view, "pg1", 1, view.seq, "pg2", NOW - 0.1,
-                                                    NOW, T)
-        assert not handed and new == view
-    assert agent.decide_handover(normal, "pg1", 1, 5, "pg2", NOW - 0.1, NOW, T)[0]
-
-
-def test_pause_and_resume_name_the_view_they_are_based_on():
-    view = View(1, "pg1", "pg2", 5)
-    refused = agent.decide_pause(view, 1, 4, True)
-    assert not refused[0] and refused[1] == view and "ask again" in refused[2]
-    granted, paused, _ = agent.decide_pause(view, 1, 5, True)
-    assert granted and paused.paused and paused.seq == 6 and not paused.resuming
-    assert agent.decide_pause(paused, 1, 6, True) == (True, paused,
-                                                      "the cluster already is paused")
-    granted, resumed, _ = agent.decide_pause(paused, 1, 6, False)
-    assert granted and not resumed.paused and resumed.resuming and resumed.seq == 7
-    assert agent.decide_pause(view, 1, 5, False)[1] == view  # not paused: nothing to resume
-
-
-def test_resume_ends_when_the_primary_reports_a_timed_lease_under_the_resumed_view():
-    resuming = View(1, "pg1", "pg2", 7, resuming=True)
-    ack = agent.decide_resume_ack
-    assert ack(resuming, "pg1", resuming.as_dict(), "paused") is None  # still untimed
-    assert ack(resuming, "pg1", PAUSED.as_dict(), "primary") is None   # has not learned it
-    assert ack(resuming, "pg1", resuming.as_dict(), "busy") is None    # no answer
-    assert ack(resuming, "pg2", resuming.as_dict(), "primary") is None  # not the primary
-    for mode in ("primary", "closed"):
-        new = ack(resuming, "pg1", resuming.as_dict(), mode)
-        assert new == View(1, "pg1", "pg2", 8)
-    assert ack(View(1, "pg1", "pg2", 8), "pg1", {"term": 1, "seq": 8}, "primary") is None
-
-
-def test_views_carry_pause_and_old_views_read_as_not_paused():
-    assert View.from_dict(PAUSED.as_dict()) == PAUSED
-    assert View.from_dict({"term": 1, "primary": "pg1", "eligible": None}).paused is False
-    with pytest.raises(ValueError):
-        View.from_dict({"term": 1, "primary": "pg1", "paused": "yes"})
 
 
 # -- pause: the arbiter, the primary's lease ----------------------------------------------------
@@ -308,7 +185,8 @@ def primary(tmp_path):
     node.observations.lease_anchor = node.clock.now
     node.extend_lease(opening=True)  # as do_unfence does
     node.fenced = False
-    assert node.lease_mode == "primary" and node.fence.left == pytest.approx(1.0)
+    fence_timeout = node.cfg.timing.fence_timeout
+    assert node.lease_mode == "primary" and node.fence.left == pytest.approx(fence_timeout)
     return node
 
 
@@ -330,7 +208,8 @@ def test_on_resume_the_lease_is_timed_again_anchored_as_usual(primary):
     primary.view = View(1, "pg1", "pg2", 7, resuming=True)
     primary.observations.lease_anchor = primary.clock.now - 0.2  # a peer heard us 0.2 s ago
     primary.extend_lease()
-    assert primary.lease_mode == "primary" and primary.fence.left == pytest.approx(0.8)
+    due = primary.cfg.timing.fence_timeout - 0.2
+    assert primary.lease_mode == "primary" and primary.fence.left == pytest.approx(due)
 
 
 def test_on_resume_without_a_valid_anchor_the_port_closes_until_the_arbiters_word(primary):
