@@ -106,6 +106,9 @@ class Backend:
         return text.replace("bind *:", f"bind {self.addresses[CLIENT]}:")
 
     # -- shared ----------------------------------------------------------------------------
+    def check_ready(self):
+        """Raise LabError when the lab cannot be trusted to run what this checkout says."""
+
     def config(self, host):
         return agent.load_config(str(self.config_file), host)
 
@@ -120,11 +123,13 @@ class Backend:
         return self.must(host, ["iptables", "-w", "5", *args])
 
     def install_fault_chains(self, host):
-        for chain, hook in ((CHAIN_IN, "INPUT"), (CHAIN_OUT, "OUTPUT")):
-            if self.run(host, ["iptables", "-w", "5", "-n", "-L", chain]).returncode != 0:
-                self.iptables(host, "-N", chain)
-            if self.run(host, ["iptables", "-w", "5", "-C", hook, "-j", chain]).returncode != 0:
-                self.iptables(host, "-I", hook, "1", "-j", chain)
+        """The lab's chains, jumped to first from INPUT and OUTPUT (one command; idempotent)."""
+        script = "".join(f"iptables -w 5 -n -L {chain} >/dev/null 2>&1 || "
+                         f"iptables -w 5 -N {chain}; "
+                         f"iptables -w 5 -C {hook} -j {chain} 2>/dev/null || "
+                         f"iptables -w 5 -I {hook} 1 -j {chain}; "
+                         for chain, hook in ((CHAIN_IN, "INPUT"), (CHAIN_OUT, "OUTPUT")))
+        self.must(host, ["sh", "-ec", script])
 
     def _link_rules(self, host, peer):
         peer_address = self.addresses[peer]
@@ -139,37 +144,37 @@ class Backend:
                 b: [[CHAIN_IN, "-s", self.addresses[a], *self.NEW_ONLY, "-j", "DROP"]]}
 
     def _add_rules(self, host, rules):
-        """Append rules to the lab's chains on a host in one iptables-restore: atomically."""
-        text = "*filter\n" + "".join(f"-A {' '.join(rule)}\n" for rule in rules) + "COMMIT\n"
-        self.must(host, ["sh", "-c", f"printf %s {shlex.quote(text)} | "
-                                     "iptables-restore -w 5 --noflush"])
+        """Append to the lab's chains on a host those of `rules` that are not there yet, in
+        one iptables-restore (atomically), in one command on the host. Returns the host's
+        clock right after the rules are in place, read in that same command: a fault's time
+        is taken where the fault is applied."""
+        checks = "".join(f"iptables -w 5 -C {shlex.join(rule)} 2>/dev/null || printf "
+                         f"'%s\\n' {shlex.quote('-A ' + shlex.join(rule))}; " for rule in rules)
+        script = (f"{{ echo '*filter'; {checks}echo COMMIT; }} | "
+                  "iptables-restore -w 5 --noflush && date +%s.%N")
+        return float(self.must(host, ["sh", "-c", script]).split()[-1])
 
     def _drop_rules(self, host, peers):
-        rules = []
-        for peer in peers:
-            for chain, flag, address in self._link_rules(host, peer):
-                rule = [flag, address, "-j", "DROP"]
-                if self.run(host, ["iptables", "-w", "5", "-C", chain, *rule]).returncode != 0:
-                    rules.append([chain, *rule])
-        if rules:
-            self._add_rules(host, rules)
+        """DROP everything between host and peers, on host's side; the time it holds."""
+        return self._add_rules(host, [[chain, flag, address, "-j", "DROP"] for peer in peers
+                                      for chain, flag, address in self._link_rules(host, peer)])
 
     def cut(self, a, b, one_way=False):
         """Drop everything between a and b, in both directions, on both ends (DROP, not
         REJECT: a partition is silence, and connection attempts must wait for their timeouts).
-        one_way: drop only new connections from a to b (b can still connect to a)."""
+        one_way: drop only new connections from a to b (b can still connect to a).
+        Returns the time (a's clock) when a's side was in place."""
         check_host(a), check_host(b)
         if a == b:
             raise LabError("a link joins two different hosts")
         if one_way:
-            for host, rules in self._one_way_rules(a, b).items():
-                missing = [r for r in rules
-                           if self.run(host, ["iptables", "-w", "5", "-C", *r]).returncode != 0]
-                if missing:
-                    self._add_rules(host, missing)
-            return
-        self._drop_rules(a, [b])
+            rules = self._one_way_rules(a, b)
+            started = self._add_rules(a, rules[a])
+            self._add_rules(b, rules[b])
+            return started
+        started = self._drop_rules(a, [b])
         self._drop_rules(b, [a])
+        return started
 
     def _uncut(self, a, b):
         rules = {a: [], b: []}
@@ -178,18 +183,17 @@ class Backend:
                 rules[host].append([chain, flag, address, "-j", "DROP"])
             for side, one_way in self._one_way_rules(host, peer).items():
                 rules[side] += one_way
-        for host, host_rules in rules.items():
-            for rule in host_rules:
-                while self.run(host, ["iptables", "-w", "5", "-D", *rule]).returncode == 0:
-                    pass
+        for host, host_rules in rules.items():  # one command per host
+            self.run(host, ["sh", "-c", "".join(f"while iptables -w 5 -D {shlex.join(rule)} "
+                                                "2>/dev/null; do :; done; "
+                                                for rule in host_rules) + "true"])
 
     def isolate(self, host):
         """Cut every link of host. The host's own side goes in at once (one iptables-restore):
         the isolation starts when this returns, or earlier; the peers' sides follow."""
         check_host(host)
         others = [h for h in HOSTS if h != host]
-        self._drop_rules(host, others)
-        started = time.time()
+        started = self._drop_rules(host, others)  # the isolated host's clock
         for other in others:
             self._drop_rules(other, [host])
         return started
@@ -197,15 +201,30 @@ class Backend:
     def heal(self, a=None, b=None):
         """No host: every fault on every host. One host: all of its links. Two: that link."""
         if a is None:
-            for host in HOSTS:
-                for chain in (CHAIN_IN, CHAIN_OUT):
-                    self.run(host, ["iptables", "-w", "5", "-F", chain])  # the lab's own chains
-                self.run(host, ["tc", "qdisc", "del", "dev", self.lab_interface(host), "root"])
+            for host in HOSTS:  # the lab's own chains only, and the bandwidth cap
+                self.run(host, ["sh", "-c", f"iptables -w 5 -F {CHAIN_IN}; "
+                                            f"iptables -w 5 -F {CHAIN_OUT}; tc qdisc del dev "
+                                            f"{shlex.quote(self.lab_interface(host))} root "
+                                            "2>/dev/null; true"])
             return
         check_host(a)
         for other in ([b] if b else [h for h in HOSTS if h != a]):
             check_host(other)
             self._uncut(a, other)
+
+    def pause_agent(self, host, seconds):
+        """Freeze a host's agent for `seconds` (SIGSTOP, sleep, SIGCONT); its pid."""
+        pid = self.signal_agent(host, "STOP")
+        try:
+            time.sleep(seconds)
+        finally:
+            self.signal_agent(host, "CONT")
+        return pid
+
+    def clock_offsets(self):
+        """{host: (offset, uncertainty)} in seconds of each host's clock against this
+        machine's. Hosts that are namespaces of this machine share its clock."""
+        return dict.fromkeys(HOSTS, (0.0, 0.0))
 
     def set_loss(self, host, probability):
         """Random loss of incoming packets on the lab interface (this kernel has no netem)."""

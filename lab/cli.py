@@ -10,10 +10,10 @@ def progress(text, end="\n"):
     print(text, end=end, file=sys.stderr, flush=True)
 
 
-def make_backend(name):
+def make_backend(name, provider=None):
     if name == "vagrant":
         from lab.vagrant import VagrantBackend
-        return VagrantBackend()
+        return VagrantBackend(provider=provider)
     from lab.netns import NetnsBackend
     return NetnsBackend()
 
@@ -139,7 +139,9 @@ def cmd_experiment(backend, args):
 
 def cmd_bench(backend, args):
     from lab import bench
-    result = bench.run(backend, progress, args.what, args.trials)
+    # the embedded lab is rebuilt for a benchmark (seconds); a Vagrant lab is reused (minutes)
+    result = bench.run(backend, progress, args.what, args.trials,
+                       fresh=backend.name == "netns")
     print(json.dumps(result, indent=2) if args.json else bench.report(result))
     if result.get("report_dir"):
         progress(f"the report: {result['report_dir']}/report.md")
@@ -178,7 +180,11 @@ def cmd_chaos(backend, args):
 def parser():
     p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     p.add_argument("--backend", choices=["netns", "vagrant"], default="netns",
-                   help="netns: the embedded lab on this machine (default); vagrant: VMs")
+                   help="netns: the embedded lab on this machine (default); vagrant: VMs or "
+                        "LXC containers (Vagrantfile)")
+    p.add_argument("--provider", choices=["virtualbox", "lxc"],
+                   help="vagrant: the provider `up` uses (default: $VAGRANT_DEFAULT_PROVIDER, "
+                        "else virtualbox)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, func, help_text):
@@ -190,7 +196,7 @@ def parser():
     sp.add_argument("--timeout", type=float, default=180)
     sp.add_argument("--strict-sync", action="store_true",
                     help="embedded lab: strict_sync = true (commits always wait for the "
-                         "standby)")
+                         "standby); refused by the Vagrant lab, which runs agent.ini as it is")
     sp.add_argument("--proxy", action="store_true",
                     help="embedded lab: HAProxy on the client host, checking GET /primary")
     add("status", cmd_status, "one line per host").add_argument("--json", action="store_true")
@@ -241,7 +247,8 @@ def parser():
     sp.add_argument("--minutes", type=float, default=3.0)
     sp.add_argument("--seed", type=int, default=1)
     sp.add_argument("--json", action="store_true")
-    sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians")
+    sp = add("bench", cmd_bench, "repeat an experiment on one lab and print medians (a fresh "
+                                 "embedded lab; the running Vagrant lab)")
     sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])
     sp.add_argument("--trials", type=int, default=10)
     sp.add_argument("--json", action="store_true")
@@ -257,8 +264,10 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    backend = make_backend(args.backend)
     try:
+        backend = make_backend(args.backend, args.provider)
+        if args.command not in ("up", "down", "sh", "dsn"):
+            backend.check_ready()
         return args.func(backend, args) or 0
     except LabError as exc:
         print(f"lab: {exc}", file=sys.stderr)

@@ -27,6 +27,11 @@ MAX_WRITE_GAP_S = 5.0
 standby stalls writes for failover_timeout (2 s) plus a round trip to the arbiter; under jitter
 nothing should stall them at all, and 5 s is the standby-loss goal, so a degraded network may
 not stall writes for longer than losing the standby outright does."""
+MAX_CLOCK_OFFSET_S = 0.05
+"""Every figure subtracts times taken on different hosts (the cut on the isolated host, the
+events on the agents' hosts, the acknowledgements on the client, the port watcher's record):
+an experiment refuses to start when a host's clock is further than this from the lab
+machine's (LXC containers and network namespaces share its clock; VMs need time sync)."""
 RESUMED_TPS_SHARE = 0.5
 """standby-loss: once writes resume, the primary alone runs pgbench at at least half its rate
 (median of the seconds from one second after the resumption to the heal)."""
@@ -330,6 +335,11 @@ class LoadRun:
         self.probe, self.pgbench = probe, pgbench
         self.paused = set()
         self.term_before = self.healed_at = self.started_at = None
+        self.clock_offsets_ms = {}
+
+    def pause_for(self, host, seconds):
+        """Freeze host's agent for `seconds`: one command on the host (STOP; sleep; CONT)."""
+        self.backend.pause_agent(host, seconds)
 
     def pause(self, host):
         self.paused.add(host)  # first: on any error, the exit sends SIGCONT
@@ -360,6 +370,21 @@ class LoadRun:
         self.healed_at = time.time()
 
 
+def check_clocks(backend, progress=None, limit=MAX_CLOCK_OFFSET_S):
+    """Each host's clock offset against the lab machine's, in ms ({host: offset}); raises
+    LabError when one is further than `limit`."""
+    offsets = backend.clock_offsets()
+    ms = {host: round(offset * 1000, 1) for host, (offset, _) in offsets.items()}
+    if progress:
+        progress("clock offsets (ms): " + ", ".join(
+            f"{host} {ms[host]:+.1f} ±{error * 1000:.1f}" for host, (_, error) in offsets.items()))
+    far = {host: v for host, v in ms.items() if abs(v) > limit * 1000}
+    if far:
+        raise LabError(f"clocks too far apart for the figures ({far} ms, limit "
+                       f"{limit * 1000:.0f} ms): fix time sync on the machines first")
+    return ms
+
+
 @contextlib.contextmanager
 def under_load(backend, progress, name, seconds=None):
     """`with under_load(backend, progress, name) as run:` waits for a primary with a
@@ -368,6 +393,7 @@ def under_load(backend, progress, name, seconds=None):
     notes run.healed_at, then stops the probe and pgbench (in this order: the load sees the
     whole fault window, and every step runs even if one before it failed). seconds: how long
     the probe may run (probe.py stops by itself after 600 s by default)."""
+    offsets = check_clocks(backend, progress)
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 120, progress)
     work = backend.work_dir(name)
@@ -376,6 +402,7 @@ def under_load(backend, progress, name, seconds=None):
     probe.prepare()
     pgbench.prepare()
     run = LoadRun(backend, primary, probe, pgbench)
+    run.clock_offsets_ms = offsets
     run.term_before = _view(backend).get("term")
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(pgbench.stop)
@@ -461,7 +488,8 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
         old_primary_fenced=fenced_while_isolated, pgbench_restarts=run.pgbench.restarts())
     return publish(backend, "failover", run, {
         "backend": backend.name, "old_primary": primary, "new_primary": standby,
-        "cut_at": cut_at, "healed_at": run.healed_at, **figures}, _report_dir(args, report_dir))
+        "cut_at": cut_at, "healed_at": run.healed_at,
+        "clock_offsets_ms": run.clock_offsets_ms, **figures}, _report_dir(args, report_dir))
 
 
 def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0, report_dir=None):
@@ -479,7 +507,8 @@ def standby_loss(backend, progress, args=None, baseline=3.0, cut_for=8.0, report
         term_before=run.term_before, term_after=_view(backend).get("term"))
     return publish(backend, "standby-loss", run, {
         "backend": backend.name, "primary": run.primary, "standby": run.standby,
-        "cut_at": cut_at, "healed_at": run.healed_at, **figures}, _report_dir(args, report_dir))
+        "cut_at": cut_at, "healed_at": run.healed_at,
+        "clock_offsets_ms": run.clock_offsets_ms, **figures}, _report_dir(args, report_dir))
 
 
 CHECKSUM_SQL = ("select count(*), coalesce(md5(string_agg(id::text, ',' order by id)), '') "
@@ -509,8 +538,12 @@ def pingpong(backend, progress, args=None, rounds=None, report_dir=None):
     with contextlib.suppress(LabError):  # not equal in time: pingpong_metrics says so
         backend.wait_until("the standby replays everything",
                            lambda: rows(primary) == rows(standby), 30)
-    result = {"backend": backend.name, **pingpong_metrics(runs, rounds, rows(primary),
-                                                          rows(standby))}
+    offsets = {}  # the largest offset of each host over the rounds
+    for r in runs:
+        for host, value in r["clock_offsets_ms"].items():
+            offsets[host] = max(offsets.get(host, value), value, key=abs)
+    result = {"backend": backend.name, "clock_offsets_ms": offsets,
+              **pingpong_metrics(runs, rounds, rows(primary), rows(standby))}
     reports.save_summary(folder, f"Pingpong experiment ({backend.name} lab): {rounds} "
                          "failovers back and forth", result, report("pingpong", result))
     result["report_dir"] = str(folder)
@@ -538,7 +571,8 @@ def switchover(backend, progress, args=None, baseline=3.0, settle=3.0, report_di
         _probe_ids(backend, standby if answer.get("done") else primary), answer)
     return publish(backend, "switchover", run, {
         "backend": backend.name, "old_primary": primary, "new_primary": standby,
-        "started_at": started, **figures}, _report_dir(args, report_dir))
+        "started_at": started, "clock_offsets_ms": run.clock_offsets_ms, **figures},
+        _report_dir(args, report_dir))
 
 
 def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, loss=0.05,
@@ -561,9 +595,7 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
             if time.monotonic() >= end:
                 break
             host = AGENT_HOSTS[pauses % len(AGENT_HOSTS)]
-            run.pause(host)
-            time.sleep(pause)
-            run.resume(host)
+            run.pause_for(host, pause)
             pauses += 1
             progress(f"\rjitter: {time.time() - start:.0f} s, paused {host}'s agent", end="")
         progress("")
@@ -574,7 +606,8 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
     return publish(backend, "jitter", run, {
         "backend": backend.name, "primary": run.primary, "minutes": minutes, "loss": loss,
         "bandwidth_cap": rate, "pause_s": pause, "started_at": start,
-        "healed_at": run.healed_at, **figures}, _report_dir(args, report_dir))
+        "healed_at": run.healed_at, "clock_offsets_ms": run.clock_offsets_ms, **figures},
+        _report_dir(args, report_dir))
 
 
 EXPERIMENTS = {"failover": failover, "jitter": jitter, "pingpong": pingpong,
@@ -595,7 +628,11 @@ def _verdict(f):
 
 
 def _lines(title, rows, f):
-    """A report: the title, one line per (label, value) row, and the verdict."""
+    """A report: the title, one line per (label, value) row, the hosts' clock offsets
+    against the lab machine's, and the verdict."""
+    if f.get("clock_offsets_ms"):
+        rows = [*rows, ("clock offsets (ms)", ", ".join(
+            f"{host} {ms:+.1f}" for host, ms in f["clock_offsets_ms"].items()))]
     return [title, *(f"  {label:<34}{value}" for label, value in rows),
             f"  {'verdict':<34}{_verdict(f)}"]
 

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The embedded lab on this Debian/Ubuntu machine, as root:
-#   provision/local.sh setup   install PostgreSQL, iptables, nftables, iproute2 and a Python venv (.venv)
-#   provision/local.sh demo    setup, bring the lab up, run the failover experiment, tear down,
-#                              say where the report is
-#   provision/local.sh test    setup, run the whole test suite (what CI runs)
+# The labs on this Debian/Ubuntu machine, as root:
+#   provision/local.sh setup         install PostgreSQL, iptables, nftables, iproute2 and a Python venv (.venv)
+#   provision/local.sh demo          setup, bring the embedded lab up, run the failover experiment, tear down,
+#                                    say where the report is
+#   provision/local.sh test          setup, the whole test suite (what CI runs): `pytest tests` (unit,
+#                                    embedded lab, testinfra on it), then the Vagrant-LXC suite below
+#   provision/local.sh test ARGS…    only `pytest ARGS…` (e.g. tests/unit -k config)
+#   provision/local.sh test-vagrant [ARGS…]
+#                                    the Vagrant lab with the LXC provider: install lxc, vagrant and
+#                                    vagrant-lxc from Debian, build the box once, `vagrant up` the four
+#                                    containers, run tests/vagrant and tests/infra against them over ssh,
+#                                    destroy them (an LXC lab that is up already is used and left up)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export VAGRANT_CHECKPOINT_DISABLE=1  # Vagrant never phones home
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "run as root: network namespaces, iptables and PostgreSQL's OS user need it" >&2
@@ -34,6 +42,31 @@ setup() {
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 }
 
+# The LXC provider's host packages (Debian's; vagrant-lxc registers itself as a system plugin).
+setup_lxc() {
+  local missing=()
+  for pair in lxc-start:lxc vagrant:vagrant debootstrap:debootstrap dnsmasq:dnsmasq-base \
+              rsync:rsync ssh:openssh-client iptables:iptables nft:nftables; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+  done
+  [ -d /usr/share/lxc/config ] || missing+=(lxc-templates)
+  dpkg-query -W -f='${Status}' vagrant-lxc 2>/dev/null | grep -q "install ok installed" \
+    || missing+=(vagrant-lxc)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" lxc-templates >/dev/null
+  fi
+}
+
+vagrant_lxc_suite() {
+  setup_lxc
+  local began=$SECONDS
+  .venv/bin/python -m pytest tests/vagrant tests/infra --lab-backend vagrant \
+    --vagrant-provider lxc -v -p no:cacheprovider --capture=tee-sys --durations=5 "$@"
+  echo "Vagrant-LXC suite: $((SECONDS - began)) s"
+}
+
 case "${1:-}" in
   setup)
     setup ;;
@@ -54,8 +87,20 @@ case "${1:-}" in
     # and the HAProxy example config (haproxy -c)
     setup vagrant:vagrant shellcheck:shellcheck haproxy:haproxy
     shift
-    .venv/bin/python -m pytest tests -v -p no:cacheprovider "$@" ;;
+    if [ "$#" -gt 0 ]; then
+      exec .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
+    fi
+    status=0
+    began=$SECONDS
+    .venv/bin/python -m pytest tests -v -p no:cacheprovider || status=$?
+    echo "embedded suite: $((SECONDS - began)) s"
+    vagrant_lxc_suite || status=$?
+    exit "$status" ;;
+  test-vagrant)
+    setup vagrant:vagrant shellcheck:shellcheck
+    shift
+    vagrant_lxc_suite "$@" ;;
   *)
-    echo "usage: $0 setup|demo|test [pytest args]" >&2
+    echo "usage: $0 setup|demo|test [pytest args]|test-vagrant [pytest args]" >&2
     exit 2 ;;
 esac

@@ -9,6 +9,13 @@ etc=/etc/bobry
 
 export DEBIAN_FRONTEND=noninteractive
 packages=(postgresql iptables nftables iproute2 python3 python3-psycopg2)
+# A VM keeps its own clock (systemd-timesyncd); a container shares its host's.
+in_container=no
+if systemd-detect-virt --quiet --container; then
+  in_container=yes
+else
+  packages+=(systemd-timesyncd)
+fi
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -24,13 +31,51 @@ if systemctl is-enabled --quiet postgresql 2>/dev/null; then
   systemctl disable --now postgresql
 fi
 
-# Secrets: made once on the Vagrant host, installed once, root-only.
+# One clock for every figure: the lab refuses experiments when a machine is off by > 50 ms.
+if [ "$in_container" = yes ]; then
+  echo "time: $(systemd-detect-virt --container) container, the host's clock"
+else
+  systemctl enable --quiet --now systemd-timesyncd
+  if [ "$(timedatectl show -p NTP --value)" != yes ]; then
+    echo "time: systemd-timesyncd is not active (timedatectl: NTP=no)" >&2
+    exit 1
+  fi
+  echo "time: systemd-timesyncd active, synchronized: $(timedatectl show -p NTPSynchronized --value)"
+fi
+
+# Secrets: made once on the Vagrant host, installed once, root-only; the copy the file
+# provisioner left in /tmp goes.
 install -d -m 0755 "$etc"
 for name in replication.password app.password agent.key; do
   if [ ! -f "$etc/$name" ]; then
     install -m 0600 -o root -g root "/tmp/bobry-secrets/$name" "$etc/$name"
   fi
 done
+rm -rf /tmp/bobry-secrets
+
+# The lab's own iptables chains, made at every boot before the agent starts (see the script).
+chains=/usr/local/sbin/bobry-lab-chains
+if ! cmp -s "$src/provision/bobry-lab-chains.sh" "$chains"; then
+  install -m 0755 "$src/provision/bobry-lab-chains.sh" "$chains"
+fi
+chains_unit=/etc/systemd/system/bobry-lab-chains.service
+chains_unit_text="[Unit]
+Description=Bobry lab: fault-injection iptables chains
+Before=bobry-agent.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=$chains
+
+[Install]
+WantedBy=multi-user.target"
+if [ ! -f "$chains_unit" ] || [ "$(cat "$chains_unit")" != "$chains_unit_text" ]; then
+  printf '%s\n' "$chains_unit_text" > "$chains_unit"
+  systemctl daemon-reload
+fi
+systemctl enable --quiet bobry-lab-chains
+systemctl restart bobry-lab-chains
 
 if [ "$node" = client ]; then
   # pgbench and the write probe authenticate as the application role

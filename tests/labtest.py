@@ -29,6 +29,26 @@ def agent_log_tails(backend, lines=40):
     return "\n".join(tails)
 
 
+def vagrant_lab(provider):
+    """The running Vagrant lab (left up), or one brought up here and destroyed after."""
+    from lab.vagrant import VagrantBackend
+    backend = VagrantBackend(provider=provider)
+    if backend.exists():
+        backend.check_ready()
+        yield backend
+        return
+    began = time.monotonic()
+    try:
+        backend.up(progress=print)
+        backend.wait_until("primary with sync standby", backend.primary_with_sync_standby, 240)
+        print(f"vagrant lab up in {time.monotonic() - began:.0f} s")
+        yield backend
+    finally:
+        began = time.monotonic()
+        backend.down()
+        print(f"vagrant lab down in {time.monotonic() - began:.0f} s")
+
+
 def eventually(predicate, timeout, interval=0.2):
     """The predicate's first truthy value within timeout, else AssertionError."""
     deadline = time.monotonic() + timeout

@@ -6,7 +6,7 @@ import pytest
 import testinfra
 from testinfra.backend.local import LocalBackend
 
-from lab.backend import AGENT_HOSTS
+from lab.backend import HOSTS
 from labtest import fresh_lab
 
 
@@ -29,25 +29,27 @@ class NetnsTestinfraBackend(LocalBackend):
 
 def netns_hosts(lab):
     hosts = {}
-    for name in AGENT_HOSTS:
+    for name in HOSTS:
         backend = NetnsTestinfraBackend(lab.ns(name))
         hosts[name] = testinfra.host.Host(backend)
         backend.set_host(hosts[name])
     return hosts
 
 
-def vagrant_hosts(lab, directory):
-    ssh_config = directory / "ssh-config"
-    ssh_config.write_text(lab.vagrant.ssh_config())
-    return {name: testinfra.get_host(f"ssh://{name}", ssh_config=str(ssh_config), sudo=True)
-            for name in AGENT_HOSTS}
+def vagrant_hosts(lab):
+    """testinfra's ssh backend with the lab's own ssh config (vagrant ssh-config) and
+    ControlMaster socket (its path doubled %: testinfra %-formats the ssh command line)."""
+    control_path = lab._control_path().replace("%", "%%")
+    return {name: testinfra.get_host(f"ssh://{name}", ssh_config=str(lab.ssh_config_file),
+                                     sudo=True, controlpath=control_path,
+                                     ssh_extra_args="-T -o BatchMode=yes")
+            for name in HOSTS}
 
 
 @pytest.fixture(scope="module")
 def lab(request):
     if request.config.getoption("--lab-backend") == "vagrant":
-        from lab.vagrant import VagrantBackend
-        yield VagrantBackend()
+        yield request.getfixturevalue("vagrant_lab")
         return
     if os.geteuid() != 0:
         pytest.skip("the embedded lab needs root (netns, iptables)")
@@ -57,5 +59,5 @@ def lab(request):
 @pytest.fixture(scope="module")
 def hosts(lab, tmp_path_factory):
     if lab.name == "vagrant":
-        return vagrant_hosts(lab, tmp_path_factory.mktemp("vagrant"))
+        return vagrant_hosts(lab)
     return netns_hosts(lab)

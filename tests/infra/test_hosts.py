@@ -1,4 +1,5 @@
 """What each host of a running lab must look like, checked with testinfra."""
+import hashlib
 import json
 import re
 import shlex
@@ -6,7 +7,7 @@ import time
 
 import pytest
 
-from lab.backend import AGENT_HOSTS, DB_HOSTS
+from lab.backend import AGENT_HOSTS, CHAIN_IN, CHAIN_OUT, DB_HOSTS, HOSTS, REPO
 
 
 def agent_status(lab, host, name):
@@ -57,6 +58,47 @@ def test_secret_files_are_root_only(lab, hosts, name):
 def test_replication_passfile_belongs_to_postgres(lab, hosts, name):
     passfile = hosts[name].file(f"{lab.config(name).run_dir}/.pgpass")
     assert passfile.mode == 0o600 and passfile.user == "postgres"
+
+
+vagrant_only = pytest.mark.parametrize("name", HOSTS)
+
+
+@vagrant_only
+def test_provisioning_made_the_lab_chains_and_a_unit_that_makes_them_at_boot(lab, hosts, name):
+    if lab.name != "vagrant":
+        pytest.skip("the embedded lab makes its chains at `up`")
+    host = hosts[name]
+    assert host.service("bobry-lab-chains").is_enabled
+    for chain, hook in ((CHAIN_IN, "INPUT"), (CHAIN_OUT, "OUTPUT")):
+        assert host.run(f"iptables -w 5 -C {hook} -j {chain}").rc == 0, (hook, chain)
+
+
+@vagrant_only
+def test_no_secret_is_left_in_tmp(lab, hosts, name):
+    if lab.name != "vagrant":
+        pytest.skip("the embedded lab keeps its secrets in its own directory")
+    assert not hosts[name].file("/tmp/bobry-secrets").exists
+
+
+@vagrant_only
+def test_the_clock_is_kept(lab, hosts, name):
+    """A container shares the host's clock; a VM keeps its own with systemd-timesyncd."""
+    if lab.name != "vagrant":
+        pytest.skip("network namespaces share this machine's clock")
+    host = hosts[name]
+    if host.run("systemd-detect-virt --container").rc != 0:
+        assert host.service("systemd-timesyncd").is_running
+        assert host.check_output("timedatectl show -p NTP --value") == "yes"
+
+
+@pytest.mark.parametrize("name", AGENT_HOSTS)
+def test_the_hosts_run_this_checkouts_agent_and_config(lab, hosts, name):
+    if lab.name != "vagrant":
+        pytest.skip("the embedded lab runs the checkout itself")
+    for remote, local in (("/opt/bobry/agent.py", "agent.py"), ("/etc/bobry/agent.ini",
+                                                                "agent.ini")):
+        digest = hashlib.sha256((REPO / local).read_bytes()).hexdigest()
+        assert hosts[name].file(remote).sha256sum == digest, remote
 
 
 def lease(host, port):

@@ -3,6 +3,7 @@ helpers every experiment's figures share; the load-and-faults skeleton (under_lo
 import pytest
 
 from lab import experiments
+from lab.backend import LabError
 from lab.experiments import failover_metrics, longest_gap, tps_timeline, verdict
 
 ADDR = {"pg1": "10.0.0.1", "pg2": "10.0.0.2"}
@@ -197,8 +198,15 @@ class Path(str):
 
 
 class FakeBackend:
-    def __init__(self):
+    def __init__(self, offsets=None):
         self.calls = []
+        self.offsets = offsets or {"pg1": (0.0, 0.0), "client": (0.0012, 0.0003)}
+
+    def clock_offsets(self):
+        return self.offsets
+
+    def pause_agent(self, host, seconds):
+        self.calls.append(f"pause {host} {seconds}")
 
     def wait_until(self, what, predicate, timeout, progress=None):
         return "pg1"
@@ -244,3 +252,29 @@ def test_under_load_resumes_only_the_agents_still_paused(backend):
         run.pause("arb")
     assert backend.calls == ["start Probe", "start Pgbench", "STOP pg1", "CONT pg1",
                              "STOP arb", "CONT arb", "heal", "stop Probe", "stop Pgbench"]
+
+
+def test_under_load_measures_the_clocks_first(backend):
+    with experiments.under_load(backend, lambda *a, **k: None, "x") as run:
+        pass
+    assert run.clock_offsets_ms == {"pg1": 0.0, "client": 1.2}
+
+
+def test_an_experiment_refuses_clocks_more_than_50_ms_apart(backend):
+    backend.offsets = {"pg1": (0.0, 0.0), "arb": (-0.051, 0.001)}
+    with pytest.raises(LabError, match="clocks too far apart"), \
+            experiments.under_load(backend, lambda *a, **k: None, "x"):
+        pass
+    assert backend.calls == []  # nothing started
+
+
+def test_a_pause_is_the_backends_one_command(backend):
+    with experiments.under_load(backend, lambda *a, **k: None, "x") as run:
+        run.pause_for("arb", 0.5)
+    assert "pause arb 0.5" in backend.calls
+
+
+def test_the_report_shows_the_clock_offsets():
+    f = experiments.verdict({"clock_offsets_ms": {"pg1": 0.0, "client": -1.5}})
+    lines = experiments._lines("t", [], f)
+    assert "clock offsets (ms)" in lines[1] and "client -1.5" in lines[1]
