@@ -98,7 +98,7 @@ case "${1:-}" in
     box_log=$(mktemp /tmp/bobry-lxc-box.XXXXXX)
     (setup_lxc && bash provision/lxc-box.sh) >"$box_log" 2>&1 &
     box_pid=$!
-    .venv/bin/python -m pytest tests/unit tests/sim -v -p no:cacheprovider || status=$?
+    .venv/bin/python -m pytest tests/unit tests/sim -v -p no:cacheprovider --durations=10 || status=$?
     if ! wait "$box_pid"; then
       status=1
     fi
@@ -106,7 +106,7 @@ case "${1:-}" in
     cat "$box_log"
     rm -f "$box_log"
     .venv/bin/python -m pytest tests --ignore=tests/unit --ignore=tests/sim -v \
-      -p no:cacheprovider || status=$?
+      -p no:cacheprovider --durations=25 || status=$?
     echo "embedded suite: $((SECONDS - began)) s"
     vagrant_lxc_suite || status=$?
     exit "$status" ;;
