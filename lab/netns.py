@@ -21,6 +21,7 @@ SWITCH = "bobry-switch"
 # sees from the network when each database port opens and closes (lab/portwatch.py).
 WATCH, WATCH_ADDRESS = "watch", "10.89.0.30"
 DEFAULT_DIR = "/var/tmp/bobry-lab"
+TIMING_ENV = "BOBRY_LAB_TIMING"  # [timing] overrides for a sweep: key=value,key=value
 
 
 def _ip(*args, check=True):
@@ -239,6 +240,13 @@ class NetnsBackend(Backend):
                           ("agent_key_file", "agent.key")):
             cluster[key] = str(secrets_dir / name)
         parser["postgres"]["bin_dir"] = installed_pg_bin()
+        # a timing sweep's candidate, e.g. "fence_timeout=0.7,failover_timeout=1.2": the agents
+        # check it (check_timing) and refuse to start on a set that breaks the inequality
+        for pair in filter(None, os.environ.get(TIMING_ENV, "").split(",")):
+            key, _, value = pair.partition("=")
+            if key.strip() not in parser["timing"]:
+                raise LabError(f"{TIMING_ENV}: no key {key.strip()!r} in [timing] of agent.ini")
+            parser["timing"][key.strip()] = value.strip()
         host_dir = self.lab_dir / "hosts" / "{node}"
         parser["postgres"]["data_dir"] = str(host_dir / "pgdata" / "data")
         parser["postgres"]["run_dir"] = str(host_dir / "run")
