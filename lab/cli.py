@@ -235,6 +235,8 @@ def parser():
                                      "jitter"])
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
+    sp.add_argument("--pause", type=float, help="jitter: each agent pause in seconds (default "
+                                                "0.5: under half of the default fence_timeout)")
     sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")
     sp.add_argument("--report-dir", help="write the report folder here (default: a new "
                                          "folder under $BOBRY_REPORT_DIR or "

@@ -582,6 +582,7 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
     fence_timeout) of one agent after another. Nothing may fence, promote or drop the standby
     from sync, and writes must go on."""
     minutes = minutes if minutes is not None else getattr(args, "minutes", 5.0)
+    pause = getattr(args, "pause", None) or pause
     pauses = 0
     with under_load(backend, progress, "jitter") as run:
         time.sleep(baseline)
