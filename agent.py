@@ -33,6 +33,7 @@ import os
 import pwd
 import re
 import resource
+import secrets
 import select
 import shlex
 import shutil
@@ -1759,11 +1760,19 @@ class Fence:
     and the other way round."""
 
     TABLE = "bobry_fence"
-    VERSION = "bobry fence v4"  # a table of another version is replaced (closed) at start
+    VERSION = "bobry fence v5"  # a table of another version is replaced (closed) at start
 
     def __init__(self, pg_port):
         self.port = pg_port
         self.comment = f"{self.VERSION} port {pg_port}"
+        self.token = self._new_token()  # of the latest arm; this one was never armed
+
+    @staticmethod
+    def _new_token():
+        """A token the kernel has never seen: a write deletes its own arm's element, so the
+        nft child of a killed agent, committing late, never takes a restarted agent's window
+        (2**-32 odds of meeting the next token)."""
+        return secrets.randbits(32)
 
     def _nft(self, *args, script=None, check=True):
         result = subprocess.run(["nft", *args] if script is None else ["nft", "-f", "-"],
@@ -1783,7 +1792,7 @@ class Fence:
         self._nft(script=delete + f"""table inet {t} {{
   comment "{self.comment}"
   set lease {{ type inet_service; flags timeout; }}
-  set fresh {{ type inet_service; flags timeout; }}
+  set fresh {{ type mark; flags timeout; }}
   set handover {{ type ipv4_addr; flags timeout; }}
   chain input {{ type filter hook input priority -10; policy accept;
     iifname "lo" accept
@@ -1808,18 +1817,20 @@ class Fence:
 
     def arm(self, seconds):
         """Start the window in which the kernel takes the next lease write: an element of the
-        set `fresh` that lives `seconds`. A write (open_for, renew) deletes it in the same
-        transaction, so a write that comes later than that -- an agent stalled between
-        computing the lease and handing it over -- fails whole: a lease never runs more than
-        `seconds` past the term the agent computed after arming."""
+        set `fresh`, a token of this arm's own, that lives `seconds`. A write (open_for, renew)
+        deletes that very element in the same transaction, so a write that comes later than
+        that -- an agent stalled between computing the lease and handing it over, or the nft
+        child of a killed agent after a restarted one armed again -- fails whole: a lease never
+        runs more than `seconds` past the term the agent computed after arming."""
         ms = max(1, int(seconds * 1000))
+        self.token = self._new_token()
         self._nft(script=f"flush set inet {self.TABLE} fresh\n"
-                         f"add element inet {self.TABLE} fresh {{ {self.port} timeout {ms}ms }}\n")
+                         f"add element inet {self.TABLE} fresh {{ {self.token} timeout {ms}ms }}\n")
 
     def _write(self, lease_step, seconds):
         ms = max(1, int(seconds * 1000))
         t = self.TABLE
-        result = self._nft(script=f"delete element inet {t} fresh {{ {self.port} }}\n{lease_step}"
+        result = self._nft(script=f"delete element inet {t} fresh {{ {self.token} }}\n{lease_step}"
                                   f"add element inet {t} lease {{ {self.port} timeout {ms}ms }}\n",
                            check=False)
         if result.returncode != 0 and "No such file or directory" not in result.stderr:

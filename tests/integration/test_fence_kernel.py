@@ -38,6 +38,14 @@ fence.arm(0.1)
 time.sleep(0.3)  # the agent stalls after arming
 out["late_open"] = fence.open_for(1.0)
 out["after_late_open"] = fence.lease()
+killed = agent.Fence(5432)  # an agent killed while its nft child stalls with a write
+killed.arm(0.3)
+restarted = agent.Fence(5432)  # the agent started again: the same table, a new incarnation
+restarted.install()
+restarted.arm(0.3)
+out["stale_write"] = killed.open_for(1.0)  # the stalled child commits in the new window
+out["after_stale_write"] = fence.lease()
+out["restarted_write"] = restarted.open_for(0.5)
 fence.open()
 out["standby"] = fence.lease()
 fence.close()
@@ -55,7 +63,7 @@ def namespace():
         subprocess.run(["ip", "netns", "del", NS], check=False)
 
 
-def test_a_lease_lapses_by_itself_and_a_late_write_never_opens_the_port(namespace):
+def test_a_lease_lapses_by_itself_and_a_late_or_stale_write_never_opens_the_port(namespace):
     result = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", SCRIPT,
                              str(REPO)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -69,5 +77,8 @@ def test_a_lease_lapses_by_itself_and_a_late_write_never_opens_the_port(namespac
     assert out["lapsed"] is None
     assert out["renew_lapsed"] is False and out["after_late_renew"] is None
     assert out["late_open"] is False and out["after_late_open"] is None  # too late: refused
+    # a write armed by an earlier incarnation never takes the window of a later one
+    assert out["stale_write"] is False and out["after_stale_write"] is None
+    assert out["restarted_write"] is True
     assert out["standby"] == float("inf")
     assert out["closed"] is None

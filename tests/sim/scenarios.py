@@ -553,3 +553,74 @@ def promotion_opening_missed(c):
     isolate(c, s, client_too=False)
     wait(c, 8.0)
     heal(c)
+
+
+# -- the open finding D of the hostile review: a killed agent's nft child -----------------------
+
+@contextlib.contextmanager
+def old_shared_window():
+    """Before the fix: every arm made the same element of the set `fresh` (the port), so a
+    write took whichever armed window was open -- also one armed by a later incarnation."""
+    def armed_then(self, change):
+        def write():
+            k = self.k
+            if k.fresh is None or k.fresh[1] <= self.w.sched.now:
+                return False
+            k.fresh = None
+            return change()
+        return write
+
+    with patched(simworld.SimFence, "_armed_then", armed_then):
+        yield
+
+
+@scenario("findingD-killed-agents-nft-child-takes-a-later-window", old_shared_window,
+          expect=("dual_rw", "dual_ack"))
+def stale_nft_child(c):
+    """Finding D of the hostile review: a fenced primary's agent decides to unfence and is
+    SIGKILLed while its opening's nft child stalls; the child outlives it. The restarted agent
+    unfences too, cut off again at that moment, its nft slow (1 s). If the old child commits
+    just after the new arm, it must not take the new window: it would open the lease for the
+    old agent's full term, counted from then, past the standby's grant."""
+    m = primary(c)
+    cut(c, m, "arb")
+    cut(c, m, c.other_db(m))
+    wait(c, 1.5)                       # the lease lapses: fenced
+    old_fence, stalled = c.nodes[m].agent.fence, []
+    original_open_for = old_fence.open_for
+
+    def open_for(seconds):             # the opening's nft child stalls, and the agent is killed
+        def stall(change):
+            stalled.append(change)
+            c.crash(m, "SIGKILL while its nft child stalls (scenario)")
+            raise simworld.SimCrash(m)
+        old_fence._nft = stall
+        return original_open_for(seconds)
+    old_fence.open_for = open_for
+    heal(c)
+    c.sched.run_until(c.sched.now + 3.0, until=lambda: stalled)
+    assert stalled, "the old agent never unfenced"
+    wait(c, 0.5)
+    c.start_agent(m)
+    agent_m = c.nodes[m].agent
+    original_unfence, original_arm = agent_m.do_unfence, agent_m.fence.arm
+
+    def do_unfence(decision):          # cut off again the moment it decides, its nft slow
+        agent_m.do_unfence = original_unfence
+        c.nodes[m].nft_slow = 1.0
+        cut(c, m, "arb")
+        cut(c, m, c.other_db(m))
+        return original_unfence(decision)
+
+    def commit_stale():
+        c.trace(m, f"the killed agent's nft child commits: {stalled.pop()()}")
+
+    def arm(seconds):                  # the old child commits 10 ms after the new arm does
+        if stalled:
+            c.sched.at(c.sched.now + c.nodes[m].nft_slow + 0.01, commit_stale)
+        original_arm(seconds)
+    agent_m.do_unfence, agent_m.fence.arm = do_unfence, arm
+    wait(c, 8.0)
+    assert not stalled, "the restarted agent never armed: the old child had no window to take"
+    c.nodes[m].nft_slow = 0.0
+    heal(c)

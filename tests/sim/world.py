@@ -279,7 +279,8 @@ class Fence:
         self.installed = False
         self.expiry = None
         self.handover_until = None
-        self.fresh_until = None  # the armed window of the next lease write (Fence.arm)
+        self.fresh = None  # the armed window of the next lease write: (token, until) (Fence.arm)
+        self.arms = 0  # tokens handed out, by all incarnations
         self.opened_at = None  # when the current client window opened
 
     def open_at(self, now):
@@ -524,6 +525,7 @@ class SimFence:
     def __init__(self, world):
         self.w = world
         self.k = world.c.fences[world.name]
+        self.token = None  # of this incarnation's latest arm
 
     def _nft(self, change):
         """Run nft: `change()` is what the kernel does, when nft is done -- nft_slow after the
@@ -574,18 +576,24 @@ class SimFence:
         return self.w.sched.now + max(0.001, int(seconds * 1000) / 1000)
 
     def arm(self, seconds):
+        self.k.arms += 1
+        self.token = self.k.arms  # one per arm, never reused (agent.Fence.arm)
+
         def change():
-            self.k.fresh_until = self._timeout(seconds)
+            self.k.fresh = (self.token, self._timeout(seconds))
         self._nft(change)
 
     def _armed_then(self, change):
-        """The write deletes the armed window's element in the same transaction: a write
-        the kernel gets after the window fails whole, changing nothing (False)."""
+        """The write deletes its own armed window's element in the same transaction: a write
+        the kernel gets after that window, or after a later arm, fails whole, changing
+        nothing (False)."""
+        token = self.token  # what the nft child was handed
+
         def write():
             k = self.k
-            if k.fresh_until is None or k.fresh_until <= self.w.sched.now:
+            if k.fresh is None or k.fresh[0] != token or k.fresh[1] <= self.w.sched.now:
                 return False
-            k.fresh_until = None
+            k.fresh = None
             return change()
         return write
 
