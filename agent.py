@@ -422,6 +422,8 @@ class DbObservation:
     handover_unsettled: bool = False  # a handover request of ours got no answer
     rewound: bool = False  # down without standby.signal, pg_control "in archive recovery":
     #                        a pg_rewind ran to its end (it writes pg_control last)
+    rewind_unfinished: bool = False  # a pg_rewind of this data directory began and no
+    #                                  standby.signal followed (LocalPostgres.rewind's mark)
 
 
 def _age(obs_now, started_at, at):
@@ -502,6 +504,10 @@ def _decide_db(me, other, arbiter, obs, timing):
             return Decision("finish_rejoin", f"replaced by {primary} in term {view.term} and "
                                              "rewound before a restart: starting as its "
                                              "standby")
+        if obs.pg == "down" and obs.rewind_unfinished:  # pg_rewind killed or timed out
+            return Decision("reclone", f"replaced by {primary} in term {view.term}; a pg_rewind "
+                                       "of my data stopped half-way, leaving files of two "
+                                       "servers: keeping them aside to clone afresh")
         return Decision("rejoin", f"replaced by {primary} in term {view.term}: rewinding to "
                                   "rejoin as its standby")
     if obs.pg == "down":
@@ -1499,6 +1505,17 @@ def write_atomically(path, text, owner=None, mode=0o600):
         os.close(dir_fd)
 
 
+def remove_durably(path):
+    """Unlink, fsync the directory: after a crash the file is there or gone for good."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 def read_secret(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -2039,8 +2056,19 @@ class LocalPostgres:
         stopped half-way left, says "shut down" or "in production"."""
         return self._controldata("Database cluster state") == "in archive recovery"
 
+    def _rewind_mark(self):
+        return os.path.join(self.cfg.state_dir, "rewind-unfinished")
+
+    def rewind_unfinished(self):
+        """Did a pg_rewind of this data directory begin, and no standby.signal follow? A rewind
+        killed or timed out half-way leaves files of two servers that a second pg_rewind
+        cannot tell apart: only a fresh clone is safe (PostgreSQL's pg_rewind manual)."""
+        return os.path.exists(self._rewind_mark())
+
     def rewind(self, view):
-        """pg_rewind onto the new primary; the output names the point of divergence."""
+        """pg_rewind onto the new primary; the output names the point of divergence. The mark
+        goes down durably first and stays until make_standby or move_aside."""
+        write_atomically(self._rewind_mark(), self.cfg.data_dir + "\n")
         source = self.cfg.nodes[view.primary]
         dsn = (f"host={source.address} port={source.pg_port} user={self.cfg.replication_user} "
                f"dbname=postgres passfile={pgpass_path(self.cfg)} connect_timeout=3")
@@ -2055,10 +2083,12 @@ class LocalPostgres:
         """Keep, never delete, a data directory that cannot rejoin: a later bootstrap clones."""
         aside = f"{self.cfg.data_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(self.cfg.data_dir, aside)
+        remove_durably(self._rewind_mark())
         return aside
 
     def make_standby(self, view):
         write_atomically(os.path.join(self.cfg.data_dir, "standby.signal"), "", owner=self.owner)
+        remove_durably(self._rewind_mark())
         self.write_config(view)
 
     def reload(self):
@@ -2880,8 +2910,9 @@ class DbAgent(Agent):
         contact_at, alive_at = self.observations.snapshot()
         signal = self.pg.has_standby_signal()
         # pg_controldata only for a replaced node that is down: no extra process per tick
-        rewound = (st.pg == "down" and not signal and self.view.primary != self.cfg.me.name
-                   and self.pg.rewound())
+        replaced_down = (st.pg == "down" and not signal
+                         and self.view.primary != self.cfg.me.name)
+        rewound = replaced_down and self.pg.rewound()
         obs = DbObservation(
             now=now, started_at=self.started_at, pg=self.pg_state,
             pg_down_since=self.pg_down_since, has_standby_signal=signal,
@@ -2890,7 +2921,8 @@ class DbAgent(Agent):
             standby_seen_at=self.standby_seen_at, standby_streaming=streaming,
             standby_synced=synced, switchover_requested=self.switchover is not None,
             strict_sync=self.cfg.strict_sync, confirm_after=self.confirm_after,
-            port_open=port_open, handover_unsettled=self.handover_unsettled, rewound=rewound)
+            port_open=port_open, handover_unsettled=self.handover_unsettled, rewound=rewound,
+            rewind_unfinished=replaced_down and self.pg.rewind_unfinished())
         decision = decide_db(self.cfg.me.name, self.other.name, self.cfg.arbiter.name, obs,
                              self.cfg.timing)
         self.say(decision)
@@ -3035,13 +3067,20 @@ class DbAgent(Agent):
         try:
             output = self.pg.rewind(self.view)
         except RuntimeError as exc:
-            aside = self.pg.move_aside()
-            self.log.error("%s; old data kept in %s, cloning afresh", exc, aside)
-            self.events("rewind_failed", error=str(exc)[-500:], kept=aside)
+            self._keep_aside(str(exc))
             return
         diverged = next((line for line in output.splitlines() if "diverged" in line), output)
         self.log.info("rewound onto %s: %s", self.view.primary, diverged)
         self._start_rejoined(diverged)
+
+    def do_reclone(self, decision):
+        self._keep_aside("an earlier pg_rewind did not finish")
+
+    def _keep_aside(self, why):
+        """Keep, never delete, data that cannot rejoin; the bootstrap clones next tick."""
+        aside = self.pg.move_aside()
+        self.log.error("%s; old data kept in %s, cloning afresh", why, aside)
+        self.events("rewind_failed", error=why[-500:], kept=aside)
 
     def do_finish_rejoin(self, decision):
         """An agent killed after pg_rewind and before standby.signal left a complete rewind

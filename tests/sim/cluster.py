@@ -50,6 +50,7 @@ class Node:
         self.disk_slow = 0.0
         self.nft_fail = False
         self.nft_slow = 0.0
+        self.rewind_stops = None  # the next pg_rewind stops half-way: "timeout" or "kill"
         self.mono_offset = rng.uniform(1e3, 1e6)
         self.wall_offset = 0.0
         self.decisions = collections.deque(maxlen=12)

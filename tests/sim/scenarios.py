@@ -476,8 +476,9 @@ def old_rewound_unseen():
     timeline check waits for the new primary's timeline to be newer than its own."""
     original = agent._decide_db
 
-    def decide(me, other, arbiter, obs, timing):
-        return original(me, other, arbiter, dataclasses.replace(obs, rewound=False), timing)
+    def decide(me, other, arbiter, obs, timing):  # nor had it the rewind's mark then
+        return original(me, other, arbiter,
+                        dataclasses.replace(obs, rewound=False, rewind_unfinished=False), timing)
 
     with patched(agent, "_decide_db", decide):
         yield
@@ -509,6 +510,53 @@ def killed_after_rewind(c):
     if c.nodes[m].alive is False:
         c.start_agent(m)
     wait(c, 2.0)
+
+
+# -- a pg_rewind that stops half-way ------------------------------------------------------------
+
+@contextlib.contextmanager
+def old_unfinished_rewind_unseen():
+    """Before the fix: the decision did not know that a rewind had begun: a replaced node down
+    without standby.signal rewound again, whatever an earlier rewind had left."""
+    original = agent._decide_db
+
+    def decide(me, other, arbiter, obs, timing):
+        return original(me, other, arbiter, dataclasses.replace(obs, rewind_unfinished=False),
+                        timing)
+
+    with patched(agent, "_decide_db", decide):
+        yield
+
+
+def _rewind_stops(c, how):
+    m = primary(c)
+    isolate(c, m, client_too=False)
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[c.other_db(m)].is_primary)
+    c.nodes[m].rewind_stops = how
+    wait(c, 3.0)          # the new primary checkpoints its timeline
+    heal(c)
+    wait(c, 3.0)
+    assert c.nodes[m].rewind_stops is None, "the replaced node never rewound"
+    if not c.nodes[m].alive:
+        c.start_agent(m)
+    wait(c, 6.0)
+
+
+@scenario("rewind-times-out-half-way", old_unfinished_rewind_unseen, expect=("torn_start",))
+def rewind_times_out(c):
+    """The replaced primary's pg_rewind stops half-way: subprocess.run's timeout (600 s) kills
+    it, the source having gone silent mid-copy. Its files are now of two servers; PostgreSQL's
+    manual says no second pg_rewind can repair them: the node must be cloned afresh, never
+    rewound again and started."""
+    _rewind_stops(c, "timeout")
+
+
+@scenario("rewind-killed-with-its-agent", old_unfinished_rewind_unseen, expect=("torn_start",))
+def rewind_killed(c):
+    """The replaced primary's agent is SIGKILLed with its pg_rewind child (the whole unit, the
+    OOM killer) half-way through the rewind; pg_control is still the old one, so nothing in
+    the data directory says a rewind began: the agent's durable mark must."""
+    _rewind_stops(c, "kill")
 
 
 # -- found by the simulator: a promotion whose opening misses the armed window ---------------------

@@ -16,6 +16,7 @@ returns, the node's other routines and requests to it wait (they would block on 
 import heapq
 import logging
 import socket
+import subprocess
 
 import agent
 
@@ -134,6 +135,8 @@ class Pg:
         self.tli = 1
         self.ckpt_tli = 1
         self.control = None    # pg_control's "Database cluster state" (pg_controldata)
+        self.torn = False      # a pg_rewind stopped half-way: files of two servers
+        self.rewind_mark = False  # LocalPostgres.rewind's mark in the state directory
         self.wal = []          # [(entry id, timeline, write id or 0)]
         self.writes = set()    # write ids in the WAL
         self.conf = {"sync": "", "primary": None}
@@ -181,6 +184,9 @@ class Pg:
         return self.running and not self.recovery
 
     def start(self):
+        if self.torn:
+            self.c.violation("torn_start", f"{self.name} starts PostgreSQL on files that a "
+                                           "pg_rewind stopped half-way left")
         self.running = True
         self.recovery = self.signal
         self.control = "in archive recovery" if self.recovery else "in production"
@@ -728,9 +734,16 @@ class SimPostgres:
             raise RuntimeError("pg_controldata: no data directory")
         return self.pg.control == "in archive recovery"
 
+    def rewind_unfinished(self):
+        self.w._enter()
+        return self.pg.rewind_mark
+
     def rewind(self, view):
+        """A second rewind of a torn directory "succeeds" and leaves it torn: pg_rewind cannot
+        know what a killed one copied (the worst case of its manual's warning)."""
         self.w._enter()
         pg, c = self.pg, self.c
+        pg.rewind_mark = True
         if pg.running:
             raise RuntimeError("pg_rewind failed: target server must be shut down cleanly")
         source = view.primary
@@ -738,6 +751,14 @@ class SimPostgres:
         self.w._wait(0.2)
         if not c.pg_reachable(self.w.name, source):
             raise RuntimeError(f"pg_rewind from {source} failed: could not connect")
+        stops, self.w.node.rewind_stops = self.w.node.rewind_stops, None
+        if stops:
+            pg.torn = True
+            c.trace(self.w.name, f"pg_rewind onto {source} stops half-way ({stops})")
+            if stops == "kill":  # the agent and its child, as a unit's cgroup is killed
+                c.crash(self.w.name, "SIGKILL, its pg_rewind child with it")
+                raise SimCrash(self.w.name)
+            raise subprocess.TimeoutExpired("pg_rewind", 600)
         if pg.control not in ("shut down", "shut down in recovery"):
             pg.control = "shut down"  # pg_rewind's crash recovery in single-user mode
         if src.ckpt_tli <= pg.ckpt_tli and not pg.prefix_of(src):
@@ -753,6 +774,7 @@ class SimPostgres:
     def move_aside(self):
         self.w._enter()
         self.pg.exists = False
+        self.pg.torn = self.pg.rewind_mark = False
         self.pg.signal = False
         self.pg.control = None
         self.pg.set_wal([])
@@ -761,6 +783,7 @@ class SimPostgres:
     def make_standby(self, view):
         self.w._enter()
         self.pg.signal = True
+        self.pg.rewind_mark = False
         self.write_config(view)
 
     def reload(self):

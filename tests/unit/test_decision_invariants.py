@@ -102,7 +102,7 @@ def role_changes_only_on_the_arbiters_view(c):
     a view that the arbiter made (term > 0), never the local guess of an agent that has not
     heard from it (term 0, from the config). It was a known violation, found by this sweep and
     fixed."""
-    if c.d.action not in ("promote", "rejoin", "finish_rejoin"):
+    if c.d.action not in ("promote", "rejoin", "finish_rejoin", "reclone"):
         return False
     assert c.view.term > 0, c
     return True
@@ -228,6 +228,31 @@ def rejoin_only_a_replaced_node_onto_a_live_primary(c):
     assert ((c.o.pg == "primary" and not c.port_open)
             or (c.o.pg == "down" and not c.o.has_standby_signal)), c
     assert c.age(c.o.primary_alive_at) < T.fence_timeout, c
+    return True
+
+
+def reclone_only_after_an_unfinished_rewind_onto_a_live_primary(c):
+    """Healing, "Rejoin", and DbAgent.do_reclone: a node moves its data aside only when the
+    view names the other node, its PostgreSQL is down without standby.signal, a pg_rewind of
+    it began and did not finish (pg_control does not say it ran to its end), and the primary
+    was seen within fence_timeout (so that the clone can follow)."""
+    if c.d.action != "reclone":
+        return False
+    assert not c.mine, c
+    assert c.o.pg == "down" and not c.o.has_standby_signal, c
+    assert c.o.rewind_unfinished and not c.o.rewound, c
+    assert c.age(c.o.primary_alive_at) < T.fence_timeout, c
+    return True
+
+
+def unfinished_rewind_is_never_rewound_again(c):
+    """PostgreSQL's pg_rewind manual: a rewind that failed half-way leaves a directory no
+    second rewind can repair. A down node with an unfinished rewind and no complete one never
+    rewinds nor starts (a rejoin, a start as a standby); it keeps the data aside or waits."""
+    if not (c.o.pg == "down" and c.o.rewind_unfinished and not c.o.rewound
+            and not c.o.has_standby_signal and not c.mine):
+        return False
+    assert c.d.action in ("reclone", "none"), c
     return True
 
 
@@ -398,7 +423,9 @@ DB_INVARIANTS = [
     resume_only_the_primary_after_restart_grace, primary_down_resumes_after_restart_grace,
     rejoin_only_a_replaced_node_onto_a_live_primary,
     finish_rejoin_only_a_rewound_replaced_node_onto_a_live_primary,
-    rewound_node_finishes_its_rejoin, start_standby_only_with_standby_signal,
+    reclone_only_after_an_unfinished_rewind_onto_a_live_primary,
+    unfinished_rewind_is_never_rewound_again, rewound_node_finishes_its_rejoin,
+    start_standby_only_with_standby_signal,
     sync_names_go_to_no_one_only_through_drop_standby, strict_sync_never_drops,
     drop_standby_only_with_a_fresh_arbiter, drop_standby_only_when_writes_wait,
     wait_for_a_returning_standby_only_once_it_streams,
@@ -827,7 +854,7 @@ TERM1 = View(1, "pg1", "pg2")
 def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
         primary=0.1, down=None, signal=True, started=100.0, sync=None, seen=0.1,
         streaming=True, synced=True, switchover=False, strict=False, confirm_after=None,
-        port_open=None, unsettled=False, rewound=False):
+        port_open=None, unsettled=False, rewound=False, unfinished=False):
     """A DbObservation at NOW from ages (seconds before NOW; None: never)."""
     contact = {k: at(a) for k, a in ((other(me), peer), (ARB, arbiter)) if a is not None}
     return DbObservation(
@@ -836,7 +863,7 @@ def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
         primary_alive_at=at(primary), sync_names=sync, standby_seen_at=at(seen),
         standby_streaming=streaming, standby_synced=synced, switchover_requested=switchover,
         strict_sync=strict, confirm_after=confirm_after, port_open=port_open,
-        handover_unsettled=unsettled, rewound=rewound)
+        handover_unsettled=unsettled, rewound=rewound, rewind_unfinished=unfinished)
 
 
 STARTED = (100.0, 0.5)  # an agent long up, or one just started (never heard: 0.5 s ago)
@@ -850,15 +877,17 @@ def db_cases():
         mine = [v for v in views() if v.primary == me]
         theirs = [v for v in views() if v.primary != me]
         # a standby, a replaced primary, a node whose PostgreSQL is down: the view names the peer
-        # (rewound is observed only when PostgreSQL is down: the grid draws it everywhere)
-        for view, pg, fenced, port, signal, rewound, primary, arbiter, started in \
-                itertools.product(theirs, ("primary", "standby", "down"), (False, True),
-                                  (None, False, True), (False, True), (False, True),
-                                  (0.1, 0.5, 1.0, 1.5, 2.0, None), (0.1, 1.0, None),
-                                  STARTED):
+        # (rewound and rewind_unfinished are observed only when PostgreSQL is down: the grid
+        # draws them everywhere)
+        for view, pg, fenced, port, signal, (rewound, unfinished), primary, arbiter, started \
+                in itertools.product(theirs, ("primary", "standby", "down"), (False, True),
+                                     (None, False, True), (False, True),
+                                     itertools.product((False, True), repeat=2),
+                                     (0.1, 0.5, 1.0, 1.5, 2.0, None), (0.1, 1.0, None),
+                                     STARTED):
             yield me, obs(me, pg, view, fenced, primary=primary, arbiter=arbiter,
                           signal=signal, started=started, port_open=port, rewound=rewound,
-                          sync="" if pg == "primary" else None)
+                          unfinished=unfinished, sync="" if pg == "primary" else None)
         # the view names me, PostgreSQL not running as a primary
         for view, pg, fenced, signal, down, started in itertools.product(
                 mine, ("standby", "down"), (False, True), (False, True),
@@ -947,7 +976,7 @@ def db_observations(draw):
         standby_seen_at=draw(moments), standby_streaming=draw(flags),
         standby_synced=draw(flags), switchover_requested=draw(flags), strict_sync=draw(flags),
         confirm_after=draw(moments), port_open=draw(st.sampled_from((None, False, True))),
-        handover_unsettled=draw(flags), rewound=draw(flags))
+        handover_unsettled=draw(flags), rewound=draw(flags), rewind_unfinished=draw(flags))
 
 
 @SMALL

@@ -18,14 +18,16 @@ PAUSED = View(1, "pg1", "pg2", 5, paused=True)
 
 def obs(pg="primary", view=TERM1, fenced=False, other=FRESH, arbiter=FRESH, primary=FRESH,
         down_since=None, standby_signal=False, sync="pg2", me="pg1", standby=FRESH,
-        streaming=True, synced=True, switchover=False, strict=False, rewound=False):
+        streaming=True, synced=True, switchover=False, strict=False, rewound=False,
+        unfinished=False):
     peer = "pg2" if me == "pg1" else "pg1"
     return DbObservation(now=NOW, started_at=NOW - 100, pg=pg, pg_down_since=down_since,
                          has_standby_signal=standby_signal, fenced=fenced, view=view,
                          contact_at={peer: other, "arb": arbiter}, primary_alive_at=primary,
                          sync_names=sync if pg == "primary" else None, standby_seen_at=standby,
                          standby_streaming=streaming, standby_synced=synced,
-                         switchover_requested=switchover, strict_sync=strict, rewound=rewound)
+                         switchover_requested=switchover, strict_sync=strict, rewound=rewound,
+                         rewind_unfinished=unfinished)
 
 
 def same(a, b):  # views equal but for seq
@@ -283,6 +285,25 @@ def test_replaced_primary_killed_after_its_rewind_starts_as_a_standby():
     # paused: it rejoins all the same (as the rewind does), and says PAUSED
     d = m(view=View(2, "pg2", None, 3, paused=True), pg="down", rewound=True)
     assert d.action == "finish_rejoin" and d.reason.startswith("PAUSED: ")
+
+
+def test_replaced_primary_whose_rewind_stopped_half_way_is_cloned_afresh():
+    """A pg_rewind killed or timed out half-way (its mark there, pg_control not "in archive
+    recovery") leaves files of two servers: never rewound again nor started, kept aside so
+    that the bootstrap clones -- on the same conditions as the rejoin."""
+    replaced = View(2, "pg2", None)
+    d = m(view=replaced, pg="down", unfinished=True)
+    assert d.action == "reclone"
+    assert d.reason == ("replaced by pg2 in term 2; a pg_rewind of my data stopped half-way, "
+                        "leaving files of two servers: keeping them aside to clone afresh")
+    # the rewind ran to its end (pg_control says so) before the agent died: start it
+    assert m(view=replaced, pg="down", unfinished=True, rewound=True).action == "finish_rejoin"
+    # the new primary unseen for fence_timeout, or a view not the arbiter's: wait
+    assert m(view=replaced, pg="down", unfinished=True, primary=NOW - 1.0).action == "none"
+    assert m(view=View(0, "pg2", None), pg="down", unfinished=True).action == "none"
+    # standby.signal written (after a complete rewind): a plain start
+    assert m(view=replaced, pg="down", unfinished=True, standby_signal=True).action == \
+        "start_standby"
 
 
 # -- pause (README, "Pause and resume"): the decisions ----------------------------------------

@@ -1,7 +1,7 @@
-"""LocalPostgres reads pg_control through pg_controldata: the timeline of the rejoin check and
-whether a pg_rewind ran to its end. The output is PostgreSQL 15's, taken from scratch clusters
-on this machine (an old primary stopped -m immediate, then rewound onto its promoted standby);
-a stand-in pg_controldata prints it."""
+"""LocalPostgres marks a rewind until it is complete, and reads pg_control through
+pg_controldata: the timeline of the rejoin check and whether a pg_rewind ran to its end. The
+output is PostgreSQL 15's, taken from scratch clusters on this machine (an old primary stopped
+-m immediate, then rewound onto its promoted standby); a stand-in pg_controldata prints it."""
 import dataclasses
 import os
 import pwd
@@ -58,3 +58,26 @@ def test_no_pg_control_is_an_error(tmp_path):
     (tmp_path / "bin" / "out").write_text("")
     with pytest.raises(RuntimeError, match="pg_controldata: no Database cluster state"):
         pg.rewound()
+
+
+def test_a_rewind_leaves_its_mark_until_standby_signal_or_move_aside(tmp_path):
+    """LocalPostgres.rewind marks the state directory durably before pg_rewind runs; only
+    make_standby (after a complete rewind) or move_aside takes the mark away, so a rewind
+    killed or timed out half-way is seen by the restarted agent (decision "reclone")."""
+    pg = local_postgres(tmp_path, "in production", 1)
+    pg.cfg = dataclasses.replace(pg.cfg, state_dir=str(tmp_path / "state"))
+    os.makedirs(pg.cfg.state_dir)
+    os.makedirs(pg.cfg.data_dir)
+    rewind = tmp_path / "bin" / "pg_rewind"
+    rewind.write_text("#!/bin/sh\necho 'pg_rewind: fatal: could not connect' >&2\nexit 1\n")
+    rewind.chmod(0o755)
+    assert not pg.rewind_unfinished()
+    with pytest.raises(RuntimeError, match="could not connect"):
+        pg.rewind(agent.View(2, "pg2", None))
+    assert pg.rewind_unfinished()  # it may have copied files before it failed
+    pg.make_standby(agent.View(2, "pg2", None))
+    assert not pg.rewind_unfinished()
+    with pytest.raises(RuntimeError):
+        pg.rewind(agent.View(2, "pg2", None))
+    aside = pg.move_aside()
+    assert not pg.rewind_unfinished() and os.path.isdir(aside)
