@@ -1834,8 +1834,8 @@ class Fence:
 
     def arm(self, seconds):
         """Start the window in which the kernel takes the next lease write: an element of the
-        set `fresh`, a token of this arm's own, that lives `seconds`. A write (open_for, renew)
-        deletes that very element in the same transaction, so a write that comes later than
+        set `fresh`, a token of this arm's own, that lives `seconds`. A write (open_for, renew,
+        open, hold) deletes that very element in the same transaction, so a write that comes later than
         that -- an agent stalled between computing the lease and handing it over, or the nft
         child of a killed agent after a restarted one armed again -- fails whole: a lease never
         runs more than `seconds` past the term the agent computed after arming."""
@@ -1844,15 +1844,19 @@ class Fence:
         self._nft(script=f"flush set inet {self.TABLE} fresh\n"
                          f"add element inet {self.TABLE} fresh {{ {self.token} timeout {ms}ms }}\n")
 
-    def _write(self, lease_step, seconds):
-        ms = max(1, int(seconds * 1000))
-        t = self.TABLE
-        result = self._nft(script=f"delete element inet {t} fresh {{ {self.token} }}\n{lease_step}"
-                                  f"add element inet {t} lease {{ {self.port} timeout {ms}ms }}\n",
-                           check=False)
+    def _armed(self, steps):
+        """Run steps in one transaction that first deletes this arm's token: False, and nothing
+        done, when the window has passed or was taken, or an element a step deletes is gone."""
+        result = self._nft(script=f"delete element inet {self.TABLE} fresh {{ {self.token} }}\n"
+                                  f"{steps}", check=False)
         if result.returncode != 0 and "No such file or directory" not in result.stderr:
             raise RuntimeError(f"nft failed: {result.stderr.strip()}")
         return result.returncode == 0
+
+    def _write(self, lease_step, seconds):
+        ms = max(1, int(seconds * 1000))
+        return self._armed(f"{lease_step}add element inet {self.TABLE} lease "
+                           f"{{ {self.port} timeout {ms}ms }}\n")
 
     def open_for(self, seconds):
         """Open from closed (within the armed window): False when the window had passed."""
@@ -1866,18 +1870,18 @@ class Fence:
                            seconds)
 
     def open(self):
-        self._nft(script=f"flush set inet {self.TABLE} lease\n"
-                         f"add element inet {self.TABLE} lease {{ {self.port} }}\n")
+        """A standby's element, no timeout (within the armed window, like every write that
+        opens: the nft child of a killed agent could otherwise give a later primary a lease
+        that never ends). False when the window had passed."""
+        return self._armed(f"flush set inet {self.TABLE} lease\n"
+                           f"add element inet {self.TABLE} lease {{ {self.port} }}\n")
 
     def hold(self):
-        """A paused primary: its live lease loses its timeout. Delete and add in one
-        transaction, like renew: a lease that has lapsed stays closed. False when it had."""
-        element = f"inet {self.TABLE} lease {{ {self.port}"
-        result = self._nft(script=f"delete element {element} }}\nadd element {element} }}\n",
-                           check=False)
-        if result.returncode != 0 and "No such file or directory" not in result.stderr:
-            raise RuntimeError(f"nft failed: {result.stderr.strip()}")
-        return result.returncode == 0
+        """A paused primary: its live lease loses its timeout (within the armed window). Delete
+        and add in one transaction, like renew: a lease that has lapsed stays closed. False
+        when it had, or the window had passed."""
+        element = f"inet {self.TABLE} lease {{ {self.port} }}"
+        return self._armed(f"delete element {element}\nadd element {element}\n")
 
     def close(self):
         self._nft("flush", "set", "inet", self.TABLE, "lease")
@@ -2753,6 +2757,10 @@ class DbAgent(Agent):
             with self._lease_lock:
                 self.lease_mode, self.lease_until = "primary", self.clock() + inherited
             self.fenced = False
+        elif self.view.primary != self.cfg.me.name and inherited == float("inf"):
+            with self._lease_lock:  # a standby's element: kept for its readers; were it a
+                self.lease_mode = "standby"  # primary's, decide_db fences it
+            self.fenced = False
         self.log.info("starting: view %s, PostgreSQL port %s", self.view.as_dict(),
                       describe_lease(self.fence.lease()))
         if self.view.primary == self.cfg.me.name:
@@ -2801,11 +2809,12 @@ class DbAgent(Agent):
                 # resumed: a timed lease anchored as usual, or closed until the arbiter's word
                 opening, self.lease_mode, self.lease_until = True, "closed", None
             elif view.paused and not opening and now < self.lease_until:
+                self.fence.arm(timing.safety_margin)
                 if self.fence.hold():
                     self.lease_mode, self.lease_until = "paused", None
-                else:  # it had lapsed: never revived
+                elif self.fence.lease() is None:  # it had lapsed: never revived
                     self.lease_mode, self.lease_until = "closed", None
-                return
+                return  # else the window passed (a stall): the timed lease runs on
             until = lease_extension(self.lease_until, anchor, now, timing, opening)
             if until is None:
                 self._close_lease()
@@ -2867,6 +2876,9 @@ class DbAgent(Agent):
                 self.lease_mode, self.lease_until = "closed", None
             if self.lease_mode == "paused" and kernel is None:
                 self.lease_mode = "closed"
+            if self.lease_mode == "closed" and kernel is not None:
+                self._close_lease()  # an element we did not write (a killed agent's nft child)
+                kernel = None        # or whose term we hold as over: no client may use it
             held = self.lease_mode != "closed" and kernel is not None
         if not held and not self.fenced:
             self.fenced, self.confirm_after = True, now
@@ -2965,7 +2977,11 @@ class DbAgent(Agent):
                 return
         else:
             with self._lease_lock:
-                self.fence.open()
+                self.fence.arm(self.cfg.timing.safety_margin)
+                if not self.fence.open():
+                    self.log.warning("the kernel did not take the standby's element in time: "
+                                     "staying fenced")
+                    return
                 self.lease_mode, self.lease_until = "standby", None
         self.fenced = False
         self.events("unfenced", reason=decision.reason, term=self.view.term)

@@ -46,7 +46,17 @@ restarted.arm(0.3)
 out["stale_write"] = killed.open_for(1.0)  # the stalled child commits in the new window
 out["after_stale_write"] = fence.lease()
 out["restarted_write"] = restarted.open_for(0.5)
-fence.open()
+for write in ("open", "hold"):  # the writes without a timeout: a stale one would never end
+    killed = agent.Fence(5432)
+    killed.arm(0.3)
+    restarted.arm(0.3)
+    restarted.open_for(0.5)
+    out[f"stale_{write}"] = getattr(killed, write)()
+    out[f"after_stale_{write}"] = fence.lease()
+fence.close()
+out["unarmed_standby"] = fence.open()
+fence.arm(0.3)
+out["standby_ok"] = fence.open()
 out["standby"] = fence.lease()
 fence.close()
 out["closed"] = fence.lease()
@@ -80,5 +90,8 @@ def test_a_lease_lapses_by_itself_and_a_late_or_stale_write_never_opens_the_port
     # a write armed by an earlier incarnation never takes the window of a later one
     assert out["stale_write"] is False and out["after_stale_write"] is None
     assert out["restarted_write"] is True
+    for write in ("open", "hold"):
+        assert out[f"stale_{write}"] is False and out[f"after_stale_{write}"] <= 0.5
+    assert out["unarmed_standby"] is False and out["standby_ok"] is True
     assert out["standby"] == float("inf")
     assert out["closed"] is None

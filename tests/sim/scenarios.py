@@ -672,3 +672,56 @@ def stale_nft_child(c):
     assert not stalled, "the restarted agent never armed: the old child had no window to take"
     c.nodes[m].nft_slow = 0.0
     heal(c)
+
+
+@contextlib.contextmanager
+def old_unarmed_open():
+    """Before the fix: a standby's element (open, no timeout) was written unarmed, whenever
+    nft got to it."""
+    def open_(self):
+        def change():
+            self._set(float("inf"))
+            return True
+        return self._nft(change)
+
+    with patched(simworld.SimFence, "open", open_):
+        yield
+
+
+@scenario("killed-standbys-open-child-commits-after-its-promotion", old_unarmed_open,
+          expect=("unbounded_lease", "dual_rw", "dual_ack"))
+def stale_open_child(c):
+    """Found by the hostile read of the finding D fix: a replaced primary rejoins, and its
+    agent is SIGKILLed while the nft child of its unfence as a standby (an element open, no
+    timeout) stalls. Restarted, the node becomes the eligible standby and is promoted; if the
+    old child commits then, the new primary holds a lease that never ends, and cut off it is
+    never fenced."""
+    m, s = primary(c), c.other_db(primary(c))
+    isolate(c, m, client_too=False)
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)
+    old_fence, stalled = c.nodes[m].agent.fence, []
+    original_open = old_fence.open
+
+    def open_():                       # its nft child stalls, and the agent is killed
+        def stall(change):
+            stalled.append(change)
+            c.crash(m, "SIGKILL while its nft child stalls (scenario)")
+            raise simworld.SimCrash(m)
+        old_fence._nft = stall
+        return original_open()
+    old_fence.open = open_
+    heal(c)
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: stalled)
+    assert stalled, "the rejoined node never unfenced as a standby"
+    wait(c, 0.5)
+    c.start_agent(m)
+    c.sched.run_until(c.sched.now + 15.0, until=lambda: c.arb_view.eligible == m)
+    isolate(c, s, client_too=False)
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[m].is_primary)
+    wait(c, 0.5)
+    committed = stalled.pop()()
+    c.trace(m, f"the killed agent's nft child commits: {committed}")
+    wait(c, 0.5)
+    isolate(c, m, client_too=False)    # the new primary cut off: it must be fenced in time
+    wait(c, 8.0)
+    heal(c)

@@ -624,11 +624,16 @@ class SimFence:
         return self._nft(self._armed_then(self._live_then(lambda: self._timeout(seconds))))
 
     def open(self):
-        self._nft(lambda: self._set(float("inf")))
+        """A standby's element (within the armed window); False when the window had passed."""
+        def change():
+            self._set(float("inf"))
+            return True
+        return self._nft(self._armed_then(change))
 
     def hold(self):
-        """A paused primary's live lease loses its timeout; False when it had lapsed."""
-        return self._nft(self._live_then(float("inf")))
+        """A paused primary's live lease loses its timeout (within the armed window); False
+        when it had lapsed or the window had passed."""
+        return self._nft(self._armed_then(self._live_then(float("inf"))))
 
     def close(self):
         self._nft(lambda: self._set(None))
