@@ -2662,6 +2662,7 @@ class DbAgent(Agent):
         self.sync_barrier = None     # primary: WAL position when the standby became sync
         self.switchover = None       # {"done": Event, "result": dict} while one is asked for
         self._switchover_lock = threading.Lock()
+        self.arbiter_news = None     # the arbiter's latest stamp as the last tick saw it
 
     def role_name(self):
         if self.view.primary == self.cfg.me.name:
@@ -2908,6 +2909,10 @@ class DbAgent(Agent):
         self.pg_state = st.pg
         port_open = self._observe_fence(now)
         streaming, synced = self._observe_standby(st, now)
+        # the arbiter's news before the snapshot: a promotion request echoes news that had
+        # reached us when we judged the primary lost (decide_grant's promote_window), never
+        # news that came later, maybe after a sign of the primary this decision did not see
+        self.arbiter_news = self.observations.echo_for(self.cfg.arbiter.name)
         contact_at, alive_at = self.observations.snapshot()
         signal = self.pg.has_standby_signal()
         # pg_controldata only for a replaced node that is down: no extra process per tick
@@ -3002,8 +3007,7 @@ class DbAgent(Agent):
 
     def do_request_promotion(self, decision):
         asked_at = self.clock()
-        news = self.observations.echo_for(self.cfg.arbiter.name)
-        if self._ask_arbiter("promote", {"echo": news}) == "granted":
+        if self._ask_arbiter("promote", {"echo": self.arbiter_news}) == "granted":
             self.do_promote(decision, asked_at)
 
     def do_resume(self, decision):
