@@ -8,7 +8,18 @@ from pathlib import Path
 
 import agent
 
-from .world import Fence, Net, Pg, Scheduler, SimCrash, SimWorld, Violation, wire
+from .world import (
+    DATA_RTO,
+    Fence,
+    FiberLock,
+    Net,
+    Pg,
+    Scheduler,
+    SimCrash,
+    SimWorld,
+    Violation,
+    wire,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = b"k" * 32
@@ -21,11 +32,13 @@ CLIENT_DEADLINE_S = 1.0  # a commit counts as acknowledged only if it returned w
 WRITE_INTERVAL_S = 0.1
 
 
-def configs(strict_sync=False):
+def configs(strict_sync=False, timing=None):
+    """agent.ini for each node; `timing` (an agent.Timing) replaces its [timing]."""
     out = {}
     for name in ("pg1", "pg2", "arb"):
         cfg = agent.load_config(str(REPO / "agent.ini"), name)
-        out[name] = dataclasses.replace(cfg, strict_sync=strict_sync)
+        out[name] = dataclasses.replace(cfg, strict_sync=strict_sync,
+                                        timing=timing or cfg.timing)
     return out
 
 
@@ -50,28 +63,33 @@ class Node:
         self.disk_slow = 0.0
         self.nft_fail = False
         self.nft_slow = 0.0
+        self.cpu_slow = 0.0  # each port call first waits up to this long (a CPU hog)
         self.mono_offset = rng.uniform(1e3, 1e6)
         self.wall_offset = 0.0
         self.decisions = collections.deque(maxlen=12)
 
     def busy(self):
-        return self.locked > 0 or self.paused_until > self._sched.now
+        """Stopped, or (nested runs) a step waits holding a lock: its other steps and the
+        requests to it wait. Fibers contend for the agent's locks themselves (FiberLock)."""
+        return (self.locked > 0 and not self._sched.fibers) or self.paused_until > self._sched.now
 
     def free_at(self):
         return max(self.paused_until, self._sched.now + 0.01)
 
 
 class Cluster:
-    def __init__(self, seed, strict_sync=None, dup_rate=0.01, wall_skew=3.0, log=None):
+    def __init__(self, seed, strict_sync=None, dup_rate=0.01, wall_skew=3.0, log=None,
+                 timing=None, fibers=False):
         self.seed = seed
         rng = random.Random(seed)
         self.rng_net = random.Random(rng.random())
         self.rng_faults = random.Random(rng.random())
         self.rng_misc = random.Random(rng.random())
+        self.rng_cpu = random.Random(rng.random())  # drawn only on a host with cpu_slow
         self.strict = (self.rng_misc.random() < 0.25) if strict_sync is None else strict_sync
-        self.sched = Scheduler()
+        self.sched = Scheduler(fibers)
         self.sched.after_step = self.check
-        self.cfgs = configs(self.strict)
+        self.cfgs = configs(self.strict, timing)
         self.timing = self.cfgs["pg1"].timing
         self.by_address = {n.address: n.name for n in self.cfgs["pg1"].nodes.values()}
         self.net = Net(self.rng_net)
@@ -101,9 +119,14 @@ class Cluster:
         self.ticks = 0
         self.grants = 0
         self.handovers = 0
+        self.event_log = []        # (time, node, event, detail) of every agent's event
         self.promotion_hooks = []  # scenarios: called with each node PostgreSQL promotes
         self.save_hooks = []       # scenarios: called with each view the arbiter persists
         self.restart_after = None  # crashed agents are started again after this (or never)
+        self.write_interval = WRITE_INTERVAL_S  # the client's
+        # wal_receiver_status_interval: an idle standby replies this often. Its 0.2 s ticks
+        # add up to a hair under 1.0 s, so 1.0 makes it 1.2 s; the sweep asks 1.0 - 1e-6
+        self.status_interval = 1.0
 
     # -- plumbing --------------------------------------------------------------------------
     def other_db(self, name):
@@ -123,6 +146,7 @@ class Cluster:
 
     def event(self, node, event, detail):
         self.trace(node, f"event {event} {detail}")
+        self.event_log.append((self.sched.now, node, event, detail))
         if event == "granted":
             self.grants += 1
         elif event == "handover":
@@ -142,6 +166,11 @@ class Cluster:
         cls = agent.ArbiterAgent if name == "arb" else agent.DbAgent
         try:
             a = cls(self.cfgs[name], KEY, world)
+            if self.sched.fibers:  # its steps contend for its locks as threads do
+                for owner, attr in ((a, "_view_lock"), (a, "_lease_lock"),
+                                    (a, "_switchover_lock"), (a.observations, "_lock")):
+                    if hasattr(owner, attr):
+                        setattr(owner, attr, FiberLock(self.sched, getattr(owner, attr)))
             node.agent = a
             if not a.prepare():
                 raise AssertionError("prepare refused")
@@ -164,7 +193,7 @@ class Cluster:
             if node.inc != inc or not node.alive:
                 return
             if node.busy():
-                self.sched.at(node.free_at(), fire)
+                self.sched.launch(node.free_at(), fire)
                 return
             try:
                 delay = step()
@@ -180,9 +209,9 @@ class Cluster:
                 if d is not None and (not node.decisions or node.decisions[-1][1] != d[0]):
                     node.decisions.append((round(self.sched.now, 3), d[0], d[1]))
             if repeat and node.inc == inc:
-                self.sched.at(self.sched.now + delay, fire)
+                self.sched.launch(self.sched.now + delay, fire)
 
-        self.sched.at(t, fire)
+        self.sched.launch(t, fire)
 
     def crash(self, name, why):
         node = self.nodes[name]
@@ -195,7 +224,7 @@ class Cluster:
         node.paused_until = 0.0
         self.trace(name, f"agent process dies: {why}")
         if self.restart_after is not None:
-            self.sched.at(self.sched.now + self.restart_after(), lambda: self.restart(name))
+            self.sched.launch(self.sched.now + self.restart_after(), lambda: self.restart(name))
 
     def restart(self, name):
         if not self.nodes[name].alive:
@@ -235,10 +264,10 @@ class Cluster:
             if not node.alive:
                 return
             if node.busy():
-                self.sched.at(node.free_at(), fire)
+                self.sched.launch(node.free_at(), fire)
                 return
             self.serve(dst, message)
-        self.sched.at(t, fire)
+        self.sched.launch(t, fire)
 
     # -- what the durable writes and PostgreSQL tell the invariants ---------------------------
     def saved(self, name, view):
@@ -360,14 +389,32 @@ class Cluster:
             self._disconnect(s, "diverged")
             return
         new = p.wal[len(s.wal):]
+        due = bool(new) or s.reply_at is None or now - s.reply_at >= self.status_interval
+        if due and self.net.tcp and self._stream_held(s):
+            return
         if new:
             s.wal.extend(new)
             s.writes.update(w for _, _, w in new if w)
             s.tli = p.tli
         s.caught_up = True
-        if new or s.reply_at is None or now - s.reply_at >= 1.0:
+        if due:
             s.reply_wall, s.reply_at = round(now + self.nodes[name].wall_offset, 6), now
         p.release()
+
+    def _stream_held(self, s):
+        """TCP mode: a lost segment of the stream (WAL one way, the standby's reply the other)
+        holds it for a retransmission timeout, doubled at each loss in a row; it goes on when
+        the segment is through."""
+        now = self.sched.now
+        if now < s.held_until:
+            return True
+        extra = self.net.leg(s.conn, s.name, DATA_RTO) + self.net.leg(s.name, s.conn, DATA_RTO)
+        if not extra:
+            return False
+        s.held_until = now + extra
+        name = s.name
+        self.sched.at(s.held_until, lambda: self.walreceiver(name, ship_only=True))
+        return True
 
     def _disconnect(self, s, why):
         self.trace(s.name, f"walreceiver lost {s.conn} ({why})")
@@ -387,7 +434,7 @@ class Cluster:
     def start_client(self):
         def write():
             self.client_write()
-            self.sched.at(self.sched.now + WRITE_INTERVAL_S, write)
+            self.sched.at(self.sched.now + self.write_interval, write)
         self.sched.at(1.0, write)
 
     def client_write(self):
@@ -448,4 +495,11 @@ class Cluster:
             self.start_agent(n)
         self.start_postgres_routines()
         self.start_client()
+
+    def form(self):
+        """Boot, and run until the cluster first converges (a violation if not in 60 s)."""
+        self.boot()
+        self.sched.run_until(60.0, until=self.converged)
+        if not self.converged():
+            self.violation("no_convergence", "the cluster did not form within 60 s of the start")
 
