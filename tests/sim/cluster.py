@@ -30,6 +30,7 @@ CONVERGE_BOUND_S = 30.0
 standby within this many simulated seconds (README, "Simulation and chaos")."""
 CLIENT_DEADLINE_S = 1.0  # a commit counts as acknowledged only if it returned within this
 WRITE_INTERVAL_S = 0.1
+CONNECT_TIMEOUT_S = 2.0  # LabProbe: libpq's floor, as in the lab's DSN (lab/backend.py, dsn)
 
 
 def configs(strict_sync=False, timing=None):
@@ -79,7 +80,7 @@ class Node:
 
 class Cluster:
     def __init__(self, seed, strict_sync=None, dup_rate=0.01, wall_skew=3.0, log=None,
-                 timing=None, fibers=False):
+                 timing=None, fibers=False, probe=False):
         self.seed = seed
         rng = random.Random(seed)
         self.rng_net = random.Random(rng.random())
@@ -124,6 +125,9 @@ class Cluster:
         self.save_hooks = []       # scenarios: called with each view the arbiter persists
         self.restart_after = None  # crashed agents are started again after this (or never)
         self.write_interval = WRITE_INTERVAL_S  # the client's
+        # the lab's write probe instead of the ideal client: True, or LabProbe's arguments
+        self.probe = LabProbe(self, **(probe if isinstance(probe, dict) else {})) \
+            if probe else None
         # wal_receiver_status_interval: an idle standby replies this often. Its 0.2 s ticks
         # add up to a hair under 1.0 s, so 1.0 makes it 1.2 s; the sweep asks 1.0 - 1e-6
         self.status_interval = 1.0
@@ -327,6 +331,8 @@ class Cluster:
             return
         self.acked[write] = (now, name)
         self.acked_order.append(write)
+        if self.probe is not None:
+            self.probe.acked(write)
         view = self.arb_view
         if view is None or view.primary != name:
             self.violation("dual_ack", f"{name} acknowledged write {write} while the arbiter's "
@@ -435,7 +441,7 @@ class Cluster:
         def write():
             self.client_write()
             self.sched.at(self.sched.now + self.write_interval, write)
-        self.sched.at(1.0, write)
+        self.sched.at(1.0, self.probe.next if self.probe is not None else write)
 
     def client_write(self):
         """One insert through host=pg1,pg2 target_session_attrs=read-write."""
@@ -503,3 +509,62 @@ class Cluster:
         if not self.converged():
             self.violation("no_convergence", "the cluster did not form within 60 s of the start")
 
+
+
+class LabProbe:
+    """The lab's write probe (lab/probe.py) instead of the ideal client, which finds the
+    primary at once for every write: one session through host=pg1,pg2
+    target_session_attrs=read-write connect_timeout=2. An insert waits for its COMMIT up to
+    its deadline (1 s); past it the session is dropped and the next insert connects again,
+    libpq trying the hosts in order: a silent host costs connect_timeout, one that resets or
+    refuses (the fence, PostgreSQL down) or is read-only costs nothing. A session that the
+    fence resets is noticed only at the deadline (the lab's isolation drops its packets
+    anyway)."""
+
+    def __init__(self, c, deadline=CLIENT_DEADLINE_S, connect_timeout=CONNECT_TIMEOUT_S):
+        self.c, self.deadline, self.connect_timeout = c, deadline, connect_timeout
+        self.host = self.write = None
+        self.began = 0.0
+
+    def next(self):
+        self.began = self.c.sched.now
+        if self.host is None:
+            self.walk(0)
+        else:
+            self.insert()
+
+    def again(self):
+        s = self.c.sched
+        s.at(max(s.now, self.began + self.c.write_interval), self.next)
+
+    def walk(self, i):
+        c, now = self.c, self.c.sched.now
+        if i == len(DB):  # no host took the session: an error; the next insert tries again
+            c.count("probe connections failed")
+            self.again()
+        elif not (c.net.connect_ok("client", DB[i]) and c.net.packet_ok(DB[i], "client")):
+            c.sched.at(now + self.connect_timeout, lambda: self.walk(i + 1))
+        elif c.rw(DB[i]):
+            self.host = DB[i]
+            c.sched.at(now + 0.003, self.insert)  # connect, authenticate
+        else:
+            c.sched.at(now + 0.003, lambda: self.walk(i + 1))
+
+    def insert(self):
+        c, now = self.c, self.c.sched.now
+        c.writes += 1
+        self.write = write = c.writes
+        deadline = now + self.deadline
+        c.sched.at(deadline, lambda: self.gave_up(write))
+        if c.net.packet_ok("client", self.host) and c.rw(self.host):
+            c.pg[self.host].commit(write, deadline)
+
+    def acked(self, write):
+        if write == self.write:
+            self.write = None
+            self.again()
+
+    def gave_up(self, write):
+        if write == self.write:  # no COMMIT by the deadline: the session is dropped
+            self.write = self.host = None
+            self.again()

@@ -2,9 +2,11 @@
 (a) under the jitter profile -- no real failure: 5 % loss on every link (TCP-like: a lost
     segment costs a retransmission timeout), latency spikes on the primary's egress, agent
     pauses of half the fence timeout, one slow host -- counting what should never happen
-    there: grants (false failovers), fences, sync drops;
+    there: grants (false failovers), fences, sync drops; and how close it came to each (the
+    least lease left, the longest silences against failover_timeout: the margin);
 (b) in clean failovers: the primary isolated, timed from the cut to the first write the new
-    primary acknowledges;
+    primary acknowledges, by an ideal client (it finds the primary at once) and by the lab's
+    write probe (its 1 s deadline, then libpq's 2 s connect_timeout on the silent host);
 (c) under the random faults of `python -m tests.sim` (the invariants, checked after every
     step, in every part).
 Every run is seeded: the same arguments print the same table. README, "Timing sweep
@@ -90,6 +92,32 @@ def degrade(c, rng, pause_s, spike_max=SPIKE_MAX_S, loss=LOSS, write_every=WRITE
     return pauses
 
 
+def watch(c, every=0.01):
+    """Sample, every `every` s, how close the cluster comes to what the jitter profile must
+    not cause: (lease_left, standby_silent, primary_silent) -- the primary's lease left in the
+    kernel (0 when closed), how long the primary has not heard its standby (it drops it from
+    sync at failover_timeout), how long the standby and the arbiter have both seen no sign of
+    the primary (a grant needs both at failover_timeout)."""
+    samples = []
+
+    def age(a, at):
+        return None if a is None or at is None else a.clock() - at
+
+    def sample():
+        now, p = c.sched.now, c.arb_view.primary
+        m = c.nodes[p].agent
+        lease = c.fences[p].expiry - now if c.fences[p].open_at(now) else 0.0
+        standby = age(m, m.standby_seen_at) if m is not None else None
+        peers = [c.nodes[n].agent for n in (c.other_db(p), "arb")]
+        silent = [age(a, a.observations.alive_at.get(p)) for a in peers if a is not None]
+        samples.append((lease, standby, min(silent) if len(silent) == 2 and None not in silent
+                        else None))
+        c.sched.at(now + every, sample)
+
+    c.sched.at(c.sched.now, sample)
+    return samples
+
+
 def _violation(c, exc):
     return [round(c.sched.now, 3), exc.kind, exc.detail]
 
@@ -99,7 +127,7 @@ def jitter_run(seed, t, seconds, profile=None):
     pause_s (default fence_timeout x PAUSE_FRACTION), spike_max, loss, write_every."""
     profile = profile or {}
     c = Cluster(seed, strict_sync=False, timing=t, fibers=True)
-    s, violation, start, pauses = c.sched, None, None, []
+    s, violation, start, pauses, samples = c.sched, None, None, [], []
     try:
         c.form()
         s.run_until(s.now + 3.0)  # plain load first
@@ -109,19 +137,23 @@ def jitter_run(seed, t, seconds, profile=None):
                              "pause_fraction", PAUSE_FRACTION),
                          profile.get("spike_max", SPIKE_MAX_S), profile.get("loss", LOSS),
                          profile.get("write_every", WRITE_EVERY_S))
+        samples = watch(c)
         s.run_until(start + seconds)
     except Violation as exc:
         violation = _violation(c, exc)
     s.close()
     figures = profile_figures(c.event_log, [at for at, _ in c.acked.values()],
                               start if start is not None else s.now, s.now)
-    return {**figures, "pauses": len(pauses), "violation": violation}
+    return {**figures, **closest_figures(samples), "pauses": len(pauses),
+            "violation": violation}
 
 
-def failover_run(seed, t):
+def failover_run(seed, t, probe=False):
     """(b) The primary isolated (from every host and the client), a moment after the cluster
-    formed; until the new primary acknowledges a write (30 s at most), and 1 s more."""
-    c = Cluster(seed, strict_sync=False, timing=t, fibers=True)
+    formed; until the new primary acknowledges a write (30 s at most), and 1 s more. probe:
+    the lab's write probe (cluster.LabProbe; a dict: its deadline, connect_timeout) instead
+    of the ideal client."""
+    c = Cluster(seed, strict_sync=False, timing=t, fibers=True, probe=probe)
     s, violation, cut, new = c.sched, None, None, None
     try:
         c.form()
@@ -164,6 +196,17 @@ def profile_figures(events, ack_times, start, end):
             "acked": sum(1 for at in ack_times if start <= at <= end)}
 
 
+def closest_figures(samples):
+    """The closest approaches of watch()'s samples: the least lease left (0: it lapsed), the
+    longest the primary went without hearing its standby, the longest the standby and the
+    arbiter both went without a sign of the primary; None for what was never sampled."""
+    def extreme(i, pick):
+        values = [x[i] for x in samples if x[i] is not None]
+        return round(pick(values), 3) if values else None
+    return {"lease_low_s": extreme(0, min), "standby_silent_s": extreme(1, max),
+            "primary_silent_s": extreme(2, max)}
+
+
 def failover_figures(acks, events, cut, new):
     """Seconds from the cut to the first write acknowledged by the new primary
     (failover_s), to the arbiter's grant and to the new primary's promotion; None for what
@@ -177,25 +220,49 @@ def failover_figures(acks, events, cut, new):
                                 if event == "promoted" and node == new)}
 
 
-def summarize(name, t, jitter, failovers, safety):
-    """One row of the table from a candidate's runs (lists of the dicts above)."""
-    times = [f["failover_s"] for f in failovers]
+def _median_worst(times):
+    """(median, worst) of failover times; worst None when one never happened."""
     done = [x for x in times if x is not None]
+    return (round(median(done), 3) if done else None,
+            max(done) if done and len(done) == len(times) else None)
+
+
+def _extreme(rows, key, pick):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return pick(values) if values else None
+
+
+def summarize(name, t, jitter, failovers, safety, probes=()):
+    """One row of the table from a candidate's runs (lists of the dicts above; probes: the
+    failovers timed by the lab's write probe). margin_s: the least room any jitter run left
+    before a fence (lease left), a sync drop or a grant (failover_timeout less the longest
+    silence); negative when one happened."""
     violations = [(r.get("part", part), r.get("seed"), r["violation"])
                   for part, rows in (("jitter", jitter), ("failover", failovers),
-                                     ("faults", safety))
+                                     ("probe", probes), ("faults", safety))
                   for r in rows if r["violation"]]
-    gaps = [r["longest_gap_s"] for r in jitter if r["longest_gap_s"] is not None]
+    median_s, worst_s = _median_worst([f["failover_s"] for f in failovers])
+    probe_median_s, probe_worst_s = _median_worst([f["failover_s"] for f in probes])
+    lease_low = _extreme(jitter, "lease_low_s", min)
+    standby = _extreme(jitter, "standby_silent_s", max)
+    primary = _extreme(jitter, "primary_silent_s", max)
+    room = [x for x in (lease_low, None if standby is None else t.failover_timeout - standby,
+                        None if primary is None else t.failover_timeout - primary)
+            if x is not None]
     return {"candidate": name, "timing": timing_text(t), "timing_arg": timing_text(t, ","),
-            "failover_median_s": round(median(done), 3) if done else None,
-            "failover_worst_s": max(done) if len(done) == len(times) and done else None,
-            "failovers": len(times), "failovers_done": len(done),
+            "failover_median_s": median_s, "failover_worst_s": worst_s,
+            "probe_median_s": probe_median_s, "probe_worst_s": probe_worst_s,
+            "failovers": len(failovers),
+            "failovers_done": sum(f["failover_s"] is not None for f in failovers),
             "grant_median_s": median([f["granted_s"] for f in failovers
                                       if f["granted_s"] is not None]),
+            "lease_low_s": lease_low, "standby_silent_s": standby,
+            "primary_silent_s": primary,
+            "margin_s": round(min(room), 3) if room else None,
             "false_grants": sum(r["grants"] for r in jitter),
             "fences": sum(r["fences"] for r in jitter),
             "sync_drops": sum(r["sync_drops"] for r in jitter),
-            "jitter_longest_gap_s": max(gaps, default=None),
+            "jitter_longest_gap_s": _extreme(jitter, "longest_gap_s", max),
             "pauses": sum(r["pauses"] for r in jitter),
             "fault_grants": sum(r["grants"] for r in safety),
             "faults": sum(r["faults"] for r in safety),
@@ -210,9 +277,12 @@ def timing_text(t, sep="/"):
 
 COLUMNS = (("candidate", "candidate", "{}"), ("timing", "ci/pt/fence/margin/failover", "{}"),
            ("failover_median_s", "failover median s", "{:.2f}"),
-           ("failover_worst_s", "worst s", "{:.2f}"), ("false_grants", "false grants", "{}"),
-           ("fences", "fences", "{}"), ("sync_drops", "sync drops", "{}"),
-           ("jitter_longest_gap_s", "longest gap s", "{:.2f}"),
+           ("failover_worst_s", "worst", "{:.2f}"),
+           ("probe_median_s", "probe median", "{:.2f}"), ("probe_worst_s", "worst", "{:.2f}"),
+           ("false_grants", "false grants", "{}"), ("fences", "fences", "{}"),
+           ("sync_drops", "sync drops", "{}"), ("lease_low_s", "lease low", "{:.2f}"),
+           ("standby_silent_s", "S silent", "{:.2f}"),
+           ("primary_silent_s", "M silent", "{:.2f}"), ("margin_s", "margin", "{:.2f}"),
            ("violations", "violations", "{}"))
 
 
@@ -245,28 +315,30 @@ def parse_timing(text):
 
 # -- running it ----------------------------------------------------------------------------------
 
-PARTS = ("jitter", "failover", "faults", "faults-fibers")
+PARTS = ("jitter", "failover", "probe", "faults", "faults-fibers")
 
 
 def _task(args):
     name, part, seed, t, opts = args
     if part == "jitter":
         out = jitter_run(seed, t, opts["jitter_s"], opts["profile"])
-    elif part == "failover":
-        out = failover_run(seed, t)
+    elif part in ("failover", "probe"):
+        out = failover_run(seed, t, probe=part == "probe" and opts["probe"])
     else:  # the random faults, with nested runs (the simulator's default) and with fibers
         out = safety_run(seed, t, opts["steps"], fibers=part == "faults-fibers")
     return name, part, {**out, "seed": seed, "part": part}
 
 
 def sweep(candidates, jitter_seeds=3, jitter_s=120.0, failovers=10, safety_seeds=6,
-          steps=30000, jobs=1, profile=None, unchecked=False, progress=None):
+          steps=30000, jobs=1, profile=None, unchecked=False, progress=None, probe=None):
     """Every candidate (name -> agent.Timing) through the parts on seeds 1..n of each (the
     random faults twice: nested runs and fibers); the rows of the table, in the candidates'
-    order. profile: the jitter profile's knobs (jitter_run)."""
-    opts = {"jitter_s": jitter_s, "profile": profile or {}, "steps": steps}
-    counts = {"jitter": jitter_seeds, "failover": failovers, "faults": safety_seeds,
-              "faults-fibers": safety_seeds}
+    order. profile: the jitter profile's knobs (jitter_run); probe: the lab probe's
+    (cluster.LabProbe)."""
+    opts = {"jitter_s": jitter_s, "profile": profile or {}, "steps": steps,
+            "probe": probe or True}
+    counts = {"jitter": jitter_seeds, "failover": failovers, "probe": failovers,
+              "faults": safety_seeds, "faults-fibers": safety_seeds}
     refused, work = {}, []
     for name, t in candidates.items():
         try:
@@ -295,7 +367,8 @@ def sweep(candidates, jitter_seeds=3, jitter_s=120.0, failovers=10, safety_seeds
         if name in refused and not unchecked:
             rows.append({"candidate": name, "timing": timing_text(t), "refused": refused[name]})
             continue
-        row = summarize(name, t, r["jitter"], r["failover"], r["faults"] + r["faults-fibers"])
+        row = summarize(name, t, r["jitter"], r["failover"], r["faults"] + r["faults-fibers"],
+                        r["probe"])
         if name in refused:
             row["candidate"] += " (refused)"
         rows.append(row)
@@ -322,7 +395,12 @@ def main(argv):
     ap.add_argument("--write-every", type=float, default=WRITE_EVERY_S,
                     help="jitter: the client's write interval, s (5: a nearly idle cluster, "
                          "whose standby replies once a second)")
-    ap.add_argument("--failovers", type=int, default=10)
+    ap.add_argument("--failovers", type=int, default=10,
+                    help="clean failovers, each timed by the ideal client and the lab's probe")
+    ap.add_argument("--probe-deadline", type=float, default=1.0,
+                    help="the probe's wait for a COMMIT before it reconnects, s (the lab's 1)")
+    ap.add_argument("--connect-timeout", type=float, default=2.0,
+                    help="the probe's connect timeout per silent host, s (libpq's floor: 2)")
     ap.add_argument("--safety-seeds", type=int, default=6,
                     help="random-fault runs, each with nested runs and with fibers")
     ap.add_argument("--steps", type=int, default=30000, help="scheduler steps per fault run")
@@ -350,7 +428,8 @@ def main(argv):
     rows = sweep(candidates, args.jitter_seeds, args.jitter_s, args.failovers,
                  args.safety_seeds, args.steps, args.jobs, profile, args.unchecked,
                  progress=(lambda line: print(line, file=sys.stderr, flush=True))
-                 if args.verbose else None)
+                 if args.verbose else None,
+                 probe={"deadline": args.probe_deadline, "connect_timeout": args.connect_timeout})
     wall = round(time.perf_counter() - began, 1)
     if args.json:
         print(json.dumps({"rows": rows, "wall_s": wall}))
@@ -358,7 +437,8 @@ def main(argv):
         pause = f"{args.pause_s:g} s" if args.pause_s else f"{args.pause_fraction:g} x fence"
         print(f"Timing sweep (simulator): jitter {args.jitter_seeds} x {args.jitter_s:g} s "
               f"(loss {args.loss:.0%}, spikes <= {args.spike_max:g} s, pauses {pause}, a slow "
-              f"host, a write every {args.write_every:g} s), {args.failovers} failovers, "
+              f"host, a write every {args.write_every:g} s), {args.failovers} failovers (probe: "
+              f"deadline {args.probe_deadline:g} s, connect_timeout {args.connect_timeout:g} s), "
               f"2 x {args.safety_seeds} fault runs x {args.steps} steps per candidate")
         for line in format_table(rows):
             print(line)

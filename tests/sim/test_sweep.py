@@ -41,7 +41,20 @@ def test_under_loss_fibers_never_outlast_their_timeout(monkeypatch):
 
 
 def test_jitter_and_failover_runs_replay_exactly():
-    assert sweep.jitter_run(2, TODAY, 20) == sweep.jitter_run(2, TODAY, 20)
+    jitter = sweep.jitter_run(2, TODAY, 20)
+    assert jitter == sweep.jitter_run(2, TODAY, 20)
+    assert 0 < jitter["lease_low_s"] < TODAY.fence_timeout + TODAY.safety_margin
+    assert 0 < jitter["primary_silent_s"] < TODAY.failover_timeout
     first = sweep.failover_run(3, TODAY)
     assert first == sweep.failover_run(3, TODAY)
     assert first["violation"] is None and 2.0 <= first["failover_s"] < 3.0
+
+
+def test_the_lab_probe_waits_out_its_deadline_and_the_silent_host():
+    """As measured in the lab (README: failover_s about 3.05 s): the insert in flight at the
+    cut waits for its 1 s deadline, then libpq waits 2 s on the isolated primary before it
+    tries the new one."""
+    probe = sweep.failover_run(3, TODAY, probe=True)
+    assert probe["violation"] is None and 2.9 <= probe["failover_s"] <= 3.2
+    quick = sweep.failover_run(3, TODAY, probe={"deadline": 0.5, "connect_timeout": 0.3})
+    assert quick["failover_s"] < 2.5
