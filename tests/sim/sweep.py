@@ -35,13 +35,17 @@ def timing(check_interval, probe_timeout, fence_timeout, safety_margin, failover
 CANDIDATES = {
     "today": timing(0.2, 0.3, 1.2, 0.2, 2.0),
     "mid": timing(0.15, 0.25, 0.9, 0.15, 1.5),
-    "fast": timing(0.1, 0.2, 0.8, 0.15, 1.3),
+    "f1.0-F1.5": timing(0.1, 0.2, 1.0, 0.15, 1.5),
+    "f1.0-F1.45": timing(0.1, 0.2, 1.0, 0.1, 1.45),
+    "f0.9-F1.4": timing(0.1, 0.2, 0.9, 0.15, 1.4),
+    "f0.8-F1.3": timing(0.1, 0.2, 0.8, 0.15, 1.3),
     "issue": timing(0.1, 0.2, 0.7, 0.15, 1.2),
     "faster": timing(0.1, 0.15, 0.6, 0.1, 1.0),
 }
 """The candidates swept by default (check_interval, probe_timeout, fence_timeout,
 safety_margin, failover_timeout; restart_grace 6 s): today's defaults, the issue's
-suggestion, one between, one on each side."""
+suggestion (0.1/0.2/0.7/0.15/1.2), the fence timeout between them in steps with the
+failover timeout as short as check_timing allows, and one more aggressive."""
 
 # the jitter profile (python -m tests.sim sweep --loss, --pause-fraction, --spike-max)
 LOSS = 0.05                 # on every ordered pair of hosts, as the lab's jitter experiment
@@ -329,7 +333,7 @@ def _task(args):
     return name, part, {**out, "seed": seed, "part": part}
 
 
-def sweep(candidates, jitter_seeds=3, jitter_s=120.0, failovers=10, safety_seeds=6,
+def sweep(candidates, jitter_seeds=6, jitter_s=120.0, failovers=10, safety_seeds=6,
           steps=30000, jobs=1, profile=None, unchecked=False, progress=None, probe=None):
     """Every candidate (name -> agent.Timing) through the parts on seeds 1..n of each (the
     random faults twice: nested runs and fibers); the rows of the table, in the candidates'
@@ -383,7 +387,8 @@ def main(argv):
                     help=f"which of the built-in candidates ({', '.join(CANDIDATES)})")
     ap.add_argument("--timing", action="append", default=[], metavar="NAME=ci,pt,f,m,F",
                     help="a candidate of your own (repeat for more)")
-    ap.add_argument("--jitter-seeds", type=int, default=3)
+    ap.add_argument("--jitter-seeds", type=int, default=6,
+                    help="jitter runs; the slow host is pg1, pg2, arb in turn")
     ap.add_argument("--jitter-s", type=float, default=120.0, help="simulated s per jitter run")
     ap.add_argument("--loss", type=float, default=LOSS, help="jitter: loss on every link")
     ap.add_argument("--pause-fraction", type=float, default=PAUSE_FRACTION,
