@@ -34,18 +34,18 @@ def timing(check_interval, probe_timeout, fence_timeout, safety_margin, failover
 
 CANDIDATES = {
     "today": timing(0.2, 0.3, 1.2, 0.2, 2.0),
-    "mid": timing(0.15, 0.25, 0.9, 0.15, 1.5),
-    "f1.0-F1.5": timing(0.1, 0.2, 1.0, 0.15, 1.5),
-    "f1.0-F1.45": timing(0.1, 0.2, 1.0, 0.1, 1.45),
-    "f0.9-F1.4": timing(0.1, 0.2, 0.9, 0.15, 1.4),
+    "f1.2-F1.7": timing(0.1, 0.25, 1.2, 0.1, 1.7),
+    "f1.1-F1.6": timing(0.1, 0.25, 1.1, 0.1, 1.6),
+    "f1.0-F1.5": timing(0.1, 0.25, 1.0, 0.1, 1.5),
     "f0.8-F1.3": timing(0.1, 0.2, 0.8, 0.15, 1.3),
     "issue": timing(0.1, 0.2, 0.7, 0.15, 1.2),
     "faster": timing(0.1, 0.15, 0.6, 0.1, 1.0),
 }
 """The candidates swept by default (check_interval, probe_timeout, fence_timeout,
-safety_margin, failover_timeout; restart_grace 6 s): today's defaults, the issue's
-suggestion (0.1/0.2/0.7/0.15/1.2), the fence timeout between them in steps with the
-failover timeout as short as check_timing allows, and one more aggressive."""
+safety_margin, failover_timeout; restart_grace 6 s): today's defaults; check_interval 0.1 s
+and probe_timeout 0.25 s (one TCP retransmission still fits) with the fence timeout stepped
+down from today's and the shortest failover timeout check_timing allows; the issue's
+suggestion (0.1/0.2/0.7/0.15/1.2), one step each side of it."""
 
 # the jitter profile (python -m tests.sim sweep --loss, --pause-fraction, --spike-max)
 LOSS = 0.05                 # on every ordered pair of hosts, as the lab's jitter experiment
@@ -99,9 +99,10 @@ def degrade(c, rng, pause_s, spike_max=SPIKE_MAX_S, loss=LOSS, write_every=WRITE
 def watch(c, every=0.01):
     """Sample, every `every` s, how close the cluster comes to what the jitter profile must
     not cause: (lease_left, standby_silent, primary_silent) -- the primary's lease left in the
-    kernel (0 when closed), how long the primary has not heard its standby (it drops it from
-    sync at failover_timeout), how long the standby and the arbiter have both seen no sign of
-    the primary (a grant needs both at failover_timeout)."""
+    kernel (0 when closed); how long the standby's walreceiver has sent no reply (the primary
+    drops it from sync when its agent has not seen reply_time change for failover_timeout,
+    which is never longer than this at a tick); how long the standby and the arbiter have both
+    seen no sign of the primary (a grant needs both at failover_timeout)."""
     samples = []
 
     def age(a, at):
@@ -109,9 +110,9 @@ def watch(c, every=0.01):
 
     def sample():
         now, p = c.sched.now, c.arb_view.primary
-        m = c.nodes[p].agent
         lease = c.fences[p].expiry - now if c.fences[p].open_at(now) else 0.0
-        standby = age(m, m.standby_seen_at) if m is not None else None
+        s = c.pg[c.other_db(p)]
+        standby = now - s.reply_at if s.conn == p and s.reply_at is not None else None
         peers = [c.nodes[n].agent for n in (c.other_db(p), "arb")]
         silent = [age(a, a.observations.alive_at.get(p)) for a in peers if a is not None]
         samples.append((lease, standby, min(silent) if len(silent) == 2 and None not in silent
@@ -202,8 +203,8 @@ def profile_figures(events, ack_times, start, end):
 
 def closest_figures(samples):
     """The closest approaches of watch()'s samples: the least lease left (0: it lapsed), the
-    longest the primary went without hearing its standby, the longest the standby and the
-    arbiter both went without a sign of the primary; None for what was never sampled."""
+    standby's longest silence, the longest the standby and the arbiter both went without a
+    sign of the primary; None for what was never sampled."""
     def extreme(i, pick):
         values = [x[i] for x in samples if x[i] is not None]
         return round(pick(values), 3) if values else None
@@ -333,7 +334,7 @@ def _task(args):
     return name, part, {**out, "seed": seed, "part": part}
 
 
-def sweep(candidates, jitter_seeds=6, jitter_s=120.0, failovers=10, safety_seeds=6,
+def sweep(candidates, jitter_seeds=12, jitter_s=120.0, failovers=10, safety_seeds=6,
           steps=30000, jobs=1, profile=None, unchecked=False, progress=None, probe=None):
     """Every candidate (name -> agent.Timing) through the parts on seeds 1..n of each (the
     random faults twice: nested runs and fibers); the rows of the table, in the candidates'
@@ -387,7 +388,7 @@ def main(argv):
                     help=f"which of the built-in candidates ({', '.join(CANDIDATES)})")
     ap.add_argument("--timing", action="append", default=[], metavar="NAME=ci,pt,f,m,F",
                     help="a candidate of your own (repeat for more)")
-    ap.add_argument("--jitter-seeds", type=int, default=6,
+    ap.add_argument("--jitter-seeds", type=int, default=12,
                     help="jitter runs; the slow host is pg1, pg2, arb in turn")
     ap.add_argument("--jitter-s", type=float, default=120.0, help="simulated s per jitter run")
     ap.add_argument("--loss", type=float, default=LOSS, help="jitter: loss on every link")
