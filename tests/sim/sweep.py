@@ -60,19 +60,22 @@ DISK_SLOW_S = 0.02          # each state file write this long
 WRITE_EVERY_S = 0.1         # the client writes this often (the lab's probe); 5: nearly idle
 
 
-def degrade(c, rng, pause_s, spike_max=SPIKE_MAX_S, loss=LOSS, write_every=WRITE_EVERY_S):
-    """Put the cluster under the jitter profile from now on, for good; the slow host is the
-    seed's (pg1, pg2 or arb in turn). Returns the list the pauses are counted in."""
+def degrade(c, rng, pause_s, spike_max=SPIKE_MAX_S, loss=LOSS, write_every=WRITE_EVERY_S,
+            pause_every=PAUSE_EVERY_S, slow_host=True):
+    """Put the cluster under the jitter profile from now on, for good; the slow host (unless
+    not slow_host) is the seed's (pg1, pg2 or arb in turn); no spikes when spike_max <= 0.
+    Returns the list the pauses are counted in."""
     net, s = c.net, c.sched
     net.tcp = True
     c.status_interval = 1.0 - 1e-6  # an idle standby's reply: every 1 s, as PostgreSQL's
     c.write_interval = write_every
     FaultPlan._table(net.loss, [(a, b) for a in HOSTS for b in HOSTS if a != b], loss)
     primary = c.arb_view.primary
-    slow = c.nodes[AGENTS[c.seed % len(AGENTS)]]
-    slow.cpu_slow, slow.disk_slow = CPU_SLOW_S, DISK_SLOW_S
-    if slow.name in DB:
-        slow.nft_slow = NFT_SLOW_S
+    if slow_host:
+        slow = c.nodes[AGENTS[c.seed % len(AGENTS)]]
+        slow.cpu_slow, slow.disk_slow = CPU_SLOW_S, DISK_SLOW_S
+        if slow.name in DB:
+            slow.nft_slow = NFT_SLOW_S
     pauses = []
 
     def spike():
@@ -89,10 +92,11 @@ def degrade(c, rng, pause_s, spike_max=SPIKE_MAX_S, loss=LOSS, write_every=WRITE
         else:
             node.stall_at_next_call = pause_s
         pauses.append((round(s.now, 3), node.name))
-        s.at(s.now + rng.uniform(*PAUSE_EVERY_S), pause)
+        s.at(s.now + rng.uniform(*pause_every), pause)
 
-    s.at(s.now + rng.expovariate(1.0 / SPIKE_EVERY_S), spike)
-    s.at(s.now + rng.uniform(*PAUSE_EVERY_S), pause)
+    if spike_max > 0:
+        s.at(s.now + rng.expovariate(1.0 / SPIKE_EVERY_S), spike)
+    s.at(s.now + rng.uniform(*pause_every), pause)
     return pauses
 
 
@@ -129,7 +133,8 @@ def _violation(c, exc):
 
 def jitter_run(seed, t, seconds, profile=None):
     """(a) The jitter profile for `seconds` of simulated time on a formed cluster; profile:
-    pause_s (default fence_timeout x PAUSE_FRACTION), spike_max, loss, write_every."""
+    pause_s (default fence_timeout x PAUSE_FRACTION), spike_max, loss, write_every,
+    pause_every ((low, high) s), slow_host."""
     profile = profile or {}
     c = Cluster(seed, strict_sync=False, timing=t, fibers=True)
     s, violation, start, pauses, samples = c.sched, None, None, [], []
@@ -141,7 +146,9 @@ def jitter_run(seed, t, seconds, profile=None):
                          profile.get("pause_s") or t.fence_timeout * profile.get(
                              "pause_fraction", PAUSE_FRACTION),
                          profile.get("spike_max", SPIKE_MAX_S), profile.get("loss", LOSS),
-                         profile.get("write_every", WRITE_EVERY_S))
+                         profile.get("write_every", WRITE_EVERY_S),
+                         profile.get("pause_every") or PAUSE_EVERY_S,
+                         profile.get("slow_host", True))
         samples = watch(c)
         s.run_until(start + seconds)
     except Violation as exc:
@@ -398,6 +405,11 @@ def main(argv):
                                                   "candidate (instead of --pause-fraction)")
     ap.add_argument("--spike-max", type=float, default=SPIKE_MAX_S,
                     help="jitter: the largest latency spike on the primary's egress, s")
+    ap.add_argument("--pause-every", type=float,
+                    help="jitter: a pause every this many s (the lab's experiment: 15); "
+                         f"default {PAUSE_EVERY_S[0]:g} to {PAUSE_EVERY_S[1]:g} s at random")
+    ap.add_argument("--no-slow-host", action="store_true",
+                    help="jitter: no slow host (the lab's experiment has no CPU hog yet)")
     ap.add_argument("--write-every", type=float, default=WRITE_EVERY_S,
                     help="jitter: the client's write interval, s (5: a nearly idle cluster, "
                          "whose standby replies once a second)")
@@ -430,7 +442,8 @@ def main(argv):
     began = time.perf_counter()
     profile = {"loss": args.loss, "pause_fraction": args.pause_fraction,
                "pause_s": args.pause_s, "spike_max": args.spike_max,
-               "write_every": args.write_every}
+               "write_every": args.write_every, "slow_host": not args.no_slow_host,
+               "pause_every": (args.pause_every,) * 2 if args.pause_every else None}
     rows = sweep(candidates, args.jitter_seeds, args.jitter_s, args.failovers,
                  args.safety_seeds, args.steps, args.jobs, profile, args.unchecked,
                  progress=(lambda line: print(line, file=sys.stderr, flush=True))
@@ -441,9 +454,11 @@ def main(argv):
         print(json.dumps({"rows": rows, "wall_s": wall}))
     else:
         pause = f"{args.pause_s:g} s" if args.pause_s else f"{args.pause_fraction:g} x fence"
+        every = f"{args.pause_every:g}" if args.pause_every else "3-6"
         print(f"Timing sweep (simulator): jitter {args.jitter_seeds} x {args.jitter_s:g} s "
-              f"(loss {args.loss:.0%}, spikes <= {args.spike_max:g} s, pauses {pause}, a slow "
-              f"host, a write every {args.write_every:g} s), {args.failovers} failovers (probe: "
+              f"(loss {args.loss:.0%}, spikes <= {args.spike_max:g} s, pauses {pause} every "
+              f"{every} s, {'no' if args.no_slow_host else 'a'} slow host, a write every "
+              f"{args.write_every:g} s), {args.failovers} failovers (probe: "
               f"deadline {args.probe_deadline:g} s, connect_timeout {args.connect_timeout:g} s), "
               f"2 x {args.safety_seeds} fault runs x {args.steps} steps per candidate")
         for line in format_table(rows):
