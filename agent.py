@@ -244,27 +244,67 @@ def _read_section(path, parser, section, schema_name):
     return values
 
 
-def check_timing(path, t):
-    """Refuse timings under which S could be promoted while M's PostgreSQL port is open.
+CLOCK_RATE_ERROR = 1e-3
+"""How far one host's monotonic clock, and its kernel's timers, may run from real time, as a
+rate: 1000 ppm, more than a crystal's drift plus an NTP daemon's frequency trim (the kernel
+caps that at 500 ppm). A clock slewed faster (chrony's maxslewrate defaults to 83 333 ppm
+while it corrects a large offset) breaks check_timing's arithmetic: see README, "The timing
+inequality, term by term"."""
 
-    The kernel enforces M's fence (see Fence): M's port is open only until a lease expires,
-    and M extends the lease to at most fence_timeout after a moment `a` at which a peer
-    provably heard M say "I am a running primary" (the peer echoed M's stamp `a`). That peer
-    counted M alive at `a` or later, and a promotion needs both S and A to have lost M for
-    failover_timeout: the grant comes at a + failover_timeout or later. The kernel takes a
-    lease write only within safety_margin of the moment the agent armed it, before computing
-    the lease (Fence.arm), however long the agent stalls. So the port closes by a +
-    fence_timeout + safety_margin, and fence_timeout + safety_margin < failover_timeout keeps
-    it closed before any grant.
-    The loop's speed, probe timeouts and blocking calls do not enter: a slow or frozen agent
-    simply stops extending the lease.
+KERNEL_TIMER_S = 0.02
+"""How late the kernel may end an nftables element's timeout: it counts in jiffies (10 ms at
+HZ=100), once for the lease and once for the armed window (Fence.arm)."""
+
+
+def clock_allowance(t):
+    """The seconds of failover_timeout - fence_timeout - safety_margin that the hosts' clocks
+    may eat (check_timing): the lease runs on M's kernel timers, the failover on S's and A's
+    clocks, each off by up to CLOCK_RATE_ERROR, and two kernel timeouts may each end late."""
+    return 2 * CLOCK_RATE_ERROR * t.failover_timeout + KERNEL_TIMER_S
+
+
+def check_timing(path, t):
+    """Refuse timings under which S could be promoted while M's PostgreSQL port is open, or
+    under which a healthy cluster could not work. Term by term (README, "The timing
+    inequality"):
+
+    Safety. The kernel enforces M's fence (see Fence): M's port is open only until a lease
+    expires, and M extends the lease to at most fence_timeout after a moment `a` (M's clock)
+    at which a peer provably heard M say "I am a running primary" (the peer echoed M's stamp
+    `a`; the anchor). That peer counted M alive at `a` or later, and a promotion needs both S
+    and A to have lost M for failover_timeout: the grant comes at a + failover_timeout or
+    later. The kernel takes a lease write only within safety_margin of the moment the agent
+    armed it, before computing the lease (Fence.arm), however long the agent stalls: the port
+    closes by a + fence_timeout + safety_margin. So fence_timeout + safety_margin <
+    failover_timeout keeps it closed before any grant -- on one clock. The lease runs on M's
+    kernel timers and the failover on S's and A's clocks, each up to CLOCK_RATE_ERROR off real
+    time, and each of the two kernel timeouts may end up to a jiffy late: clock_allowance must
+    fit in the difference too.
+    The promotion window (decide_grant): A refuses a request on news from it older than
+    promote_window = failover_timeout - fence_timeout - safety_margin - clock_allowance. The
+    standby decided after that news reached it, on no sign of M for failover_timeout; then
+    every anchor M held ended by the time the standby decided, so M's lease had lapsed, and a
+    lapsed lease reopens only on A's word, which A's failover clock counts. The allowance is
+    subtracted here too: on A's clock the window may be CLOCK_RATE_ERROR long.
+
+    Liveness. check_interval + probe_timeout < fence_timeout (and so probe_timeout <
+    fence_timeout): a healthy primary's anchor is renewed every check_interval by a round
+    trip of at most probe_timeout, so its lease never lapses between two heartbeats; the room
+    left is what pauses and lost heartbeats may use. promote_window > check_interval +
+    probe_timeout: a standby's newest news from A is about a heartbeat old (one lost, at most
+    probe_timeout more), so its request can be on time. restart_grace > failover_timeout: a
+    failover gets the first chance.
+    The loop's speed, probe timeouts and blocking calls do not enter safety: a slow or frozen
+    agent simply stops extending the lease.
     """
-    needed = t.fence_timeout + t.safety_margin
+    allowance = clock_allowance(t)
+    needed = t.fence_timeout + t.safety_margin + allowance
     if needed >= t.failover_timeout - 1e-9:
         raise ConfigError(path, "timing", "failover_timeout",
                           f"{t.failover_timeout} s is too short: it must exceed fence_timeout + "
-                          f"safety_margin = {needed:.2f} s, or the standby could be promoted "
-                          "while the isolated primary's lease still holds its port open")
+                          f"safety_margin + {allowance:.3f} s for the hosts' clocks = "
+                          f"{needed:.3f} s, or the standby could be promoted while the isolated "
+                          "primary's lease still holds its port open")
     if t.probe_timeout >= t.fence_timeout:
         raise ConfigError(path, "timing", "probe_timeout",
                           "must be shorter than fence_timeout: one slow probe must never fence")
@@ -274,7 +314,8 @@ def check_timing(path, t):
                           "a healthy primary's lease would lapse between two heartbeats")
     if promote_window(t) <= t.check_interval + t.probe_timeout:
         raise ConfigError(path, "timing", "failover_timeout",
-                          "failover_timeout - fence_timeout - safety_margin must exceed "
+                          f"failover_timeout - fence_timeout - safety_margin - {allowance:.3f} "
+                          f"s for the hosts' clocks = {promote_window(t):.3f} s must exceed "
                           "check_interval + probe_timeout: a promotion request is judged on "
                           "news from the arbiter at most that old (decide_grant)")
     if t.restart_grace <= t.failover_timeout:
@@ -284,8 +325,9 @@ def check_timing(path, t):
 
 def promote_window(t):
     """How old the arbiter's news may be on which a standby asked to be promoted: within it,
-    the primary's lease had lapsed before the standby decided (decide_grant)."""
-    return t.failover_timeout - t.fence_timeout - t.safety_margin
+    the primary's lease had lapsed before the standby decided (decide_grant), on the hosts'
+    clocks too (clock_allowance)."""
+    return t.failover_timeout - t.fence_timeout - t.safety_margin - clock_allowance(t)
 
 
 def load_config(path, node_name):
@@ -2665,6 +2707,7 @@ class DbAgent(Agent):
         self.sync_barrier = None     # primary: WAL position when the standby became sync
         self.switchover = None       # {"done": Event, "result": dict} while one is asked for
         self._switchover_lock = threading.Lock()
+        self.arbiter_news = None     # the arbiter's latest stamp as the last tick saw it
 
     def role_name(self):
         if self.view.primary == self.cfg.me.name:
@@ -2919,6 +2962,10 @@ class DbAgent(Agent):
         self.pg_state = st.pg
         port_open = self._observe_fence(now)
         streaming, synced = self._observe_standby(st, now)
+        # the arbiter's news before the snapshot: a promotion request echoes news that had
+        # reached us when we judged the primary lost (decide_grant's promote_window), never
+        # news that came later, maybe after a sign of the primary this decision did not see
+        self.arbiter_news = self.observations.echo_for(self.cfg.arbiter.name)
         contact_at, alive_at = self.observations.snapshot()
         signal = self.pg.has_standby_signal()
         # pg_controldata only for a replaced node that is down: no extra process per tick
@@ -3019,8 +3066,7 @@ class DbAgent(Agent):
 
     def do_request_promotion(self, decision):
         asked_at = self.clock()
-        news = self.observations.echo_for(self.cfg.arbiter.name)
-        if self._ask_arbiter("promote", {"echo": news}) == "granted":
+        if self._ask_arbiter("promote", {"echo": self.arbiter_news}) == "granted":
             self.do_promote(decision, asked_at)
 
     def do_resume(self, decision):

@@ -1,6 +1,7 @@
 """python -m tests.sim --seed S --steps N     replay one run exactly (-v: its whole trace)
 python -m tests.sim --seeds K --steps N    K runs, seeds 1..K (--first S0 to start elsewhere)
-python -m tests.sim --scenario NAME        a regression scenario (--old: on the old code)"""
+python -m tests.sim --scenario NAME        a regression scenario (--old: on the old code)
+python -m tests.sim sweep [--help]         candidate timings: jitter, failover time, faults"""
 import argparse
 import collections
 import json
@@ -12,19 +13,19 @@ from .run import report, run, shrink
 
 
 def _one(args):
-    seed, steps, strict = args
-    r = run(seed, steps, strict=strict)
+    seed, steps, strict, timing, fibers = args
+    r = run(seed, steps, strict=strict, timing=timing, fibers=fibers)
     return (seed, r.strict, r.steps, r.ticks, r.sim_s, r.faults, r.writes, r.acked, r.grants,
             r.handovers, r.converge_s, r.violation, r.wall_s)
 
 
-def many(first, count, steps, jobs=2, strict=None, progress=None):
+def many(first, count, steps, jobs=2, strict=None, progress=None, timing=None, fibers=False):
     """Run seeds first..first+count-1 over `jobs` processes: the totals, and the failures."""
     totals = collections.Counter()
     faults = collections.Counter()
     failures, converge = [], []
     began = time.perf_counter()
-    work = [(s, steps, strict) for s in range(first, first + count)]
+    work = [(s, steps, strict, timing, fibers) for s in range(first, first + count)]
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(jobs) as pool:
         for row in pool.imap_unordered(_one, work):
@@ -52,6 +53,10 @@ def many(first, count, steps, jobs=2, strict=None, progress=None):
 
 def main(argv=None):
     sys.setrecursionlimit(20000)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:
+        from .sweep import main as sweep
+        return sweep(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, help="replay this seed")
@@ -67,8 +72,21 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list the regression scenarios")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the whole trace")
+    ap.add_argument("--timing", metavar="ci,pt,fence,margin,failover[,grace]",
+                    help="these timings instead of agent.ini's (a sweep's candidate)")
+    ap.add_argument("--fibers", action="store_true",
+                    help="steps block as fibers, not as nested runs (world.Fiber)")
     args = ap.parse_args(argv)
     strict = None if args.strict is None else args.strict == "on"
+    timing = None
+    if args.timing:
+        from .sweep import parse_timing
+        try:
+            timing = parse_timing(f"x={args.timing}")[1]
+        except ValueError as exc:
+            ap.error(str(exc))
+    fibers = args.fibers
+    options = (f" --timing {args.timing}" if args.timing else "") + (" --fibers" if fibers else "")
 
     if args.list or args.scenario:
         from . import scenarios
@@ -87,7 +105,8 @@ def main(argv=None):
 
     if args.seed is not None:
         skip = [int(x) for x in args.skip.split(",") if x]
-        r = run(args.seed, args.steps, skip, log=print if args.verbose else None, strict=strict)
+        r = run(args.seed, args.steps, skip, log=print if args.verbose else None, strict=strict,
+                timing=timing, fibers=fibers)
         summary = {"seed": r.seed, "strict_sync": r.strict, "steps": r.steps,
                    "ticks": r.ticks, "sim_s": r.sim_s, "faults": r.faults,
                    "writes": r.writes, "acked": r.acked, "grants": r.grants,
@@ -98,17 +117,19 @@ def main(argv=None):
                   "\n".join(f"{k:12} {v}" for k, v in summary.items()))
             return 0
         if not args.no_shrink and not skip:
-            best, skip = shrink(args.seed, args.steps, r, strict=strict)
+            best, skip = shrink(args.seed, args.steps, r, strict=strict, timing=timing,
+                                fibers=fibers)
             print(f"shrunk: {len(r.applied)} faults -> {len(best.applied)}")
             r = best
-        report(r, skip, args.steps)
+        report(r, skip, args.steps, options=options)
         return 1
 
     if args.seeds:
         def progress(seed, violation):
             if violation:
                 print(f"seed {seed}: VIOLATION {violation}", flush=True)
-        totals = many(args.first, args.seeds, args.steps, args.jobs, strict, progress)
+        totals = many(args.first, args.seeds, args.steps, args.jobs, strict, progress, timing,
+                      fibers)
         if args.json:
             print(json.dumps(totals))
         else:

@@ -8,7 +8,18 @@ from pathlib import Path
 
 import agent
 
-from .world import Fence, Net, Pg, Scheduler, SimCrash, SimWorld, Violation, wire
+from .world import (
+    DATA_RTO,
+    Fence,
+    FiberLock,
+    Net,
+    Pg,
+    Scheduler,
+    SimCrash,
+    SimWorld,
+    Violation,
+    wire,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = b"k" * 32
@@ -19,13 +30,16 @@ CONVERGE_BOUND_S = 30.0
 standby within this many simulated seconds (README, "Simulation and chaos")."""
 CLIENT_DEADLINE_S = 1.0  # a commit counts as acknowledged only if it returned within this
 WRITE_INTERVAL_S = 0.1
+CONNECT_TIMEOUT_S = 2.0  # LabProbe: libpq's floor, as in the lab's DSN (lab/backend.py, dsn)
 
 
-def configs(strict_sync=False):
+def configs(strict_sync=False, timing=None):
+    """agent.ini for each node; `timing` (an agent.Timing) replaces its [timing]."""
     out = {}
     for name in ("pg1", "pg2", "arb"):
         cfg = agent.load_config(str(REPO / "agent.ini"), name)
-        out[name] = dataclasses.replace(cfg, strict_sync=strict_sync)
+        out[name] = dataclasses.replace(cfg, strict_sync=strict_sync,
+                                        timing=timing or cfg.timing)
     return out
 
 
@@ -51,28 +65,33 @@ class Node:
         self.nft_fail = False
         self.nft_slow = 0.0
         self.rewind_stops = None  # the next pg_rewind stops half-way: "timeout" or "kill"
+        self.cpu_slow = 0.0  # each port call first waits up to this long (a CPU hog)
         self.mono_offset = rng.uniform(1e3, 1e6)
         self.wall_offset = 0.0
         self.decisions = collections.deque(maxlen=12)
 
     def busy(self):
-        return self.locked > 0 or self.paused_until > self._sched.now
+        """Stopped, or (nested runs) a step waits holding a lock: its other steps and the
+        requests to it wait. Fibers contend for the agent's locks themselves (FiberLock)."""
+        return (self.locked > 0 and not self._sched.fibers) or self.paused_until > self._sched.now
 
     def free_at(self):
         return max(self.paused_until, self._sched.now + 0.01)
 
 
 class Cluster:
-    def __init__(self, seed, strict_sync=None, dup_rate=0.01, wall_skew=3.0, log=None):
+    def __init__(self, seed, strict_sync=None, dup_rate=0.01, wall_skew=3.0, log=None,
+                 timing=None, fibers=False, probe=False):
         self.seed = seed
         rng = random.Random(seed)
         self.rng_net = random.Random(rng.random())
         self.rng_faults = random.Random(rng.random())
         self.rng_misc = random.Random(rng.random())
+        self.rng_cpu = random.Random(rng.random())  # drawn only on a host with cpu_slow
         self.strict = (self.rng_misc.random() < 0.25) if strict_sync is None else strict_sync
-        self.sched = Scheduler()
+        self.sched = Scheduler(fibers)
         self.sched.after_step = self.check
-        self.cfgs = configs(self.strict)
+        self.cfgs = configs(self.strict, timing)
         self.timing = self.cfgs["pg1"].timing
         self.by_address = {n.address: n.name for n in self.cfgs["pg1"].nodes.values()}
         self.net = Net(self.rng_net)
@@ -102,9 +121,17 @@ class Cluster:
         self.ticks = 0
         self.grants = 0
         self.handovers = 0
+        self.event_log = []        # (time, node, event, detail) of every agent's event
         self.promotion_hooks = []  # scenarios: called with each node PostgreSQL promotes
         self.save_hooks = []       # scenarios: called with each view the arbiter persists
         self.restart_after = None  # crashed agents are started again after this (or never)
+        self.write_interval = WRITE_INTERVAL_S  # the client's
+        # the lab's write probe instead of the ideal client: True, or LabProbe's arguments
+        self.probe = LabProbe(self, **(probe if isinstance(probe, dict) else {})) \
+            if probe else None
+        # wal_receiver_status_interval: an idle standby replies this often. Its 0.2 s ticks
+        # add up to a hair under 1.0 s, so 1.0 makes it 1.2 s; the sweep asks 1.0 - 1e-6
+        self.status_interval = 1.0
 
     # -- plumbing --------------------------------------------------------------------------
     def other_db(self, name):
@@ -124,6 +151,7 @@ class Cluster:
 
     def event(self, node, event, detail):
         self.trace(node, f"event {event} {detail}")
+        self.event_log.append((self.sched.now, node, event, detail))
         if event == "granted":
             self.grants += 1
         elif event == "handover":
@@ -143,6 +171,11 @@ class Cluster:
         cls = agent.ArbiterAgent if name == "arb" else agent.DbAgent
         try:
             a = cls(self.cfgs[name], KEY, world)
+            if self.sched.fibers:  # its steps contend for its locks as threads do
+                for owner, attr in ((a, "_view_lock"), (a, "_lease_lock"),
+                                    (a, "_switchover_lock"), (a.observations, "_lock")):
+                    if hasattr(owner, attr):
+                        setattr(owner, attr, FiberLock(self.sched, getattr(owner, attr)))
             node.agent = a
             if not a.prepare():
                 raise AssertionError("prepare refused")
@@ -165,7 +198,7 @@ class Cluster:
             if node.inc != inc or not node.alive:
                 return
             if node.busy():
-                self.sched.at(node.free_at(), fire)
+                self.sched.launch(node.free_at(), fire)
                 return
             try:
                 delay = step()
@@ -181,9 +214,9 @@ class Cluster:
                 if d is not None and (not node.decisions or node.decisions[-1][1] != d[0]):
                     node.decisions.append((round(self.sched.now, 3), d[0], d[1]))
             if repeat and node.inc == inc:
-                self.sched.at(self.sched.now + delay, fire)
+                self.sched.launch(self.sched.now + delay, fire)
 
-        self.sched.at(t, fire)
+        self.sched.launch(t, fire)
 
     def crash(self, name, why):
         node = self.nodes[name]
@@ -196,7 +229,7 @@ class Cluster:
         node.paused_until = 0.0
         self.trace(name, f"agent process dies: {why}")
         if self.restart_after is not None:
-            self.sched.at(self.sched.now + self.restart_after(), lambda: self.restart(name))
+            self.sched.launch(self.sched.now + self.restart_after(), lambda: self.restart(name))
 
     def restart(self, name):
         if not self.nodes[name].alive:
@@ -236,10 +269,10 @@ class Cluster:
             if not node.alive:
                 return
             if node.busy():
-                self.sched.at(node.free_at(), fire)
+                self.sched.launch(node.free_at(), fire)
                 return
             self.serve(dst, message)
-        self.sched.at(t, fire)
+        self.sched.launch(t, fire)
 
     # -- what the durable writes and PostgreSQL tell the invariants ---------------------------
     def saved(self, name, view):
@@ -299,6 +332,8 @@ class Cluster:
             return
         self.acked[write] = (now, name)
         self.acked_order.append(write)
+        if self.probe is not None:
+            self.probe.acked(write)
         view = self.arb_view
         if view is None or view.primary != name:
             self.violation("dual_ack", f"{name} acknowledged write {write} while the arbiter's "
@@ -361,14 +396,32 @@ class Cluster:
             self._disconnect(s, "diverged")
             return
         new = p.wal[len(s.wal):]
+        due = bool(new) or s.reply_at is None or now - s.reply_at >= self.status_interval
+        if due and self.net.tcp and self._stream_held(s):
+            return
         if new:
             s.wal.extend(new)
             s.writes.update(w for _, _, w in new if w)
             s.tli = p.tli
         s.caught_up = True
-        if new or s.reply_at is None or now - s.reply_at >= 1.0:
+        if due:
             s.reply_wall, s.reply_at = round(now + self.nodes[name].wall_offset, 6), now
         p.release()
+
+    def _stream_held(self, s):
+        """TCP mode: a lost segment of the stream (WAL one way, the standby's reply the other)
+        holds it for a retransmission timeout, doubled at each loss in a row; it goes on when
+        the segment is through."""
+        now = self.sched.now
+        if now < s.held_until:
+            return True
+        extra = self.net.leg(s.conn, s.name, DATA_RTO) + self.net.leg(s.name, s.conn, DATA_RTO)
+        if not extra:
+            return False
+        s.held_until = now + extra
+        name = s.name
+        self.sched.at(s.held_until, lambda: self.walreceiver(name, ship_only=True))
+        return True
 
     def _disconnect(self, s, why):
         self.trace(s.name, f"walreceiver lost {s.conn} ({why})")
@@ -388,8 +441,8 @@ class Cluster:
     def start_client(self):
         def write():
             self.client_write()
-            self.sched.at(self.sched.now + WRITE_INTERVAL_S, write)
-        self.sched.at(1.0, write)
+            self.sched.at(self.sched.now + self.write_interval, write)
+        self.sched.at(1.0, self.probe.next if self.probe is not None else write)
 
     def client_write(self):
         """One insert through host=pg1,pg2 target_session_attrs=read-write."""
@@ -450,3 +503,69 @@ class Cluster:
         self.start_postgres_routines()
         self.start_client()
 
+    def form(self):
+        """Boot, and run until the cluster first converges (a violation if not in 60 s)."""
+        self.boot()
+        self.sched.run_until(60.0, until=self.converged)
+        if not self.converged():
+            self.violation("no_convergence", "the cluster did not form within 60 s of the start")
+
+
+
+class LabProbe:
+    """The lab's write probe (lab/probe.py) instead of the ideal client, which finds the
+    primary at once for every write: one session through host=pg1,pg2
+    target_session_attrs=read-write connect_timeout=2. An insert waits for its COMMIT up to
+    its deadline (1 s); past it the session is dropped and the next insert connects again,
+    libpq trying the hosts in order: a silent host costs connect_timeout, one that resets or
+    refuses (the fence, PostgreSQL down) or is read-only costs nothing. A session that the
+    fence resets is noticed only at the deadline (the lab's isolation drops its packets
+    anyway)."""
+
+    def __init__(self, c, deadline=CLIENT_DEADLINE_S, connect_timeout=CONNECT_TIMEOUT_S):
+        self.c, self.deadline, self.connect_timeout = c, deadline, connect_timeout
+        self.host = self.write = None
+        self.began = 0.0
+
+    def next(self):
+        self.began = self.c.sched.now
+        if self.host is None:
+            self.walk(0)
+        else:
+            self.insert()
+
+    def again(self):
+        s = self.c.sched
+        s.at(max(s.now, self.began + self.c.write_interval), self.next)
+
+    def walk(self, i):
+        c, now = self.c, self.c.sched.now
+        if i == len(DB):  # no host took the session: an error; the next insert tries again
+            c.count("probe connections failed")
+            self.again()
+        elif not (c.net.connect_ok("client", DB[i]) and c.net.packet_ok(DB[i], "client")):
+            c.sched.at(now + self.connect_timeout, lambda: self.walk(i + 1))
+        elif c.rw(DB[i]):
+            self.host = DB[i]
+            c.sched.at(now + 0.003, self.insert)  # connect, authenticate
+        else:
+            c.sched.at(now + 0.003, lambda: self.walk(i + 1))
+
+    def insert(self):
+        c, now = self.c, self.c.sched.now
+        c.writes += 1
+        self.write = write = c.writes
+        deadline = now + self.deadline
+        c.sched.at(deadline, lambda: self.gave_up(write))
+        if c.net.packet_ok("client", self.host) and c.rw(self.host):
+            c.pg[self.host].commit(write, deadline)
+
+    def acked(self, write):
+        if write == self.write:
+            self.write = None
+            self.again()
+
+    def gave_up(self, write):
+        if write == self.write:  # no COMMIT by the deadline: the session is dropped
+            self.write = self.host = None
+            self.again()

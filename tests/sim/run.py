@@ -20,6 +20,11 @@ KINDS = {
 }
 
 
+def isolation(host):
+    """The links cut to isolate host: both ways to every other host (the client too)."""
+    return [(host, o) for o in HOSTS if o != host] + [(o, host) for o in HOSTS if o != host]
+
+
 class FaultPlan:
     """Faults at random moments (mean gap `mean_gap` s), each undone after a random time.
     Fault number i is left out when i is in `skip` (it is still drawn)."""
@@ -103,8 +108,7 @@ class FaultPlan:
             return self._table(net.drop, [(a, b)]), f"one-way: packets {a} -> {b} dropped"
         if kind == "isolate":
             h = p["host"]
-            links = [(h, o) for o in HOSTS if o != h] + [(o, h) for o in HOSTS if o != h]
-            return self._table(net.drop, links), f"isolate {h}"
+            return self._table(net.drop, isolation(h)), f"isolate {h}"
         if kind == "loss":
             return (self._table(net.loss, [(a, b), (b, a)], p["p"]),
                     f"loss {p['p']:.0%} between {a} and {b}")
@@ -204,19 +208,19 @@ Result = collections.namedtuple("Result", "seed strict steps ticks sim_s faults 
 
 
 def run(seed, steps, skip=(), log=None, strict=None, mean_gap=4.0, bound=CONVERGE_BOUND_S,
-        setup=None, wall_skew=3.0):
+        setup=None, wall_skew=3.0, timing=None, fibers=False):
     """One run: boot until the cluster first converges, faults for `steps` scheduler steps,
-    then quiet until it converges again (within `bound` s). setup(cluster) may script it."""
+    then quiet until it converges again (within `bound` s). setup(cluster) may script it;
+    `timing` (an agent.Timing) replaces agent.ini's; `fibers`: steps block as fibers
+    (world.Fiber) instead of nested runs."""
     began = time.perf_counter()
-    c = Cluster(seed, strict_sync=strict, log=log, wall_skew=wall_skew)
+    c = Cluster(seed, strict_sync=strict, log=log, wall_skew=wall_skew, timing=timing,
+                fibers=fibers)
     plan = FaultPlan(c, c.rng_faults, skip, mean_gap)
     violation, converge_s = None, None
     s = c.sched
     try:
-        c.boot()
-        s.run_until(60.0, until=c.converged)
-        if not c.converged():
-            c.violation("no_convergence", "the cluster did not form within 60 s of the start")
+        c.form()
         if setup is not None:
             setup(c, plan)
         else:
@@ -238,6 +242,7 @@ def run(seed, steps, skip=(), log=None, strict=None, mean_gap=4.0, bound=CONVERG
                                       f"primary {primary} at the end")
     except Violation as exc:
         violation = (round(s.now, 3), exc.kind, exc.detail)
+    s.close()
     return Result(seed, c.strict, s.steps, c.ticks, round(s.now, 1), dict(c.faults), c.writes,
                   len(c.acked), c.grants, c.handovers, converge_s, violation, plan.applied, c,
                   time.perf_counter() - began)
@@ -259,12 +264,13 @@ def shrink(seed, steps, result, budget=40, **kw):
     return best, sorted(skip)
 
 
-def report(result, skip=(), steps=None, out=print):
+def report(result, skip=(), steps=None, out=print, options=""):
+    """A failed run explained; `options`: the replay's other arguments (--timing ...)."""
     c = result.cluster
     t, kind, detail = result.violation
     out(f"VIOLATION {kind} at t={t} s, seed {result.seed}: {detail}")
     skip_arg = f" --skip {','.join(map(str, skip))}" if skip else ""
-    out(f"replay: python -m tests.sim --seed {result.seed} --steps {steps}{skip_arg} -v")
+    out(f"replay: python -m tests.sim --seed {result.seed} --steps {steps}{skip_arg}{options} -v")
     out(f"faults applied ({len(result.applied)}):")
     for i, at, text in result.applied:
         out(f"  #{i:<4} t={at:<9} {text}")

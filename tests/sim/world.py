@@ -8,15 +8,23 @@ middle of a step) is a nested run of the scheduler up to the moment the step may
 everything else -- the other nodes, this node's other routines, the network -- moves on
 meanwhile, as the real threads would. Each host has its own clocks: monotonic = now + an offset
 (large and different per host), wall = now + a smaller offset (seconds, per seed).
+Nested runs have a cost: a step that blocks returns only when every step that blocked inside
+its wait has returned, so under many timeouts at once (loss) a heartbeat can come back seconds
+after its own timeout. With fibers (Scheduler(fibers=True); the timing sweep, `--fibers`) each
+step runs in a thread of its own that yields to the scheduler when it blocks and is resumed
+when its wait is over: one thread runs at a time, so a seed still replays exactly, and no step
+waits longer than it asked.
 
 Locks. An agent step that blocks while it holds one of the agent's locks (the view lock around
 a state file write, the lease lock around an nft call) marks its node `locked`: until it
 returns, the node's other routines and requests to it wait (they would block on the lock).
+With fibers the steps contend for the agent's very locks instead (FiberLock).
 """
 import heapq
 import logging
 import socket
 import subprocess
+import threading
 
 import agent
 
@@ -52,16 +60,38 @@ def wire(value):
 # -- the scheduler -----------------------------------------------------------------------------
 
 class Scheduler:
-    def __init__(self):
+    def __init__(self, fibers=False):
         self.now = 0.0
         self.heap = []
         self.seq = 0
         self.steps = 0
         self.after_step = None  # invariant checks, called after every step
+        self.fibers = fibers    # steps block as fibers (Fiber), not as nested runs
+        self.current = None     # the fiber running now, None in the scheduler's own thread
+        self.suspended = set()  # fibers waiting to be resumed
 
     def at(self, t, fn):
         self.seq += 1
         heapq.heappush(self.heap, (max(t, self.now), self.seq, fn))
+
+    def launch(self, t, step):
+        """Run step at t; with fibers, as a fiber of its own (a step that may block)."""
+        self.at(t, (lambda: Fiber(self, step).resume()) if self.fibers else step)
+
+    def sleep_until(self, t):
+        """Block the running step until t: its fiber yields, or (no fiber) a nested run of
+        the scheduler."""
+        if self.current is not None:
+            self.current.wait_until(t)
+        else:
+            self.run_until(t)
+
+    def close(self):
+        """End every suspended fiber (their threads unwind with FiberEnded)."""
+        while self.suspended:
+            fiber = self.suspended.pop()
+            fiber.ended = True
+            fiber.resume()
 
     def run_until(self, target, until=None):
         """Run every event due by target (or until `until()` holds); nested calls are how a
@@ -82,6 +112,99 @@ class Scheduler:
         self.now = max(self.now, target)
 
 
+class FiberEnded(BaseException):
+    """Unwinds a suspended fiber when its run is over (Scheduler.close)."""
+
+
+class Fiber:
+    """A step run in a thread of its own, so that it can block without nesting: its wait
+    yields to the scheduler, which resumes it when the wait is over. One thread runs at a
+    time -- the scheduler's or one fiber's, handing over explicitly -- so a seed still replays
+    exactly. Nested runs (Scheduler.fibers False) make a step that blocks wait for every step
+    that blocked while it waited: a heartbeat can return seconds after its timeout when many
+    steps block at once (timeouts under loss), which real threads never do."""
+
+    def __init__(self, sched, step):
+        self.sched, self.step = sched, step
+        self.go, self.back = threading.Semaphore(0), threading.Semaphore(0)
+        self.error, self.ended, self.started = None, False, False
+
+    def _main(self):
+        self.go.acquire()
+        try:
+            self.step()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the scheduler's thread
+            self.error = exc
+        self.back.release()
+
+    def resume(self):
+        """Run the fiber (in the scheduler's thread) until it blocks or ends."""
+        sched = self.sched
+        sched.suspended.discard(self)
+        outer, sched.current = sched.current, self
+        if not self.started:
+            self.started = True
+            threading.Thread(target=self._main, daemon=True).start()
+        self.go.release()
+        self.back.acquire()
+        sched.current = outer
+        error, self.error = self.error, None
+        if error is not None and not isinstance(error, FiberEnded):
+            raise error
+
+    def wait_until(self, t):
+        """In the fiber's thread: yield until t."""
+        sched = self.sched
+        sched.at(t, self.resume)
+        sched.suspended.add(self)
+        self.back.release()
+        self.go.acquire()
+        if self.ended:
+            raise FiberEnded()
+
+
+class FiberLock:
+    """An agent's lock when steps are fibers: a fiber that finds it taken (by a fiber that
+    is waiting while it holds it) yields until it is free, where a real acquire would block
+    the one thread that runs. Locked and owned as the lock it wraps."""
+
+    POLL_S = 0.001
+
+    def __init__(self, sched, lock):
+        self.sched, self.lock = sched, lock
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self.lock.acquire(blocking=False):
+            return True
+        sched = self.sched
+        if not blocking:
+            return False
+        if sched.current is None:  # nothing would ever release it
+            raise AssertionError("the scheduler's thread would block on a fiber's lock")
+        give_up = sched.now + timeout if timeout >= 0 else float("inf")
+        while sched.now < give_up:
+            sched.current.wait_until(min(sched.now + self.POLL_S, give_up))
+            if self.lock.acquire(blocking=False):
+                return True
+        return False
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def locked(self):
+        return self.lock.locked()
+
+    def _is_owned(self):
+        return self.lock._is_owned()
+
+
 # -- the network ---------------------------------------------------------------------------------
 
 HOSTS = ("pg1", "pg2", "arb", "client")
@@ -96,6 +219,9 @@ class Net:
         self.rng = rng
         self.drop, self.block, self.loss, self.slow = {}, {}, {}, {}
         self.reply_drops = []  # [(src, kind)]: lose the reply to src's next request of kind
+        # TCP mode (the sweep's jitter profile): a lost segment is sent again after TCP's
+        # retransmission timeout instead of failing the call outright (leg)
+        self.tcp = False
 
     @staticmethod
     def _add(table, key, value):
@@ -115,6 +241,20 @@ class Net:
 
     def delay(self, a, b):
         return 0.0004 + self.rng.random() * 0.002 + self.slow.get((a, b), 0.0)
+
+    def leg(self, a, b, rto):
+        """TCP mode: the extra time one segment a -> b takes under loss. Each loss costs a
+        retransmission timeout, doubled at each loss in a row (Linux: 1 s for a SYN, 200 ms
+        for data on a connection)."""
+        extra = 0.0
+        while extra < 8.0 and self.lost(a, b):
+            extra += rto
+            rto *= 2
+        return extra
+
+
+SYN_RTO, DATA_RTO = 1.0, 0.2  # Linux's first SYN retransmission; TCP_RTO_MIN
+PG_ROUND_TRIPS = 4  # a probe of PostgreSQL: startup, SCRAM's two round trips, the query
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
@@ -146,6 +286,7 @@ class Pg:
         self.silent_since = None
         self.caught_up = False
         self.retry_at = 0.0
+        self.held_until = 0.0  # TCP mode: the stream waits for a retransmission until then
         self.reply_wall = None  # the walreceiver's last reply, stamped with this host's clock
         self.reply_at = None   # ... and when (simulated time)
         self.ship_due = False
@@ -324,6 +465,8 @@ class SimWorld(agent.World):
             stall, node.stall_at_next_call = node.stall_at_next_call, 0.0
             node.paused_until = max(node.paused_until, self.sched.now + stall)
             self._wait(0.0, locked=True)  # it may hold a lock here: no thread of it runs
+        if node.cpu_slow:  # a CPU hog on the host: each port call first waits for a core
+            self._wait(self.c.rng_cpu.random() * node.cpu_slow)
 
     def _holds_locks(self):
         """Does any step of this agent hold one of its locks now?"""
@@ -343,9 +486,9 @@ class SimWorld(agent.World):
         if locked:
             node.locked += 1
         try:
-            sched.run_until(sched.now + seconds)
+            sched.sleep_until(sched.now + seconds)
             while pause and node.paused_until > sched.now and node.inc == self.inc:
-                sched.run_until(node.paused_until)
+                sched.sleep_until(node.paused_until)
         finally:
             if locked and node.inc == self.inc:
                 node.locked -= 1
@@ -372,15 +515,22 @@ class SimWorld(agent.World):
         c, src, dst = self.c, self.name, peer.name
         net, deadline = c.net, self.sched.now + timeout
         c.count("messages")
-        if not net.connect_ok(src, dst) or net.lost(src, dst):
+        if not net.connect_ok(src, dst) or (not net.tcp and net.lost(src, dst)):
             self._wait(timeout)
             raise socket.timeout("timed out")
+        hold = self.handshake(src, dst, timeout) + net.leg(src, dst, DATA_RTO) if net.tcp \
+            else 0.0
         message = {"from": src, "kind": kind, "nonce": c.nonce(), "ts": self.wall(),
                    "body": wire(body)}
         if c.rng_net.random() < c.dup_rate:  # the network delivers a copy later
             c.count("duplicates")
             c.deliver_later(dst, message, self.sched.now + c.rng_net.random() * 3)
-        self._wait(net.delay(src, dst))
+        there = net.delay(src, dst) + hold
+        if net.tcp and self.sched.now + there > deadline:
+            # the caller gives up; its kernel still delivers the request it had sent
+            c.deliver_later(dst, message, self.sched.now + there)
+            self.give_up(deadline)
+        self._wait(there)
         target = c.nodes[dst]
         if not target.alive:
             raise ConnectionRefusedError(f"{dst}: connection refused")
@@ -397,13 +547,27 @@ class SimWorld(agent.World):
                 c.trace(src, f"the network loses {dst}'s reply to {kind}")
                 reply = None
                 break
-        d2 = net.delay(dst, src)
-        if reply is None or not net.packet_ok(dst, src) or net.lost(dst, src) \
+        d2 = net.delay(dst, src) + (net.leg(dst, src, DATA_RTO) if net.tcp else 0.0)
+        if reply is None or not net.packet_ok(dst, src) or (not net.tcp and net.lost(dst, src)) \
                 or self.sched.now + d2 > deadline:
-            self._wait(max(0.0, deadline - self.sched.now))
-            raise socket.timeout("timed out")
+            self.give_up(deadline)
         self._wait(d2)
         return reply
+
+    def give_up(self, deadline):
+        """Wait out a call's deadline, then time out."""
+        self._wait(max(0.0, deadline - self.sched.now))
+        raise socket.timeout("timed out")
+
+    def handshake(self, src, dst, timeout):
+        """TCP mode: the time the SYN and the SYN-ACK take; a connect that takes longer than
+        the timeout fails, after the timeout."""
+        net = self.c.net
+        took = net.leg(src, dst, SYN_RTO) + net.leg(dst, src, SYN_RTO)
+        if took >= timeout:
+            self._wait(timeout)
+            raise socket.timeout("timed out")
+        return took
 
     def serve(self, agent_):
         self.node.replays = agent.ReplayCache()
@@ -848,20 +1012,27 @@ class SimRemote:
     def _ask(self, node, timeout):
         w, c = self.w, self.w.c
         w._enter()
-        src, dst = w.name, node.name
-        if not c.net.connect_ok(src, dst) or c.net.lost(src, dst):
+        src, dst, net = w.name, node.name, c.net
+        deadline = w.sched.now + timeout
+        if not net.connect_ok(src, dst) or (not net.tcp and net.lost(src, dst)):
             w._wait(timeout)
             raise TimeoutError("PostgreSQL did not answer in time")
-        w._wait(c.net.delay(src, dst))
+        w._wait(net.delay(src, dst) + (w.handshake(src, dst, timeout) if net.tcp else 0.0))
         pg = c.pg[dst]
         if not pg.running:
             raise OSError(f"could not connect to {dst}: connection refused")
         if not c.fences[dst].admits(src, c.other_db(dst), w.sched.now):
             raise OSError(f"could not connect to {dst}: connection reset (fenced)")
-        if not c.net.packet_ok(dst, src) or c.net.lost(dst, src):
+        if not net.packet_ok(dst, src) or (not net.tcp and net.lost(dst, src)):
             w._wait(timeout)
             raise TimeoutError("PostgreSQL did not answer in time")
-        w._wait(c.net.delay(dst, src))
+        back = net.delay(dst, src)
+        if net.tcp:  # the startup, authentication and query, each segment maybe sent again
+            back += sum(net.leg(src, dst, DATA_RTO) + net.leg(dst, src, DATA_RTO)
+                        for _ in range(PG_ROUND_TRIPS))
+            if w.sched.now + back > deadline:
+                w.give_up(deadline)
+        w._wait(back)
         return pg
 
     def in_recovery(self, node, timeout):

@@ -98,6 +98,28 @@ def test_timing_that_lets_the_standby_promote_before_the_fence(tmp_path):
     assert "[timing] failover_timeout" in message and "lease still holds" in message
 
 
+def fast_checks(text, failover):
+    """The shipped config with heartbeats so fast that only the clocks' allowance is left."""
+    return (text.replace("check_interval = 0.2", "check_interval = 0.01")
+            .replace("probe_timeout = 0.3", "probe_timeout = 0.01")
+            .replace("failover_timeout = 2.0", f"failover_timeout = {failover}"))
+
+
+def test_timing_without_room_for_the_hosts_clocks(tmp_path):
+    # fence_timeout 1.2 + safety_margin 0.2 = 1.4 s: 1.42 s would close the port before the
+    # grant on one clock, not with 1000 ppm between the hosts' clocks and two kernel timeouts
+    # a jiffy late each (allowance 2 * 0.001 * 1.42 + 0.02 = 0.023 s)
+    message = error_of(tmp_path, fast_checks(shipped(), 1.42))
+    assert "[timing] failover_timeout" in message and "lease still holds" in message
+    assert "1.423 s" in message and "for the hosts' clocks" in message
+    # 1.43 s clears it, but leaves the promotion window (0.03 - 0.023 s) shorter than a
+    # heartbeat (check_interval + probe_timeout = 0.02 s)
+    message = error_of(tmp_path, fast_checks(shipped(), 1.43))
+    assert "[timing] failover_timeout" in message and "decide_grant" in message
+    path = write(tmp_path, fast_checks(shipped(), 1.45))
+    assert agent.load_config(path, "pg1").timing.failover_timeout == 1.45
+
+
 def test_timing_under_which_a_healthy_lease_would_lapse(tmp_path):
     text = shipped().replace("check_interval = 0.2", "check_interval = 1.0")
     assert "[timing] check_interval" in error_of(tmp_path, text)

@@ -442,16 +442,24 @@ ARB_VIEWS = views(terms=(0, 1, 2), seqs=(0, 1), pauses=PAUSE_STATES)
 SEEN = (None, NOW - 0.1, NOW - 1.0, NOW - 1.9, NOW - 2.0, NOW - 10)
 
 
-# the arbiter's timing for decide_grant: the defaults but safety_margin 0.25, so that
-# promote_window (0.75 s) and the news' ages at its bound are exact in binary floating point
+# the arbiter's timing for decide_grant: the defaults but safety_margin 0.25 (promote_window
+# about 0.726 s: news 0.72 s old is in time, 0.73 s old too old)
 GRANT_T = dataclasses.replace(T, safety_margin=0.25)
+
+
+def clock_allowance(t):
+    """README, "The timing inequality": the lease runs on M's kernel timers and the failover
+    on S's and A's clocks, each up to 1000 ppm off real time, and two kernel timeouts (the
+    lease's, the armed window's) may each end a jiffy (10 ms at HZ=100) late."""
+    return 2 * 1e-3 * t.failover_timeout + 0.02
 
 
 def promote_window(t):
     """check_timing's and decide_grant's docstrings: the news on which a standby asks to be
-    promoted may be this old -- within it, the primary's lease had lapsed before it decided."""
-    return t.failover_timeout - t.fence_timeout - t.safety_margin
-NEWS = (None, NOW - 0.1, NOW - 0.75, NOW - 0.76, NOW - 3.0)  # the standby's news from the arbiter
+    promoted may be this old -- within it, the primary's lease had lapsed before it decided,
+    on the hosts' clocks too."""
+    return t.failover_timeout - t.fence_timeout - t.safety_margin - clock_allowance(t)
+NEWS = (None, NOW - 0.1, NOW - 0.72, NOW - 0.73, NOW - 3.0)  # the standby's news from the arbiter
 
 
 def grant_creates_one_term_for_the_eligible_candidate(view, candidate, term, seen, started,
@@ -503,7 +511,9 @@ def test_decide_grant_over_every_combination():
             engaged[inv.__name__] += inv(view, candidate, term, seen, started, news, granted,
                                          new)
     assert len(engaged) == 2 and all(engaged.values()), engaged
-    assert agent.promote_window(GRANT_T) == promote_window(GRANT_T) == 0.75
+    assert agent.promote_window(GRANT_T) == promote_window(GRANT_T)
+    assert round(promote_window(GRANT_T), 9) == 0.726
+    assert agent.clock_allowance(GRANT_T) == clock_allowance(GRANT_T)
     # news_at is required: without it no new term
     assert agent.decide_grant(View(1, "pg1", "pg2"), "pg2", 1, None, NOW, NOW - 100,
                               GRANT_T)[1] == View(1, "pg1", "pg2")
@@ -807,16 +817,18 @@ def test_standby_heard_over_every_combination():
 
 def timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal):
     """Rule 5 and check_timing's docstring: a config is accepted exactly when fence_timeout +
-    safety_margin < failover_timeout (the isolated primary's port closes before any grant; a
-    difference under 1e-9 s counts as equal), probe_timeout < fence_timeout and check_interval
-    + probe_timeout < fence_timeout (one slow probe never fences, a healthy lease never lapses
-    between heartbeats), promote_window = failover_timeout - fence_timeout - safety_margin >
-    check_interval + probe_timeout (a standby's promotion request, judged on news from the
-    arbiter at most that old, can be on time: decide_grant), and restart_grace >
-    failover_timeout (a failover gets the first chance). A refusal names the first key that
-    breaks them (README, "agent.py": a bad config names the file, the section and the key)."""
+    safety_margin + clock_allowance < failover_timeout (the isolated primary's port closes
+    before any grant, on the hosts' clocks too; a difference under 1e-9 s counts as equal),
+    probe_timeout < fence_timeout and check_interval + probe_timeout < fence_timeout (one slow
+    probe never fences, a healthy lease never lapses between heartbeats), promote_window =
+    failover_timeout - fence_timeout - safety_margin - clock_allowance > check_interval +
+    probe_timeout (a standby's promotion request, judged on news from the arbiter at most that
+    old, can be on time: decide_grant), and restart_grace > failover_timeout (a failover gets
+    the first chance). A refusal names the first key that breaks them (README, "agent.py": a
+    bad config names the file, the section and the key)."""
     broken = [key for key, holds in (
-        ("failover_timeout", t.fence_timeout + t.safety_margin < t.failover_timeout - 1e-9),
+        ("failover_timeout", t.fence_timeout + t.safety_margin + clock_allowance(t)
+         < t.failover_timeout - 1e-9),
         ("probe_timeout", t.probe_timeout < t.fence_timeout),
         ("check_interval", t.check_interval + t.probe_timeout < t.fence_timeout),
         ("failover_timeout", promote_window(t) > t.check_interval + t.probe_timeout),
@@ -839,7 +851,8 @@ def refusal(t):
 def test_check_timing_over_a_grid():
     results = []
     for values in itertools.product((0.2, 0.25, 0.7), (0.25, 0.3, 1.0), (1.0,),
-                                    (0.25, 0.3, 0.7, 0.999999999), (1.2, 1.3, 1.7, 1.75, 2.0),
+                                    (0.25, 0.3, 0.7, 0.999999999),
+                                    (1.2, 1.27, 1.28, 1.3, 1.7, 1.72, 1.73, 1.75, 2.0),
                                     (1.3, 6.0)):
         t = agent.Timing(*values)
         results.append(timing_accepted_only_if_the_fence_closes_before_a_grant(t, refusal(t)))
