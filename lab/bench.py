@@ -10,7 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
-from lab import experiments
+from lab import experiments, footprint
 
 FIGURES = {
     "failover": ("failover_s", "write_outage_s", "fenced_at_s", "granted_at_s",
@@ -41,16 +41,22 @@ def run(backend, progress, what, trials, fresh=True, report_dir=None):
     if fresh:
         backend.down()
         backend.up(progress)
+    usage = {"idle": {}, "trials": []}
     try:
+        progress(f"the agents' footprint, idle: {footprint.IDLE_S:.0f} s")
+        usage["idle"] = footprint.idle(backend)
         for trial in range(1, trials + 1):
             progress(f"{what} trial {trial}/{trials}{_eta(began, trial - 1, trials)}")
+            roles = {h: f"{r} at the start" for h, r in footprint.roles_now(backend).items()}
+            before = footprint.sample(backend)
             runs.append(experiments.EXPERIMENTS[what](
                 backend, progress, report_dir=folder / f"trial-{trial:02d}"))
+            usage["trials"].append(footprint.usage(before, footprint.sample(backend), roles))
             progress(trial_line(what, trial, trials, runs[-1]))
     finally:
         if fresh:
             backend.down()
-    summary = summarize(backend.name, what, trials, runs)
+    summary = summarize(backend.name, what, trials, runs, usage)
     reports.save_summary(folder, f"{what.capitalize()} benchmark ({backend.name} lab), "
                          f"{trials} trials", summary, report(summary))
     summary["report_dir"] = str(folder)
@@ -95,10 +101,13 @@ def missed_goals(summary, goals):
     return missed
 
 
-def summarize(backend_name, what, trials, runs):
-    """The benchmark's summary of `runs` (the experiment's figures, one dict per trial)."""
+def summarize(backend_name, what, trials, runs, usage):
+    """The benchmark's summary of `runs` (the experiment's figures, one dict per trial) and of
+    the agents' footprint (usage: "idle", and "trials", one footprint.usage per trial)."""
     summary = {"backend": backend_name, "experiment": what, "trials": trials, "runs": runs,
-               "lost_acked": sum(r["lost_acked"] for r in runs), "figures": FIGURES[what]}
+               "lost_acked": sum(r["lost_acked"] for r in runs), "figures": FIGURES[what],
+               "footprint": {"idle": usage["idle"], "trials": usage["trials"],
+                             "during": _worst(usage["trials"])}}
     if what == "failover":
         summary["promotions"] = [r["promotions"] for r in runs]
         summary["fenced_before_grant"] = bool(runs) and all(r["fenced_before_grant"]
@@ -110,10 +119,22 @@ def summarize(backend_name, what, trials, runs):
                          "min": min(values, default=None), "max": max(values, default=None),
                          "missing": trials - len(values),
                          "goal": GOALS[what].get(name, {})}
-    summary["failed_goals"] = missed_goals(summary, GOALS[what])
+    summary["failed_goals"] = (missed_goals(summary, GOALS[what])
+                               + footprint.missed_goals(usage["idle"], usage["trials"]))
     summary["ok"] = (len(runs) == trials > 0 and all(r["ok"] for r in runs)
                      and not summary["failed_goals"])
     return summary
+
+
+def _worst(trials):
+    """role -> the largest RSS and CPU share any trial saw."""
+    worst = {}
+    for figures in trials:
+        for role, f in figures.items():
+            w = worst.setdefault(role, {"rss_mib": 0.0, "cpu_pct": 0.0})
+            w["rss_mib"], w["cpu_pct"] = (max(w["rss_mib"], f["rss_mib"]),
+                                          max(w["cpu_pct"], f["cpu_pct"]))
+    return worst
 
 
 def _goal(goal):
@@ -135,6 +156,13 @@ def report(s):
         lines.append(f"  promotions per trial: {s['promotions']}")
         lines.append("  old primary's port closed before the grant in every trial: "
                      f"{s['fenced_before_grant']}")
+    lines.append(f"  agent footprint (goal: RSS <= {footprint.GOALS['rss_mib']:.0f} MiB, idle CPU "
+                 f"<= {footprint.GOALS['idle_cpu_pct']:.0f} % of a core):")
+    for when, figures in (("idle", s["footprint"]["idle"]),
+                          ("trials, worst", s["footprint"]["during"])):
+        for role, f in sorted(figures.items()):
+            lines.append(f"    {when:<14}{role:<26}RSS {f['rss_mib']:5.1f} MiB   "
+                         f"CPU {f['cpu_pct']:5.2f} %")
     lines.append(f"  verdict: {'OK' if s['ok'] else 'FAILED'}")
     lines += [f"  goal missed: {goal}" for goal in s["failed_goals"]]
     lines += [f"  trial {i}: {', '.join(r['failed_checks'])}"

@@ -11,8 +11,13 @@ def failover_trial(failover_s=3.1, rejoined_s=2.5, **kw):
     return {**figures, **kw}
 
 
-def bench(*runs, what="failover", trials=None):
-    return summarize("netns", what, len(runs) if trials is None else trials, list(runs))
+LIGHT = {"rss_mib": 30.0, "cpu_pct": 0.6}  # an agent within the footprint goals
+USAGE = {"idle": {"primary": LIGHT, "standby": LIGHT, "arbiter": LIGHT},
+         "trials": [{"primary at the start": {"rss_mib": 31.0, "cpu_pct": 4.0}}]}
+
+
+def bench(*runs, what="failover", trials=None, usage=USAGE):
+    return summarize("netns", what, len(runs) if trials is None else trials, list(runs), usage)
 
 
 def test_goals_met():
@@ -72,3 +77,20 @@ def test_switchover_and_standby_loss_goals():
               trial(2.3, 1.9, "resync_s"), what="standby-loss")
     assert s["failed_goals"] == ["write_outage_s max 5.20 s > 5.00 s"] and not s["ok"]
     assert "median <= 5.00, max <= 5.00" in report(s)
+
+
+def test_the_agents_footprint_is_judged_and_printed():
+    s = bench(failover_trial())
+    assert s["ok"] and s["footprint"]["during"] == {
+        "primary at the start": {"rss_mib": 31.0, "cpu_pct": 4.0}}  # busy in a failover: fine
+    text = report(s)
+    assert "idle          arbiter                   RSS  30.0 MiB   CPU  0.60 %" in text
+    heavy = {"idle": {"standby": {"rss_mib": 41.0, "cpu_pct": 1.5}},
+             "trials": [{"arbiter at the start": {"rss_mib": 40.5, "cpu_pct": 9.0}}]}
+    s = bench(failover_trial(), usage=heavy)
+    assert s["failed_goals"] == ["agent RSS of the arbiter at the start 40.5 MiB > 40 MiB",
+                                 "agent RSS of the standby 41.0 MiB > 40 MiB",
+                                 "idle agent CPU of the standby 1.50 % > 1 % of a core"]
+    assert not s["ok"]
+    s = bench(failover_trial(), usage={"idle": {}, "trials": []})
+    assert s["failed_goals"] == ["agent footprint: not measured"] and not s["ok"]

@@ -202,6 +202,9 @@ def test_pingpong_keeps_the_rounds_asked_and_one_row_is_data():
 
 # -- the benchmark -----------------------------------------------------------------------------
 
+USAGE = {"idle": {"primary": {"rss_mib": 30.0, "cpu_pct": 0.5}}, "trials": []}
+
+
 def trial(failover_s=3.0, **kw):
     return {"failover_s": failover_s, "write_outage_s": 3.0, "fenced_at_s": 1.0,
             "granted_at_s": 2.0, "promoted_at_s": 2.2, "rejoined_s": 2.0, "lost_acked": 0,
@@ -209,16 +212,17 @@ def trial(failover_s=3.0, **kw):
 
 
 def test_a_goal_met_exactly_is_met():
-    s = summarize("netns", "failover", 1, [trial(6.0)])
+    s = summarize("netns", "failover", 1, [trial(6.0)], USAGE)
     assert missed_goals(s, {"failover_s": {"max": 6.0}}) == []
 
 
 def test_bench_summary_edges():
-    s = summarize("netns", "failover", 3, [trial(1.23456), trial(2.0)])
+    s = summarize("netns", "failover", 3, [trial(1.23456), trial(2.0)], USAGE)
     assert not s["ok"]  # a trial missing
     assert s["failover_s"]["median"] == 1.617 and s["failover_s"]["min"] == 1.23456
     assert s["promotions"] == [1, 1]
     assert s["fenced_before_grant"] is True and s["fenced_before_promotion"] is True
-    late = summarize("netns", "failover", 2, [trial(), trial(fenced_before_grant=False)])
+    late = summarize("netns", "failover", 2, [trial(), trial(fenced_before_grant=False)],
+                     USAGE)
     assert late["fenced_before_grant"] is False and late["fenced_before_promotion"] is False
-    assert summarize("netns", "failover", 0, [])["fenced_before_grant"] is False
+    assert summarize("netns", "failover", 0, [], USAGE)["fenced_before_grant"] is False
