@@ -466,6 +466,7 @@ class DbObservation:
     #                        a pg_rewind ran to its end (it writes pg_control last)
     rewind_unfinished: bool = False  # a pg_rewind of this data directory began and no
     #                                  standby.signal followed (LocalPostgres.rewind's mark)
+    rewind_before_reboot: bool = False  # ... and the host has booted since it began
 
 
 def _age(obs_now, started_at, at):
@@ -542,11 +543,13 @@ def _decide_db(me, other, arbiter, obs, timing):
         if primary_lost >= timing.fence_timeout:
             return Decision("none", f"replaced by {primary} in term {view.term}; waiting to "
                                     f"reach it to rejoin (unseen for {primary_lost:.1f} s)")
-        if obs.pg == "down" and obs.rewound:  # the agent died between pg_rewind and the start
+        # the agent died between pg_rewind and the start; after a reboot, pg_control (written
+        # and fsynced before the rest of the directory) may say "rewound" over lost files
+        if obs.pg == "down" and obs.rewound and not obs.rewind_before_reboot:
             return Decision("finish_rejoin", f"replaced by {primary} in term {view.term} and "
                                              "rewound before a restart: starting as its "
                                              "standby")
-        if obs.pg == "down" and obs.rewind_unfinished:  # pg_rewind killed or timed out
+        if obs.pg == "down" and obs.rewind_unfinished:  # killed, timed out, a host crash
             return Decision("reclone", f"replaced by {primary} in term {view.term}; a pg_rewind "
                                        "of my data stopped half-way, leaving files of two "
                                        "servers: keeping them aside to clone afresh")
@@ -2105,19 +2108,32 @@ class LocalPostgres:
     def _rewind_mark(self):
         return os.path.join(self.cfg.state_dir, "rewind-unfinished")
 
-    def rewind_unfinished(self):
-        """Did a pg_rewind of this data directory begin, and no standby.signal follow? A rewind
-        killed or timed out half-way leaves files of two servers that a second pg_rewind
-        cannot tell apart: only a fresh clone is safe (PostgreSQL's pg_rewind manual)."""
-        return os.path.exists(self._rewind_mark())
+    def rewind_mark(self):
+        """The boot id of the host when a pg_rewind of this data directory began, if no
+        standby.signal followed (else None). A rewind killed or timed out half-way leaves
+        files of two servers that a second pg_rewind cannot tell apart: only a fresh clone is
+        safe (PostgreSQL's pg_rewind manual)."""
+        try:
+            with open(self._rewind_mark(), encoding="ascii") as f:
+                return f.read().strip() or "unknown"
+        except FileNotFoundError:
+            return None
 
-    def rewind(self, view):
+    def _forget_rewind(self):
+        remove_durably(self._rewind_mark())
+
+    def rewind(self, view, boot):
         """pg_rewind onto the new primary; the output names the point of divergence. The mark
-        goes down durably first and stays until make_standby or move_aside."""
-        write_atomically(self._rewind_mark(), self.cfg.data_dir + "\n")
+        (this boot's id) goes down durably first and stays until make_standby, move_aside or a
+        new data directory."""
+        write_atomically(self._rewind_mark(), boot + "\n")
         source = self.cfg.nodes[view.primary]
+        # a source that goes silent mid-copy ends the rewind within tcp_user_timeout, instead
+        # of hanging with the node's lock (a child outlives a killed agent)
         dsn = (f"host={source.address} port={source.pg_port} user={self.cfg.replication_user} "
-               f"dbname=postgres passfile={pgpass_path(self.cfg)} connect_timeout=3")
+               f"dbname=postgres passfile={pgpass_path(self.cfg)} connect_timeout=3 "
+               "tcp_user_timeout=30000 keepalives_idle=10 keepalives_interval=5 "
+               "keepalives_count=3")
         result = self._run([self._bin("pg_rewind"), "-D", self.cfg.data_dir,
                             "--source-server", dsn], timeout=600, holds_lock=True)
         if result.returncode != 0:
@@ -2129,12 +2145,14 @@ class LocalPostgres:
         """Keep, never delete, a data directory that cannot rejoin: a later bootstrap clones."""
         aside = f"{self.cfg.data_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(self.cfg.data_dir, aside)
-        remove_durably(self._rewind_mark())
+        self._forget_rewind()
         return aside
 
     def make_standby(self, view):
+        # the mark first: make_standby follows a complete rewind (pg_rewind returned after its
+        # last fsync), and a rewound directory without either starts through finish_rejoin
+        self._forget_rewind()
         write_atomically(os.path.join(self.cfg.data_dir, "standby.signal"), "", owner=self.owner)
-        remove_durably(self._rewind_mark())
         self.write_config(view)
 
     def reload(self):
@@ -2185,6 +2203,7 @@ class LocalPostgres:
         if result.returncode != 0 or "ERROR" in result.stdout + result.stderr:
             raise RuntimeError(f"creating roles failed: {result.stdout}{result.stderr}".strip())
         os.rename(tmp, self.cfg.data_dir)
+        self._forget_rewind()  # a mark left by a crash in move_aside is not this directory's
 
     def basebackup(self, view):
         primary = self.cfg.nodes[view.primary]
@@ -2201,6 +2220,7 @@ class LocalPostgres:
         write_atomically(os.path.join(tmp, "standby.signal"), "", owner=self.owner)
         self.write_config(view, tmp)
         os.rename(tmp, self.cfg.data_dir)
+        self._forget_rewind()  # a mark left by a crash in move_aside is not this directory's
 
     def timeline_and_replication(self, timeout=2.0):
         """For `status`: timeline, and what the primary reports of its standbys."""
@@ -2874,8 +2894,8 @@ class DbAgent(Agent):
             elif not opening and self.fence.lease() is None:  # it had lapsed
                 self.lease_mode, self.lease_until = "closed", None
             else:  # the window passed (a stall): nothing was written; try again later
-                if self.lease_mode == "standby":  # a standby's element (open, no timeout)
-                    self._close_lease()           # must not outlive its promotion
+                if opening:  # whatever was there -- a standby's element, a paused primary's
+                    self._close_lease()  # hold, both untimed -- must not outlive it
                 self.log.warning("the kernel did not take the lease in time: not %s",
                                  "opened" if opening else "extended")
 
@@ -2972,6 +2992,7 @@ class DbAgent(Agent):
         replaced_down = (st.pg == "down" and not signal
                          and self.view.primary != self.cfg.me.name)
         rewound = replaced_down and self.pg.rewound()
+        mark = self.pg.rewind_mark() if replaced_down else None
         obs = DbObservation(
             now=now, started_at=self.started_at, pg=self.pg_state,
             pg_down_since=self.pg_down_since, has_standby_signal=signal,
@@ -2981,7 +3002,8 @@ class DbAgent(Agent):
             standby_synced=synced, switchover_requested=self.switchover is not None,
             strict_sync=self.cfg.strict_sync, confirm_after=self.confirm_after,
             port_open=port_open, handover_unsettled=self.handover_unsettled, rewound=rewound,
-            rewind_unfinished=replaced_down and self.pg.rewind_unfinished())
+            rewind_unfinished=mark is not None,
+            rewind_before_reboot=mark is not None and mark != self.boot)
         decision = decide_db(self.cfg.me.name, self.other.name, self.cfg.arbiter.name, obs,
                              self.cfg.timing)
         self.say(decision)
@@ -3127,7 +3149,7 @@ class DbAgent(Agent):
             return
         self.pg.stop_immediate()
         try:
-            output = self.pg.rewind(self.view)
+            output = self.pg.rewind(self.view, self.boot)
         except RuntimeError as exc:
             self._keep_aside(str(exc))
             return
@@ -3136,6 +3158,7 @@ class DbAgent(Agent):
         self._start_rejoined(diverged)
 
     def do_reclone(self, decision):
+        self.pg.stop_immediate()  # "down" may be a status query that timed out
         self._keep_aside("an earlier pg_rewind did not finish")
 
     def _keep_aside(self, why):

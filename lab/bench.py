@@ -120,7 +120,8 @@ def summarize(backend_name, what, trials, runs, usage):
                          "missing": trials - len(values),
                          "goal": GOALS[what].get(name, {})}
     summary["failed_goals"] = (missed_goals(summary, GOALS[what])
-                               + footprint.missed_goals(usage["idle"], usage["trials"]))
+                               + footprint.missed_goals(usage["idle"],
+                                                        summary["footprint"]["during"]))
     summary["ok"] = (len(runs) == trials > 0 and all(r["ok"] for r in runs)
                      and not summary["failed_goals"])
     return summary

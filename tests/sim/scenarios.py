@@ -499,8 +499,8 @@ def killed_after_rewind(c):
     pg_m = c.nodes[m].agent.pg
     original = pg_m.rewind
 
-    def rewind(view):
-        original(view)
+    def rewind(view, boot):
+        original(view, boot)
         c.crash(m, "SIGKILL right after pg_rewind (scenario)")
         raise simworld.SimCrash(m)
     pg_m.rewind = rewind
@@ -716,8 +716,10 @@ def stale_open_child(c):
     wait(c, 0.5)
     c.start_agent(m)
     c.sched.run_until(c.sched.now + 15.0, until=lambda: c.arb_view.eligible == m)
+    assert c.arb_view.eligible == m, "the restarted node never became the eligible standby"
     isolate(c, s, client_too=False)
     c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[m].is_primary)
+    assert c.pg[m].is_primary, "the restarted node was never promoted"
     wait(c, 0.5)
     committed = stalled.pop()()
     c.trace(m, f"the killed agent's nft child commits: {committed}")

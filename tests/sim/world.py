@@ -276,7 +276,7 @@ class Pg:
         self.ckpt_tli = 1
         self.control = None    # pg_control's "Database cluster state" (pg_controldata)
         self.torn = False      # a pg_rewind stopped half-way: files of two servers
-        self.rewind_mark = False  # LocalPostgres.rewind's mark in the state directory
+        self.rewind_mark = None  # LocalPostgres.rewind's mark in the state directory (boot id)
         self.wal = []          # [(entry id, timeline, write id or 0)]
         self.writes = set()    # write ids in the WAL
         self.conf = {"sync": "", "primary": None}
@@ -903,23 +903,25 @@ class SimPostgres:
             raise RuntimeError("pg_controldata: no data directory")
         return self.pg.control == "in archive recovery"
 
-    def rewind_unfinished(self):
+    def rewind_mark(self):
         self.w._enter()
         return self.pg.rewind_mark
 
-    def rewind(self, view):
+    def rewind(self, view, boot):
         """A second rewind of a torn directory "succeeds" and leaves it torn: pg_rewind cannot
         know what a killed one copied (the worst case of its manual's warning)."""
         self.w._enter()
         pg, c = self.pg, self.c
-        pg.rewind_mark = True
+        pg.rewind_mark = boot
         if pg.running:
             raise RuntimeError("pg_rewind failed: target server must be shut down cleanly")
         source = view.primary
         src = c.pg[source]
-        self.w._wait(0.2)
         if not c.pg_reachable(self.w.name, source):
             raise RuntimeError(f"pg_rewind from {source} failed: could not connect")
+        torn_before, pg.torn = pg.torn, True  # copying: killed now (with the agent), it is torn
+        self.w._wait(0.2)
+        pg.torn = torn_before
         stops, self.w.node.rewind_stops = self.w.node.rewind_stops, None
         if stops:
             pg.torn = True
@@ -943,7 +945,7 @@ class SimPostgres:
     def move_aside(self):
         self.w._enter()
         self.pg.exists = False
-        self.pg.torn = self.pg.rewind_mark = False
+        self.pg.torn, self.pg.rewind_mark = False, None
         self.pg.signal = False
         self.pg.control = None
         self.pg.set_wal([])
@@ -951,8 +953,8 @@ class SimPostgres:
 
     def make_standby(self, view):
         self.w._enter()
+        self.pg.rewind_mark = None
         self.pg.signal = True
-        self.pg.rewind_mark = False
         self.write_config(view)
 
     def reload(self):

@@ -88,8 +88,8 @@ def test_the_agents_footprint_is_judged_and_printed():
     heavy = {"idle": {"standby": {"rss_mib": 41.0, "cpu_pct": 1.5}},
              "trials": [{"arbiter at the start": {"rss_mib": 40.5, "cpu_pct": 9.0}}]}
     s = bench(failover_trial(), usage=heavy)
-    assert s["failed_goals"] == ["agent RSS of the arbiter at the start 40.5 MiB > 40 MiB",
-                                 "agent RSS of the standby 41.0 MiB > 40 MiB",
+    assert s["failed_goals"] == ["agent RSS of the standby 41.0 MiB > 40 MiB",
+                                 "agent RSS of the arbiter at the start 40.5 MiB > 40 MiB",
                                  "idle agent CPU of the standby 1.50 % > 1 % of a core"]
     assert not s["ok"]
     s = bench(failover_trial(), usage={"idle": {}, "trials": []})

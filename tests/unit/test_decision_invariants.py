@@ -240,7 +240,7 @@ def reclone_only_after_an_unfinished_rewind_onto_a_live_primary(c):
         return False
     assert not c.mine, c
     assert c.o.pg == "down" and not c.o.has_standby_signal, c
-    assert c.o.rewind_unfinished and not c.o.rewound, c
+    assert c.o.rewind_unfinished and (not c.o.rewound or c.o.rewind_before_reboot), c
     assert c.age(c.o.primary_alive_at) < T.fence_timeout, c
     return True
 
@@ -248,8 +248,12 @@ def reclone_only_after_an_unfinished_rewind_onto_a_live_primary(c):
 def unfinished_rewind_is_never_rewound_again(c):
     """PostgreSQL's pg_rewind manual: a rewind that failed half-way leaves a directory no
     second rewind can repair. A down node with an unfinished rewind and no complete one never
-    rewinds nor starts (a rejoin, a start as a standby); it keeps the data aside or waits."""
-    if not (c.o.pg == "down" and c.o.rewind_unfinished and not c.o.rewound
+    rewinds nor starts (a rejoin, a start as a standby); it keeps the data aside or waits. Nor
+    does one whose host booted since the rewind began: pg_rewind fsyncs pg_control ("in
+    archive recovery") before the rest, so a crash in between leaves "rewound" over lost
+    files."""
+    if not (c.o.pg == "down" and c.o.rewind_unfinished
+            and (not c.o.rewound or c.o.rewind_before_reboot)
             and not c.o.has_standby_signal and not c.mine):
         return False
     assert c.d.action in ("reclone", "none"), c
@@ -265,6 +269,7 @@ def finish_rejoin_only_a_rewound_replaced_node_onto_a_live_primary(c):
         return False
     assert not c.mine, c
     assert c.o.pg == "down" and not c.o.has_standby_signal and c.o.rewound, c
+    assert not c.o.rewind_before_reboot, c
     assert c.age(c.o.primary_alive_at) < T.fence_timeout, c
     return True
 
@@ -275,7 +280,8 @@ def rewound_node_finishes_its_rejoin(c):
     the primary seen within fence_timeout, starts as a standby -- never rewinds again, whose
     timeline check would wait forever (pg_control has the new primary's timeline)."""
     if not (not c.mine and c.view.term > 0 and c.o.pg == "down" and not c.o.has_standby_signal
-            and c.o.rewound and c.age(c.o.primary_alive_at) < T.fence_timeout):
+            and c.o.rewound and not c.o.rewind_before_reboot
+            and c.age(c.o.primary_alive_at) < T.fence_timeout):
         return False
     assert c.d.action == "finish_rejoin", c
     return True
@@ -867,7 +873,7 @@ TERM1 = View(1, "pg1", "pg2")
 def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
         primary=0.1, down=None, signal=True, started=100.0, sync=None, seen=0.1,
         streaming=True, synced=True, switchover=False, strict=False, confirm_after=None,
-        port_open=None, unsettled=False, rewound=False, unfinished=False):
+        port_open=None, unsettled=False, rewound=False, unfinished=False, rebooted=False):
     """A DbObservation at NOW from ages (seconds before NOW; None: never)."""
     contact = {k: at(a) for k, a in ((other(me), peer), (ARB, arbiter)) if a is not None}
     return DbObservation(
@@ -876,9 +882,13 @@ def obs(me, pg="standby", view=TERM1, fenced=False, peer=0.1, arbiter=0.1,
         primary_alive_at=at(primary), sync_names=sync, standby_seen_at=at(seen),
         standby_streaming=streaming, standby_synced=synced, switchover_requested=switchover,
         strict_sync=strict, confirm_after=confirm_after, port_open=port_open,
-        handover_unsettled=unsettled, rewound=rewound, rewind_unfinished=unfinished)
+        handover_unsettled=unsettled, rewound=rewound, rewind_unfinished=unfinished,
+        rewind_before_reboot=rebooted)
 
 
+# (rewound, rewind_unfinished, rewind_before_reboot): a boot since the rewind needs its mark
+REWIND_STATES = [(r, u, b) for r, u, b in itertools.product((False, True), repeat=3)
+                 if u or not b]
 STARTED = (100.0, 0.5)  # an agent long up, or one just started (never heard: 0.5 s ago)
 CONFIRM = (None, NOW - 50, NOW - 1.0, NOW - 0.1, NOW)  # before, at, between, after contact
 
@@ -892,15 +902,16 @@ def db_cases():
         # a standby, a replaced primary, a node whose PostgreSQL is down: the view names the peer
         # (rewound and rewind_unfinished are observed only when PostgreSQL is down: the grid
         # draws them everywhere)
-        for view, pg, fenced, port, signal, (rewound, unfinished), primary, arbiter, started \
-                in itertools.product(theirs, ("primary", "standby", "down"), (False, True),
-                                     (None, False, True), (False, True),
-                                     itertools.product((False, True), repeat=2),
+        for view, pg, fenced, port, signal, (rewound, unfinished, rebooted), primary, arbiter, \
+                started in itertools.product(theirs, ("primary", "standby", "down"),
+                                             (False, True), (None, False, True), (False, True),
+                                             REWIND_STATES,
                                      (0.1, 0.5, 1.0, 1.5, 2.0, None), (0.1, 1.0, None),
                                      STARTED):
             yield me, obs(me, pg, view, fenced, primary=primary, arbiter=arbiter,
                           signal=signal, started=started, port_open=port, rewound=rewound,
-                          unfinished=unfinished, sync="" if pg == "primary" else None)
+                          unfinished=unfinished, rebooted=rebooted,
+                          sync="" if pg == "primary" else None)
         # the view names me, PostgreSQL not running as a primary
         for view, pg, fenced, signal, down, started in itertools.product(
                 mine, ("standby", "down"), (False, True), (False, True),
@@ -989,7 +1000,8 @@ def db_observations(draw):
         standby_seen_at=draw(moments), standby_streaming=draw(flags),
         standby_synced=draw(flags), switchover_requested=draw(flags), strict_sync=draw(flags),
         confirm_after=draw(moments), port_open=draw(st.sampled_from((None, False, True))),
-        handover_unsettled=draw(flags), rewound=draw(flags), rewind_unfinished=draw(flags))
+        handover_unsettled=draw(flags), rewound=draw(flags), rewind_unfinished=draw(flags),
+        rewind_before_reboot=draw(flags))
 
 
 @SMALL

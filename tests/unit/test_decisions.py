@@ -19,7 +19,7 @@ PAUSED = View(1, "pg1", "pg2", 5, paused=True)
 def obs(pg="primary", view=TERM1, fenced=False, other=FRESH, arbiter=FRESH, primary=FRESH,
         down_since=None, standby_signal=False, sync="pg2", me="pg1", standby=FRESH,
         streaming=True, synced=True, switchover=False, strict=False, rewound=False,
-        unfinished=False):
+        unfinished=False, rebooted=False):
     peer = "pg2" if me == "pg1" else "pg1"
     return DbObservation(now=NOW, started_at=NOW - 100, pg=pg, pg_down_since=down_since,
                          has_standby_signal=standby_signal, fenced=fenced, view=view,
@@ -27,7 +27,7 @@ def obs(pg="primary", view=TERM1, fenced=False, other=FRESH, arbiter=FRESH, prim
                          sync_names=sync if pg == "primary" else None, standby_seen_at=standby,
                          standby_streaming=streaming, standby_synced=synced,
                          switchover_requested=switchover, strict_sync=strict, rewound=rewound,
-                         rewind_unfinished=unfinished)
+                         rewind_unfinished=unfinished, rewind_before_reboot=rebooted)
 
 
 def same(a, b):  # views equal but for seq
@@ -304,6 +304,9 @@ def test_replaced_primary_whose_rewind_stopped_half_way_is_cloned_afresh():
     # standby.signal written (after a complete rewind): a plain start
     assert m(view=replaced, pg="down", unfinished=True, standby_signal=True).action == \
         "start_standby"
+    # the host booted since: pg_control ("rewound") was fsynced before the files it vouches for
+    assert m(view=replaced, pg="down", unfinished=True, rewound=True,
+             rebooted=True).action == "reclone"
 
 
 # -- pause (README, "Pause and resume"): the decisions ----------------------------------------

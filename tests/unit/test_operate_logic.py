@@ -138,6 +138,7 @@ class Fence:
 
     def __init__(self, left=None):
         self.left = left  # None: closed, inf: open without timeout, else seconds
+        self.late = False  # every armed write reaches the kernel after its window
 
     def lease(self):
         return self.left
@@ -146,6 +147,8 @@ class Fence:
         pass
 
     def open_for(self, seconds):
+        if self.late:
+            return False
         self.left = seconds
         return True
 
@@ -163,6 +166,7 @@ class Fence:
 
     def open(self):
         self.left = float("inf")
+        return True
 
     def close(self):
         self.left = None
@@ -221,6 +225,20 @@ def test_on_resume_without_a_valid_anchor_the_port_closes_until_the_arbiters_wor
     assert primary.lease_mode == "closed" and primary.fence.left is None
     primary._observe_fence(primary.clock.now)
     assert primary.fenced and primary.confirm_after == primary.clock.now
+
+
+def test_a_resume_whose_opening_misses_its_window_closes_the_untimed_port(primary):
+    """Found by a hostile read: the resumed lease's opening came too late (nft slow), nothing
+    was written, and the paused hold (open, no timeout) stayed while the agent reported its
+    lease closed -- on which the arbiter ends the resume and may grant again."""
+    primary.view = PAUSED
+    primary.extend_lease()
+    assert primary.fence.left == float("inf")
+    primary.view = View(1, "pg1", "pg2", 7, resuming=True)
+    primary.observations.lease_anchor = primary.clock.now - 0.2
+    primary.fence.late = True
+    primary.extend_lease()
+    assert primary.lease_mode == "closed" and primary.fence.left is None
 
 
 def test_a_lapsed_lease_is_not_revived_by_a_pause(primary):

@@ -71,13 +71,13 @@ def test_a_rewind_leaves_its_mark_until_standby_signal_or_move_aside(tmp_path):
     rewind = tmp_path / "bin" / "pg_rewind"
     rewind.write_text("#!/bin/sh\necho 'pg_rewind: fatal: could not connect' >&2\nexit 1\n")
     rewind.chmod(0o755)
-    assert not pg.rewind_unfinished()
+    assert pg.rewind_mark() is None
     with pytest.raises(RuntimeError, match="could not connect"):
-        pg.rewind(agent.View(2, "pg2", None))
-    assert pg.rewind_unfinished()  # it may have copied files before it failed
+        pg.rewind(agent.View(2, "pg2", None), "boot-1")
+    assert pg.rewind_mark() == "boot-1"  # it may have copied files before it failed
     pg.make_standby(agent.View(2, "pg2", None))
-    assert not pg.rewind_unfinished()
+    assert pg.rewind_mark() is None
     with pytest.raises(RuntimeError):
-        pg.rewind(agent.View(2, "pg2", None))
+        pg.rewind(agent.View(2, "pg2", None), "boot-1")
     aside = pg.move_aside()
-    assert not pg.rewind_unfinished() and os.path.isdir(aside)
+    assert pg.rewind_mark() is None and os.path.isdir(aside)
