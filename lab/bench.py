@@ -28,11 +28,12 @@ GOALS = {
 }
 
 
-def run(backend, progress, what, trials, fresh=True, report_dir=None):
+def run(backend, progress, what, trials, fresh=True, report_dir=None, args=None):
     """fresh: build a new lab first and tear it down at the end (the embedded lab); False runs
     the trials on the lab that is up and leaves it up (a Vagrant lab takes minutes to build).
     The benchmark's folder (report_dir, or a new one under the reports' root) gets each
-    trial's report folder (trial-NN) and the summary (summary.json, report.md)."""
+    trial's report folder (trial-NN) and the summary (summary.json, report.md). args: the
+    experiment's options (the failover's --rate and --bulk-mb)."""
     from lab import report as reports
     folder = Path(report_dir) if report_dir is not None else reports.new_folder(f"bench-{what}")
     progress(f"{what} benchmark: {trials} trials, reports in {folder}")
@@ -50,7 +51,7 @@ def run(backend, progress, what, trials, fresh=True, report_dir=None):
             roles = {h: f"{r} at the start" for h, r in footprint.roles_now(backend).items()}
             before = footprint.sample(backend)
             runs.append(experiments.EXPERIMENTS[what](
-                backend, progress, report_dir=folder / f"trial-{trial:02d}"))
+                backend, progress, args, report_dir=folder / f"trial-{trial:02d}"))
             usage["trials"].append(footprint.usage(before, footprint.sample(backend), roles))
             progress(trial_line(what, trial, trials, runs[-1]))
     finally:

@@ -141,11 +141,18 @@ def cmd_bench(backend, args):
     from lab import bench
     # the embedded lab is rebuilt for a benchmark (seconds); a Vagrant lab is reused (minutes)
     result = bench.run(backend, progress, args.what, args.trials,
-                       fresh=backend.name == "netns")
+                       fresh=backend.name == "netns", args=args)
     print(json.dumps(result, indent=2) if args.json else bench.report(result))
     if result.get("report_dir"):
         progress(f"the report: {result['report_dir']}/report.md")
     return 0 if result.get("ok") else 1
+
+
+def _load_options(sp):
+    sp.add_argument("--rate", type=int, default=100,
+                    help="failover: pgbench's transactions per second (0: unthrottled)")
+    sp.add_argument("--bulk-mb", type=int, default=0,
+                    help="failover: a bulk load of this many MiB, cut half-way")
 
 
 def cmd_report(backend, args):
@@ -238,6 +245,7 @@ def parser():
     sp.add_argument("--pause", type=float, help="jitter: each agent pause in seconds (default "
                                                 "0.5: under half of the default fence_timeout)")
     sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")
+    _load_options(sp)
     sp.add_argument("--report-dir", help="write the report folder here (default: a new "
                                          "folder under $BOBRY_REPORT_DIR or "
                                          "/var/tmp/bobry-reports)")
@@ -253,6 +261,7 @@ def parser():
                                  "embedded lab; the running Vagrant lab)")
     sp.add_argument("what", choices=["failover", "switchover", "standby-loss"])
     sp.add_argument("--trials", type=int, default=10)
+    _load_options(sp)
     sp.add_argument("--json", action="store_true")
     sp = add("report", cmd_report, "draw an experiment's (or a benchmark's) report folder "
                                    "again from its raw records")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lab.backend import AGENT_HOSTS, DB_HOSTS, HOSTS, LabError
-from lab.load import Pgbench, Probe
+from lab.load import Bulk, Pgbench, Probe
 
 # Bounds every trial is judged against (the benchmarks' speed goals are in lab/bench.py).
 MAX_WRITE_GAP_S = 5.0
@@ -386,19 +386,20 @@ def check_clocks(backend, progress=None, limit=MAX_CLOCK_OFFSET_S):
 
 
 @contextlib.contextmanager
-def under_load(backend, progress, name, seconds=None):
+def under_load(backend, progress, name, seconds=None, rate=100):
     """`with under_load(backend, progress, name) as run:` waits for a primary with a
     synchronous standby, starts the write probe and pgbench against it, and on leaving the
     block, whatever happened, resumes the agents paused with run.pause(), heals every fault,
     notes run.healed_at, then stops the probe and pgbench (in this order: the load sees the
     whole fault window, and every step runs even if one before it failed). seconds: how long
-    the probe may run (probe.py stops by itself after 600 s by default)."""
+    the probe may run (probe.py stops by itself after 600 s by default); rate: pgbench's
+    transactions per second (0: as fast as it goes)."""
     offsets = check_clocks(backend, progress)
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 120, progress)
     work = backend.work_dir(name)
     probe = Probe(backend, work / "probe.jsonl", seconds=seconds)
-    pgbench = Pgbench(backend, work / "pgbench.log")
+    pgbench = Pgbench(backend, work / "pgbench.log", rate=rate)
     probe.prepare()
     pgbench.prepare()
     run = LoadRun(backend, primary, probe, pgbench)
@@ -456,13 +457,27 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
     """Isolate the primary under load; wait for the promotion and for the load to move; run
     `create table x(i int)` on the former standby; heal; wait for the old primary to rejoin
     as the synchronous standby; measure. The report goes to report_dir (or args.report_dir,
-    or a new folder)."""
-    with under_load(backend, progress, "failover") as run:
+    or a new folder). args.rate: pgbench's rate (default 100 tps, 0 as fast as it goes);
+    args.bulk_mb: a bulk load of that many MiB starts after the baseline and the cut comes
+    when half of it is written (the standby replays what it received before it promotes;
+    the old primary writes on alone, and pg_rewind undoes that when it rejoins)."""
+    rate = getattr(args, "rate", None)
+    bulk_mb = getattr(args, "bulk_mb", None) or 0
+    with under_load(backend, progress, "failover", rate=100 if rate is None else rate) as run, \
+            contextlib.ExitStack() as bulk_cleanup:
         primary, standby = run.primary, run.standby
         new_address = backend.addresses[standby]
         time.sleep(baseline)
+        bulk = None
+        if bulk_mb:
+            bulk = Bulk(backend, primary, bulk_mb, backend.work_dir("bulk") / "bulk.log")
+            bulk_cleanup.callback(bulk.stop)
+            bulk.start()
+            backend.wait_until(f"{bulk_mb // 2} MiB of the bulk load written",
+                               lambda: bulk.written_mb() >= bulk_mb / 2, 600, progress)
         progress(f"isolating the primary {primary}")
         cut_at = backend.isolate(primary)
+        bulk_at_cut = bulk.written_mb() if bulk else None
 
         def promoted():
             return any(e["event"] == "promoted" and e["node"] == standby and e["t"] >= cut_at
@@ -479,6 +494,7 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
         create = backend.client_sql("drop table if exists x; create table x(i int)",
                                     dsn=backend.dsn(host=new_address, port=port))
         fenced_while_isolated = bool(backend.host_status(primary).get("fenced"))
+        bulk_alone = round(bulk.written_mb() - bulk_at_cut, 1) if bulk else None
     wait_for_rejoin(backend, progress, standby, primary)
     figures = failover_metrics(
         run.records(), backend.events(), cut_at, primary, standby, backend.addresses,
@@ -488,7 +504,9 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
         old_primary_fenced=fenced_while_isolated, pgbench_restarts=run.pgbench.restarts())
     return publish(backend, "failover", run, {
         "backend": backend.name, "old_primary": primary, "new_primary": standby,
-        "cut_at": cut_at, "healed_at": run.healed_at,
+        "cut_at": cut_at, "healed_at": run.healed_at, "pgbench_rate": run.pgbench.rate,
+        "bulk_mb": bulk_mb or None, "bulk_mb_at_cut": bulk_at_cut,
+        "bulk_mb_written_alone": bulk_alone,
         "clock_offsets_ms": run.clock_offsets_ms, **figures}, _report_dir(args, report_dir))
 
 
@@ -679,9 +697,21 @@ def _report_failover(f):
         (f"{old} after the heal", f"eligible sync standby again after {f['rejoined_s']} s"
          if f["rejoined"] else "did NOT rejoin"),
         ("rewind", f["divergence"] or "-"),
+        *_load_rows(f, old),
         (f"pgbench tps by second from the cut (restarted {f['pgbench_restarts']} times)",
          f"\n    {tps_line}"),
     ], f)
+
+
+def _load_rows(f, old):
+    """The load's own rows: pgbench's rate, and the bulk load's when there was one."""
+    rate = f.get("pgbench_rate", 100)
+    rows = [("pgbench rate", f"{rate} tps" if rate else "unthrottled")]
+    if f.get("bulk_mb"):
+        rows += [("bulk load", f"{f['bulk_mb']} MiB in one transaction: {f['bulk_mb_at_cut']} "
+                               f"MiB of WAL at the cut, {f['bulk_mb_written_alone']} MiB more "
+                               f"on {old} alone")]
+    return rows
 
 
 def _report_pingpong(f):

@@ -1,5 +1,6 @@
-"""Client-side load for experiments, run on the client host: the write probe and pgbench.
-Both are long-running processes that the backend spawns there and stops as a whole group."""
+"""Client-side load for experiments, run on the client host: the write probe, pgbench and a
+bulk load. Each is a long-running process that the backend spawns there and stops as a whole
+group."""
 import json
 import re
 import shlex
@@ -53,14 +54,16 @@ class Probe:
 
 
 class Pgbench:
-    """pgbench at a fixed rate (it must not starve the agents of CPU on a 2-core machine).
+    """pgbench at a fixed rate (it must not starve the agents of CPU on a 2-core machine), or
+    as fast as it goes (rate 0: how the failover grows with the load).
     pgbench (15) aborts a client whose connection dies and exits when all have: a shell loop
     on the client starts it again, as an application's reconnect would, so the load moves to
     the new primary."""
 
     def __init__(self, backend, log_path, rate=100, clients=2):
         self.backend, self.log_path, self.rate = backend, log_path, rate
-        pgbench = shlex.join(["pgbench", "-n", "-c", str(clients), "-j", "1", "-R", str(rate),
+        throttle = ["-R", str(rate)] if rate else []
+        pgbench = shlex.join(["pgbench", "-n", "-c", str(clients), "-j", "1", *throttle,
                               "-T", "3600", "-P", "1", "--progress-timestamp", backend.dsn()])
         loop = f"while :; do {pgbench}; echo '{RESTART_MARK}'; sleep 0.2; done"
         self.argv = ["env", f"PGPASSFILE={backend.client_pgpass}", "sh", "-c", loop]
@@ -87,3 +90,38 @@ class Pgbench:
         """[(wall-clock second, tps)] from every run's progress lines."""
         text = self.backend.read_file(CLIENT, self.log_path)
         return [(float(m.group(1)), float(m.group(2))) for m in PROGRESS.finditer(text)]
+
+
+class Bulk:
+    """A bulk load on the primary: one transaction that inserts about `mb` MiB (rows of 1 kB,
+    so about as much WAL), from the client host, straight to the primary's address. Cut
+    off, the primary's backend goes on writing WAL that only it has: the divergence that
+    pg_rewind undoes when it rejoins."""
+
+    ROW_BYTES = 1100  # 1000 bytes of text, the tuple's header and the WAL record's
+
+    def __init__(self, backend, primary, mb, log_path):
+        self.backend, self.primary, self.mb, self.log_path = backend, primary, mb, log_path
+        port = backend.config(primary).me.pg_port
+        rows = mb * 1024 * 1024 // self.ROW_BYTES
+        sql = ("drop table if exists bobry_bulk; create table bobry_bulk (i int, pad text); "
+               "insert into bobry_bulk select g, repeat('x', 1000) "
+               f"from generate_series(1, {rows}) g")
+        self.argv = ["env", f"PGPASSFILE={backend.client_pgpass}", "psql", "-X", "-q",
+                     backend.dsn(host=backend.addresses[primary], port=port), "-c", sql]
+        self.process, self.start_lsn = None, None
+
+    def wal_bytes(self, host):
+        """The host's WAL position in bytes (its own psql, over the local socket)."""
+        return int(self.backend.sql(host, "select pg_current_wal_lsn() - '0/0'")[0][0])
+
+    def start(self):
+        self.start_lsn = self.wal_bytes(self.primary)
+        self.process = self.backend.spawn(CLIENT, self.argv, self.log_path)
+
+    def written_mb(self, host=None):
+        return round((self.wal_bytes(host or self.primary) - self.start_lsn) / 2**20, 1)
+
+    def stop(self):
+        if self.process:
+            self.process.stop()

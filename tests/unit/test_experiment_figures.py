@@ -278,3 +278,25 @@ def test_the_report_shows_the_clock_offsets():
     f = experiments.verdict({"clock_offsets_ms": {"pg1": 0.0, "client": -1.5}})
     lines = experiments._lines("t", [], f)
     assert "clock offsets (ms)" in lines[1] and "client -1.5" in lines[1]
+
+
+def test_the_failover_report_names_the_load():
+    assert experiments._load_rows({}, "pg1") == [("pgbench rate", "100 tps")]
+    rows = experiments._load_rows({"pgbench_rate": 0, "bulk_mb": 1024, "bulk_mb_at_cut": 512.3,
+                                   "bulk_mb_written_alone": 40.1}, "pg1")
+    assert rows == [("pgbench rate", "unthrottled"),
+                    ("bulk load", "1024 MiB in one transaction: 512.3 MiB of WAL at the cut, "
+                                  "40.1 MiB more on pg1 alone")]
+
+
+def test_pgbench_unthrottled_has_no_rate_limit():
+    from lab import load
+
+    class Client:
+        client_pgpass = "/p"
+
+        def dsn(self):
+            return "host=pg1,pg2"
+
+    assert "-R 100" in " ".join(load.Pgbench(Client(), "/log").argv)
+    assert "-R" not in load.Pgbench(Client(), "/log", rate=0).argv[-1]
