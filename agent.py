@@ -1488,8 +1488,12 @@ def pg_settings(cfg, view, sync_names=None):
         "wal_retrieve_retry_interval": "1s",
         # the standby replies every second, so the primary sees within seconds that it is gone
         "wal_receiver_status_interval": "1s",
-        # WAL kept for a standby that falls behind and for pg_rewind of a replaced primary
-        "wal_keep_size": "256MB",
+        # WAL kept for a standby that falls behind and for pg_rewind of a replaced primary,
+        # which reads its own WAL back from the last checkpoint before the divergence: one
+        # checkpoint distance (max_wal_size 1GB / (1 + checkpoint_completion_target 0.9),
+        # about 540 MB) plus what it wrote alone before its fence ended the sessions. With
+        # 256MB a bulk load cut half-way left pg_rewind without it (a clone instead).
+        "wal_keep_size": "1GB",
         "password_encryption": "scram-sha-256",
     }
     if view.primary != cfg.me.name:

@@ -137,3 +137,12 @@ def test_bad_config_exits_2_with_the_message(tmp_path):
                              "--node", "pg1"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert f"{path}: [node arb] role: bad value 'witness'" in result.stderr
+
+
+def test_the_nodes_keep_a_checkpoint_distance_of_wal_for_pg_rewind():
+    """pg_rewind reads the replaced primary's WAL back from the last checkpoint before the
+    divergence: wal_keep_size must cover a checkpoint distance at max_wal_size's default
+    (1 GB / 1.9) and the WAL written alone before the fence (the bulk-load bench)."""
+    cfg = agent.load_config(str(REPO / "agent.ini"), "pg1")
+    settings = agent.pg_settings(cfg, agent.View(1, "pg1", "pg2"))
+    assert settings["wal_keep_size"] == "1GB" and "max_wal_size" not in settings
