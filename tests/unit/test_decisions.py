@@ -455,3 +455,29 @@ def test_pause_no_resume_ack_on_a_paused_view():
     assert agent.decide_resume_ack(resuming, "pg1", "not a dict", "primary") is None
     assert agent.decide_resume_ack(resuming, "pg1", {"term": 1, "seq": 6}, "primary") is None
     assert agent.decide_resume_ack(resuming, "pg1", {"term": 0, "seq": 7}, "closed") is None
+
+
+def test_the_promotion_window_and_check_timing_hold_at_their_exact_bounds():
+    """The mutation run's survivors after the clock allowance came in: each bound is exact.
+    News exactly promote_window old is still good (decide_grant refuses only older news); a
+    promote_window exactly check_interval + probe_timeout is refused (it must exceed it); a
+    failover_timeout exactly fence_timeout + safety_margin + clock_allowance is refused."""
+    wide = dataclasses.replace(T, fence_timeout=1.0, safety_margin=0.3, failover_timeout=2.846)
+    window = agent.promote_window(wide)
+    assert NOW - (NOW - window) == window  # exact in binary floating point
+    ok, view, _ = agent.decide_grant(agent.View(1, "pg1", "pg2", 4), "pg2", 1, NOW - 5, NOW,
+                                     NOW - 100, wide, NOW - window)
+    assert ok and view.term == 2
+    # (check_interval 0.127 + probe_timeout 0.25 == promote_window 0.377, exactly)
+    tight = dataclasses.replace(T, check_interval=0.127, probe_timeout=0.25, fence_timeout=1.0,
+                                safety_margin=0.1, failover_timeout=1.5)
+    assert agent.promote_window(tight) == tight.check_interval + tight.probe_timeout
+    with pytest.raises(agent.ConfigError, match="must exceed check_interval"):
+        agent.check_timing("agent.ini", tight)
+    agent.check_timing("agent.ini", dataclasses.replace(tight, check_interval=0.126))
+    # the allowance grows with failover_timeout: its fixed point F = (1.0 + 0.2 + 0.02) / 0.998
+    fixed = (1.0 + 0.2 + agent.KERNEL_TIMER_S) / (1 - 2 * agent.CLOCK_RATE_ERROR)
+    short = dataclasses.replace(T, fence_timeout=1.0, safety_margin=0.2, failover_timeout=fixed)
+    assert abs(1.0 + 0.2 + agent.clock_allowance(short) - fixed) < 1e-12
+    with pytest.raises(agent.ConfigError, match="too short"):
+        agent.check_timing("agent.ini", short)

@@ -565,3 +565,4 @@ def test_review2_no_peer_input_ends_a_routine(tmp_path):
     node.world = World()
     assert node.heartbeat_step(node.cfg.arbiter) >= 0
     assert node.observations.contact_at == {} and node.observations.echo_for("arb") is None
+

@@ -221,7 +221,7 @@ def test_a_machine_with_another_agent_ini_is_refused(recorded):
 def test_bench_reuses_the_running_vagrant_lab(recorded, monkeypatch):
     seen = {}
 
-    def run(backend, progress, what, trials, fresh=True):
+    def run(backend, progress, what, trials, fresh=True, args=None):
         seen["fresh"] = fresh
         return {"ok": True}
 
