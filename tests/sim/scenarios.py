@@ -605,6 +605,25 @@ def promotion_opening_missed(c):
 
 # -- the open finding D of the hostile review: a killed agent's nft child -----------------------
 
+def _killed_while_nft_runs(c, node, write):
+    """The next `write` of node's fence: its nft child stalls and the agent is SIGKILLed
+    meanwhile. Returns a list that then holds the child's change, for the script to commit
+    when it likes (the child outlives the agent)."""
+    fence, stalled = c.nodes[node].agent.fence, []
+    original = getattr(fence, write)
+
+    def stall(change):
+        stalled.append(change)
+        c.crash(node, "SIGKILL while its nft child stalls (scenario)")
+        raise simworld.SimCrash(node)
+
+    def killed_during(*args):
+        fence._nft = stall
+        return original(*args)
+    setattr(fence, write, killed_during)
+    return stalled
+
+
 @contextlib.contextmanager
 def old_shared_window():
     """Before the fix: every arm made the same element of the set `fresh` (the port), so a
@@ -634,17 +653,7 @@ def stale_nft_child(c):
     cut(c, m, "arb")
     cut(c, m, c.other_db(m))
     wait(c, 1.5)                       # the lease lapses: fenced
-    old_fence, stalled = c.nodes[m].agent.fence, []
-    original_open_for = old_fence.open_for
-
-    def open_for(seconds):             # the opening's nft child stalls, and the agent is killed
-        def stall(change):
-            stalled.append(change)
-            c.crash(m, "SIGKILL while its nft child stalls (scenario)")
-            raise simworld.SimCrash(m)
-        old_fence._nft = stall
-        return original_open_for(seconds)
-    old_fence.open_for = open_for
+    stalled = _killed_while_nft_runs(c, m, "open_for")
     heal(c)
     c.sched.run_until(c.sched.now + 3.0, until=lambda: stalled)
     assert stalled, "the old agent never unfenced"
@@ -699,17 +708,7 @@ def stale_open_child(c):
     m, s = primary(c), c.other_db(primary(c))
     isolate(c, m, client_too=False)
     c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)
-    old_fence, stalled = c.nodes[m].agent.fence, []
-    original_open = old_fence.open
-
-    def open_():                       # its nft child stalls, and the agent is killed
-        def stall(change):
-            stalled.append(change)
-            c.crash(m, "SIGKILL while its nft child stalls (scenario)")
-            raise simworld.SimCrash(m)
-        old_fence._nft = stall
-        return original_open()
-    old_fence.open = open_
+    stalled = _killed_while_nft_runs(c, m, "open")
     heal(c)
     c.sched.run_until(c.sched.now + 10.0, until=lambda: stalled)
     assert stalled, "the rejoined node never unfenced as a standby"
