@@ -605,10 +605,22 @@ def promotion_opening_missed(c):
 
 # -- the open finding D of the hostile review: a killed agent's nft child -----------------------
 
+def _stale_child_then_restart(c, node, write, within, what):
+    """Heal; node's next fence `write` (within `within` s) has its nft child stall while the
+    agent is SIGKILLed; 0.5 s later the agent starts again. Returns a list holding the child's
+    change, for the script to commit when it likes (the child outlives the agent)."""
+    stalled = _killed_while_nft_runs(c, node, write)
+    heal(c)
+    c.sched.run_until(c.sched.now + within, until=lambda: stalled)
+    assert stalled, f"{node} never {what}"
+    wait(c, 0.5)
+    c.start_agent(node)
+    return stalled
+
+
 def _killed_while_nft_runs(c, node, write):
     """The next `write` of node's fence: its nft child stalls and the agent is SIGKILLed
-    meanwhile. Returns a list that then holds the child's change, for the script to commit
-    when it likes (the child outlives the agent)."""
+    meanwhile. Returns a list that then holds the child's change."""
     fence, stalled = c.nodes[node].agent.fence, []
     original = getattr(fence, write)
 
@@ -653,12 +665,7 @@ def stale_nft_child(c):
     cut(c, m, "arb")
     cut(c, m, c.other_db(m))
     wait(c, 1.5)                       # the lease lapses: fenced
-    stalled = _killed_while_nft_runs(c, m, "open_for")
-    heal(c)
-    c.sched.run_until(c.sched.now + 3.0, until=lambda: stalled)
-    assert stalled, "the old agent never unfenced"
-    wait(c, 0.5)
-    c.start_agent(m)
+    stalled = _stale_child_then_restart(c, m, "open_for", 3.0, "unfenced")
     agent_m = c.nodes[m].agent
     original_unfence, original_arm = agent_m.do_unfence, agent_m.fence.arm
 
@@ -669,8 +676,11 @@ def stale_nft_child(c):
         cut(c, m, c.other_db(m))
         return original_unfence(decision)
 
+    committed = []
+
     def commit_stale():
-        c.trace(m, f"the killed agent's nft child commits: {stalled.pop()()}")
+        committed.append(stalled.pop()())
+        c.trace(m, f"the killed agent's nft child commits: {committed[-1]}")
 
     def arm(seconds):                  # the old child commits 10 ms after the new arm does
         if stalled:
@@ -678,7 +688,7 @@ def stale_nft_child(c):
         original_arm(seconds)
     agent_m.do_unfence, agent_m.fence.arm = do_unfence, arm
     wait(c, 8.0)
-    assert not stalled, "the restarted agent never armed: the old child had no window to take"
+    assert committed == [False], "the old child's write was not refused (or never came)"
     c.nodes[m].nft_slow = 0.0
     heal(c)
 
@@ -708,12 +718,7 @@ def stale_open_child(c):
     m, s = primary(c), c.other_db(primary(c))
     isolate(c, m, client_too=False)
     c.sched.run_until(c.sched.now + 10.0, until=lambda: c.pg[s].is_primary)
-    stalled = _killed_while_nft_runs(c, m, "open")
-    heal(c)
-    c.sched.run_until(c.sched.now + 10.0, until=lambda: stalled)
-    assert stalled, "the rejoined node never unfenced as a standby"
-    wait(c, 0.5)
-    c.start_agent(m)
+    stalled = _stale_child_then_restart(c, m, "open", 10.0, "unfenced as a standby")
     c.sched.run_until(c.sched.now + 15.0, until=lambda: c.arb_view.eligible == m)
     assert c.arb_view.eligible == m, "the restarted node never became the eligible standby"
     isolate(c, s, client_too=False)
