@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import hmac
@@ -1245,21 +1246,74 @@ def _read_line(sock, deadline):
             return bytes(data)
 
 
-def call(cfg, key, peer, kind, body, timeout):
-    """One request to a peer's agent and its checked reply body. Raises OSError or
-    ProtocolError; never waits longer than timeout in all. The connection leaves from this
-    node's address, which the peer's server counts as a cluster node's."""
-    deadline = time.monotonic() + timeout
+def _dial(cfg, peer, timeout):
+    """A connection to a peer's agent from this node's address, which the peer's server counts
+    as a cluster node's."""
+    return socket.create_connection((peer.address, peer.agent_port), timeout=timeout,
+                                    source_address=(cfg.me.address, 0))
+
+
+def _exchange(sock, cfg, key, peer, kind, body, deadline):
+    """One request on sock and its checked reply body, by deadline."""
     nonce = os.urandom(8).hex()
     request = seal(key, cfg.me.name, peer.name, kind, body, nonce=nonce)
-    with socket.create_connection((peer.address, peer.agent_port), timeout=timeout,
-                                  source_address=(cfg.me.address, 0)) as sock:
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(request)
-        reply = unseal(key, _read_line(sock, deadline), cfg.me.name, cfg.nodes)
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    sock.sendall(request)
+    reply = unseal(key, _read_line(sock, deadline), cfg.me.name, cfg.nodes)
     if reply["type"] != "reply" or reply["nonce"] != nonce or reply["from"] != peer.name:
         raise ProtocolError("reply does not match the request")
     return reply["body"]
+
+
+def call(cfg, key, peer, kind, body, timeout):
+    """One request to a peer's agent on a new connection, and its checked reply body. Raises
+    OSError or ProtocolError; never waits longer than timeout in all."""
+    deadline = time.monotonic() + timeout
+    with _dial(cfg, peer, timeout) as sock:
+        return _exchange(sock, cfg, key, peer, kind, body, deadline)
+
+
+class Channels:
+    """A connection kept to each peer's agent for its heartbeats ("status", which may be asked
+    twice): a new connection each round -- a handshake, a thread the peer's server starts for
+    it -- was most of an idle agent's CPU once the probe kept its session. Every heartbeat is
+    still a round trip within its timeout; any failure closes the connection, and a heartbeat
+    whose kept connection broke (the peer restarted) is asked again on a new one within the
+    same deadline. Other requests, and a heartbeat while another thread holds the peer's
+    connection, get a connection of their own (call)."""
+
+    def __init__(self):
+        self._kept = {}  # peer name -> an idle connection
+        self._lock = threading.Lock()
+
+    def call(self, cfg, key, peer, kind, body, timeout):
+        if kind != "status":
+            return call(cfg, key, peer, kind, body, timeout)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            sock = self._kept.pop(peer.name, None)
+        if sock is not None:
+            try:
+                reply = _exchange(sock, cfg, key, peer, kind, body, deadline)
+            except (OSError, ProtocolError):
+                sock.close()  # broken or late: a new connection gets what time is left
+            else:
+                return self._keep(peer, sock, reply)
+        sock = _dial(cfg, peer, max(0.001, deadline - time.monotonic()))
+        try:
+            reply = _exchange(sock, cfg, key, peer, kind, body, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return self._keep(peer, sock, reply)
+
+    def _keep(self, peer, sock, reply):
+        with self._lock:
+            if peer.name not in self._kept:
+                self._kept[peer.name], sock = sock, None
+        if sock is not None:
+            sock.close()
+        return reply
 
 
 class DropLog:
@@ -1305,6 +1359,17 @@ def raise_fd_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):
         pass  # e.g. an unlimited hard limit, which the kernel does not take as a soft one
+
+
+def lean_memory():
+    """Give glibc's malloc back what starting up took and keep it from spreading: compiling
+    this file leaves ~8 MiB of freed parser memory resident until malloc_trim returns it; and
+    each thread that allocates would get an arena of its own, for an agent that allocates
+    little and mostly under the GIL anyway (M_ARENA_MAX 1). Before the first thread starts."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its defaults then
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 1)  # M_ARENA_MAX, from malloc.h
+        libc.malloc_trim(0)
 
 
 class AgentServer(socketserver.ThreadingTCPServer):
@@ -1376,27 +1441,35 @@ class AgentServer(socketserver.ThreadingTCPServer):
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
-    READ_TIMEOUT = 2.0  # a connection without a whole line by then is closed ("idle")
+    # a connection without a whole line by then is closed: "idle" before its first request;
+    # after a heartbeat it was kept (Channels) and now is not, which is no drop
+    READ_TIMEOUT = 2.0
 
     def handle(self):
-        server, source = self.server, self.client_address[0]
+        server, source, kept = self.server, self.client_address[0], False
         try:
-            line = _read_line(self.request, time.monotonic() + self.READ_TIMEOUT)
-            message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes,
-                             replays=server.replays)
-            if message["type"] == "reply":
-                raise ProtocolError("a reply where a request was expected", "malformed")
-            body = server.handle_request(message["from"], message["type"], message["body"])
-            reply = seal(server.key, server.cfg.me.name, message["from"], "reply", body,
-                         nonce=message["nonce"])
-            self.request.settimeout(self.READ_TIMEOUT)
-            self.request.sendall(reply)
+            while True:
+                line = _read_line(self.request, time.monotonic() + self.READ_TIMEOUT)
+                message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes,
+                                 replays=server.replays)
+                if message["type"] == "reply":
+                    raise ProtocolError("a reply where a request was expected", "malformed")
+                body = server.handle_request(message["from"], message["type"], message["body"])
+                reply = seal(server.key, server.cfg.me.name, message["from"], "reply", body,
+                             nonce=message["nonce"])
+                self.request.settimeout(self.READ_TIMEOUT)
+                self.request.sendall(reply)
+                if message["type"] != "status":
+                    return
+                kept = True  # an authenticated peer's heartbeat: its next one may follow
         except ProtocolError as exc:
             server.drops(exc.kind, source, exc)
         except TimeoutError:
-            server.drops("idle", source, f"no whole line within {self.READ_TIMEOUT} s")
+            if not kept:
+                server.drops("idle", source, f"no whole line within {self.READ_TIMEOUT} s")
         except ConnectionError as exc:
-            server.drops("disconnected", source, f"{type(exc).__name__}: {exc}")
+            if not kept:
+                server.drops("disconnected", source, f"{type(exc).__name__}: {exc}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             server.drops("error", source, f"{type(exc).__name__}: {exc}")
 
@@ -1422,20 +1495,68 @@ def _wait_ready(conn, deadline):
         poller.poll(remaining * 1000)
 
 
+def _connect(dsn, deadline):
+    conn = psycopg2.connect(dsn, async_=True)
+    try:
+        _wait_ready(conn, deadline)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _statement(conn, sql, params, deadline):
+    cur = conn.cursor()
+    cur.execute(sql, params)
+    _wait_ready(conn, deadline)
+    return cur.fetchall() if cur.description else []
+
+
 def pg_query(dsn, sql, params=None, timeout=1.0):
     """Rows of one statement on a new connection, within timeout in all (connect included:
     libpq's own connect_timeout has a 2 s floor, too coarse for a failure detector).
     Raises psycopg2.Error or TimeoutError."""
     deadline = time.monotonic() + timeout
-    conn = psycopg2.connect(dsn, async_=True)
+    conn = _connect(dsn, deadline)
     try:
-        _wait_ready(conn, deadline)
-        cur = conn.cursor()
-        cur.execute(sql, params)
-        _wait_ready(conn, deadline)
-        return cur.fetchall() if cur.description else []
+        return _statement(conn, sql, params, deadline)
     finally:
         conn.close()
+
+
+class Session:
+    """A connection kept from one statement to the next, for the statements of every round
+    (the probe of the primary, the local status): a new connection each round -- its SCRAM
+    authentication, a backend forked for it -- was most of an idle agent's CPU. A statement
+    that fails on the kept connection is tried once more on a new one within the same
+    deadline, so the answer is a new connection's whenever the kept one broke (PostgreSQL
+    restarted, a fence's reset). Every statement still makes the round trip to the server."""
+
+    def __init__(self):
+        self.dsn, self.conn = None, None
+        self.lock = threading.Lock()
+
+    def query(self, dsn, sql, params=None, timeout=1.0):
+        """Rows of one statement within timeout in all, like pg_query."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            if self.conn is not None and self.dsn == dsn and not self.conn.closed:
+                try:
+                    return _statement(self.conn, sql, params, deadline)
+                except (psycopg2.Error, TimeoutError, OSError):
+                    pass  # broken, or slow: a new connection gets what time is left
+            self.close()
+            self.conn, self.dsn = _connect(dsn, deadline), dsn
+            try:
+                return _statement(self.conn, sql, params, deadline)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+        self.dsn, self.conn = None, None
 
 
 def local_dsn(cfg):
@@ -1813,6 +1934,44 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class Nftables:
+    """nftables commands run by libnftables in the agent's own process, as `nft -f` would run
+    them (the same parser, one kernel transaction per call): forking an nft child for each
+    lease write and listing was most of an idle primary's CPU. One call at a time."""
+
+    LIBRARY = "libnftables.so.1"  # Debian's libnftables1, which the nftables package brings
+
+    def __init__(self):
+        try:
+            lib = ctypes.CDLL(self.LIBRARY)
+        except OSError as exc:
+            raise RuntimeError(f"cannot load {self.LIBRARY} (install nftables): {exc}") from exc
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, name).restype = ctypes.c_char_p
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.lib, self.ctx = lib, lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
+        if not self.ctx or lib.nft_ctx_buffer_output(self.ctx) or lib.nft_ctx_buffer_error(
+                self.ctx):
+            raise RuntimeError("libnftables: no context")
+        self.lock = threading.Lock()
+
+    def run(self, commands):
+        """subprocess.CompletedProcess-like: returncode (0 when the whole batch committed),
+        stdout and stderr as nft would print them."""
+        with self.lock:
+            code = self.lib.nft_run_cmd_from_buffer(self.ctx, commands.encode())
+            out = self.lib.nft_ctx_get_output_buffer(self.ctx) or b""
+            err = self.lib.nft_ctx_get_error_buffer(self.ctx) or b""
+        return subprocess.CompletedProcess(["nft"], 0 if code == 0 else 1,
+                                           out.decode(errors="replace"),
+                                           err.decode(errors="replace"))
+
+
 class Fence:
     """The fence, enforced by the kernel: an nftables table of the agent's own in which the
     PostgreSQL port takes packets (other than over loopback) only while the element of the set
@@ -1832,6 +1991,7 @@ class Fence:
         self.port = pg_port
         self.comment = f"{self.VERSION} port {pg_port}"
         self.token = self._new_token()  # of the latest arm; this one was never armed
+        self.nft = None  # libnftables, loaded at the first write
 
     @staticmethod
     def _new_token():
@@ -1841,8 +2001,9 @@ class Fence:
         return secrets.randbits(32)
 
     def _nft(self, *args, script=None, check=True):
-        result = subprocess.run(["nft", *args] if script is None else ["nft", "-f", "-"],
-                                input=script, capture_output=True, text=True, timeout=10)
+        if self.nft is None:
+            self.nft = Nftables()
+        result = self.nft.run(" ".join(args) if script is None else script)
         if check and result.returncode != 0:
             raise RuntimeError(f"nft failed: {result.stderr.strip()}")
         return result
@@ -2024,6 +2185,7 @@ class LocalPostgres:
         self.cfg = cfg
         self.owner = pwd.getpwnam(cfg.pg_os_user)
         self.logfile = os.path.join(cfg.log_dir, "postgresql.log")
+        self.session = Session()  # the status of every round
 
     lock_fd = None  # the agent's lock (AgentLock), handed to children that write the data dir
 
@@ -2065,7 +2227,8 @@ class LocalPostgres:
     def status(self, timeout, standby_name):
         """PgStatus; a PostgreSQL that does not answer in time counts as down."""
         try:
-            rows = pg_query(local_dsn(self.cfg), STATUS_SQL, (standby_name,), timeout=timeout)
+            rows = self.session.query(local_dsn(self.cfg), STATUS_SQL, (standby_name,),
+                                      timeout=timeout)
         except (psycopg2.Error, TimeoutError, OSError):
             return PgStatus("down")
         (in_recovery, sync_names, lsn, state, sync_state, flush, reply_time, timeline,
@@ -2252,6 +2415,7 @@ class RemotePostgres:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.probe = Session()
 
     def prepare(self):
         """The directories and the passfile the probes authenticate with (the arbiter)."""
@@ -2262,8 +2426,8 @@ class RemotePostgres:
     def in_recovery(self, node, timeout):
         """Whether node's PostgreSQL is in recovery. Raises psycopg2.Error, TimeoutError or
         OSError when it cannot be asked within timeout."""
-        return pg_query(remote_dsn(self.cfg, node), "select pg_is_in_recovery()",
-                        timeout=timeout)[0][0]
+        return self.probe.query(remote_dsn(self.cfg, node), "select pg_is_in_recovery()",
+                                timeout=timeout)[0][0]
 
     def checkpoint_timeline(self, node, timeout):
         """The timeline of node's latest checkpoint (its pg_control)."""
@@ -2293,9 +2457,12 @@ class World:
         except OSError:
             return "unknown"
 
+    def __init__(self):
+        self.channels = Channels()
+
     def call(self, cfg, key, peer, kind, body, timeout):
-        """One request to a peer's agent and its reply body (see call())."""
-        return call(cfg, key, peer, kind, body, timeout)
+        """One request to a peer's agent and its reply body (see call() and Channels)."""
+        return self.channels.call(cfg, key, peer, kind, body, timeout)
 
     def serve(self, agent):
         """Answer peers with agent.handle until shutdown() of what this returns."""
@@ -3538,6 +3705,7 @@ def main(argv=None):
     logging.getLogger("bobry").addHandler(handler)
     logging.getLogger("bobry").setLevel(logging.DEBUG if args.debug else logging.INFO)
     raise_fd_limit()
+    lean_memory()
     agent = (ArbiterAgent if cfg.me.role == "arbiter" else DbAgent)(cfg, key)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     try:

@@ -1,0 +1,143 @@
+"""Heartbeats on a kept connection (agent.Channels and the server's handler), against a real
+AgentServer on loopback: one connection carries every heartbeat, each is still a round trip
+within its timeout, a broken one is asked again on a new connection, other requests never
+share it, and a kept connection the peer stops using is closed without a drop."""
+import contextlib
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+import agent
+from test_agent_under_abuse import write_cluster
+
+
+class CountingServer(agent.AgentServer):
+    def __init__(self, *args):
+        self.connections = []
+        super().__init__(*args)
+
+    @property
+    def accepted(self):
+        return len(self.connections)
+
+    def verify_request(self, request, client_address):
+        self.connections.append(request)
+        return super().verify_request(request, client_address)
+
+
+class Drops(list):
+    """The server's DropLog, by kind."""
+
+    def __call__(self, kind, source, detail):
+        self.append(kind)
+
+    def flush(self, only=None, force=False):
+        pass
+
+
+class Arbiter:
+    """The arbiter's port, served in this process; `slow` delays the answers."""
+
+    def __init__(self, path):
+        self.cfg = agent.load_config(path, "arb")
+        self.key = agent.read_secret(self.cfg.agent_key_file).encode()
+        self.slow, self.kinds, self.dropped = 0.0, [], Drops()
+        self.log = logging.getLogger("test-channels")
+        self.start()
+
+    def handle(self, sender, kind, body):
+        self.kinds.append(kind)
+        time.sleep(self.slow)
+        return {"kind": kind}
+
+    def start(self):
+        self.server = CountingServer(self.cfg, self.key, self.handle, self.log)
+        self.server.drops = self.dropped
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self):
+        """As the agent's process ending would: its connections close too."""
+        self.server.shutdown()
+        self.server.server_close()
+        for conn in self.server.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    path = write_cluster(tmp_path)
+    arb = Arbiter(path)
+    pg1 = agent.load_config(path, "pg1")
+    yield arb, pg1, agent.Channels()
+    arb.stop()
+
+
+def heartbeat(channels, me, arb, timeout=1.0):
+    return channels.call(me, arb.key, me.arbiter, "status", {}, timeout)
+
+
+def test_every_heartbeat_is_a_round_trip_on_one_connection(cluster):
+    arb, me, channels = cluster
+    for _ in range(5):
+        assert heartbeat(channels, me, arb) == {"kind": "status"}
+    assert arb.kinds == ["status"] * 5
+    assert arb.server.accepted == 1
+    assert arb.dropped == []
+
+
+def test_a_heartbeat_whose_kept_connection_broke_is_asked_again_on_a_new_one(cluster):
+    arb, me, channels = cluster
+    heartbeat(channels, me, arb)
+    arb.stop()  # the peer's agent restarts: its kept connection is gone
+    arb.start()
+    time.sleep(0.1)
+    assert heartbeat(channels, me, arb) == {"kind": "status"}
+    assert arb.server.accepted == 1  # the new server's first connection
+
+
+def test_a_late_answer_fails_the_heartbeat_on_time_and_is_never_taken_later(cluster):
+    arb, me, channels = cluster
+    heartbeat(channels, me, arb)
+    arb.slow = 0.5
+    began = time.monotonic()
+    with pytest.raises(OSError):
+        heartbeat(channels, me, arb, timeout=0.2)
+    assert time.monotonic() - began < 0.4
+    arb.slow = 0.0
+    time.sleep(0.5)  # the late answer has been sent on the connection the failure closed
+    assert heartbeat(channels, me, arb) == {"kind": "status"}
+    assert arb.server.accepted == 3  # the kept one, the retry within the timeout, a new one
+
+
+def test_other_requests_get_connections_of_their_own(cluster):
+    arb, me, channels = cluster
+    heartbeat(channels, me, arb)
+    assert channels.call(me, arb.key, me.arbiter, "pause", {}, 1.0) == {"kind": "pause"}
+    assert channels.call(me, arb.key, me.arbiter, "pause", {}, 1.0) == {"kind": "pause"}
+    heartbeat(channels, me, arb)
+    assert arb.server.accepted == 3
+    assert arb.dropped == []
+
+
+def test_a_kept_connection_left_idle_is_closed_without_a_drop(cluster, monkeypatch):
+    arb, me, channels = cluster
+    monkeypatch.setattr(agent._RequestHandler, "READ_TIMEOUT", 0.2)
+    heartbeat(channels, me, arb)
+    kept = channels._kept[me.arbiter.name]
+    kept.settimeout(2.0)
+    assert kept.recv(1) == b""  # the server closed it after READ_TIMEOUT
+    assert arb.dropped == []
+    assert heartbeat(channels, me, arb) == {"kind": "status"}
+
+
+def test_a_connection_silent_from_the_start_is_still_dropped_as_idle(cluster, monkeypatch):
+    arb, me, _ = cluster
+    monkeypatch.setattr(agent._RequestHandler, "READ_TIMEOUT", 0.2)
+    with agent._dial(me, me.arbiter, 1.0) as sock:
+        sock.settimeout(2.0)
+        assert sock.recv(1) == b""
+    assert arb.dropped == ["idle"]
