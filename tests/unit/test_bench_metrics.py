@@ -3,7 +3,7 @@ case within the goal printed next to it."""
 from lab.bench import report, summarize
 
 
-def failover_trial(failover_s=3.1, rejoined_s=2.5, **kw):
+def failover_trial(failover_s=1.9, rejoined_s=2.5, **kw):
     figures = {"failover_s": failover_s, "write_outage_s": 3.2, "fenced_at_s": 1.0,
                "granted_at_s": 2.0, "promoted_at_s": 2.2, "rejoined_s": rejoined_s,
                "lost_acked": 0, "promotions": 1, "fenced_before_grant": True, "ok": True,
@@ -21,24 +21,24 @@ def bench(*runs, what="failover", trials=None, usage=USAGE):
 
 
 def test_goals_met():
-    s = bench(failover_trial(3.0), failover_trial(3.1), failover_trial(5.9))
-    assert s["failover_s"]["median"] == 3.1 and s["failover_s"]["max"] == 5.9
+    s = bench(failover_trial(1.8), failover_trial(2.0), failover_trial(2.9))
+    assert s["failover_s"]["median"] == 2.0 and s["failover_s"]["max"] == 2.9
     assert s["failed_goals"] == [] and s["ok"] and s["fenced_before_grant"]
     text = report(s)
-    assert "failover_s" in text and "median <= 4.00, max <= 6.00" in text
+    assert "failover_s" in text and "median <= 2.00, max <= 3.00" in text
     assert "verdict: OK" in text
 
 
 def test_a_median_over_its_goal_fails():
-    s = bench(failover_trial(4.2), failover_trial(4.3), failover_trial(3.0))
-    assert s["failed_goals"] == ["failover_s median 4.20 s > 4.00 s"] and not s["ok"]
-    assert "goal missed: failover_s median 4.20 s > 4.00 s" in report(s)
+    s = bench(failover_trial(2.1), failover_trial(2.2), failover_trial(1.5))
+    assert s["failed_goals"] == ["failover_s median 2.10 s > 2.00 s"] and not s["ok"]
+    assert "goal missed: failover_s median 2.10 s > 2.00 s" in report(s)
 
 
 def test_a_worst_case_over_its_goal_fails():
-    s = bench(failover_trial(3.0), failover_trial(3.1), failover_trial(6.5))
-    assert s["failover_s"]["median"] == 3.1  # the median is fine
-    assert s["failed_goals"] == ["failover_s max 6.50 s > 6.00 s"] and not s["ok"]
+    s = bench(failover_trial(1.5), failover_trial(1.6), failover_trial(3.1))
+    assert s["failover_s"]["median"] == 1.6  # the median is fine
+    assert s["failed_goals"] == ["failover_s max 3.10 s > 3.00 s"] and not s["ok"]
 
 
 def test_a_median_rejoin_over_its_goal_fails():
@@ -47,12 +47,12 @@ def test_a_median_rejoin_over_its_goal_fails():
 
 
 def test_missing_values_fail():
-    s = bench(failover_trial(None), failover_trial(3.0), failover_trial(3.1))
+    s = bench(failover_trial(None), failover_trial(1.8), failover_trial(1.9))
     assert s["failover_s"]["missing"] == 1
     assert s["failed_goals"] == ["failover_s: not measured in 1 of 3 trials"] and not s["ok"]
     assert "(1 missing)" in report(s)
     s = bench(failover_trial(None))
-    assert "failover_s median: not measured (goal <= 4.00 s)" in s["failed_goals"]
+    assert "failover_s median: not measured (goal <= 2.00 s)" in s["failed_goals"]
     assert not s["ok"]
 
 
