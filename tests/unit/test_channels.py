@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
+from test_agent_under_abuse import write_cluster
 
 import agent
-from test_agent_under_abuse import write_cluster
 
 
 class CountingServer(agent.AgentServer):
