@@ -1248,9 +1248,12 @@ def _read_line(sock, deadline):
 
 def _dial(cfg, peer, timeout):
     """A connection to a peer's agent from this node's address, which the peer's server counts
-    as a cluster node's."""
-    return socket.create_connection((peer.address, peer.agent_port), timeout=timeout,
+    as a cluster node's. TCP_NODELAY: on a kept connection, Nagle's algorithm would hold a
+    message longer than a segment until the previous one's delayed ACK (40 ms or more)."""
+    sock = socket.create_connection((peer.address, peer.agent_port), timeout=timeout,
                                     source_address=(cfg.me.address, 0))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _exchange(sock, cfg, key, peer, kind, body, deadline):
@@ -1278,8 +1281,8 @@ class Channels:
     twice): a new connection each round -- a handshake, a thread the peer's server starts for
     it -- was most of an idle agent's CPU once the probe kept its session. Every heartbeat is
     still a round trip within its timeout; any failure closes the connection, and a heartbeat
-    whose kept connection broke (the peer restarted) is asked again on a new one within the
-    same deadline. Other requests, and a heartbeat while another thread holds the peer's
+    whose kept connection broke (the peer restarted; not one that timed out) is asked again on
+    a new one within the same deadline. Other requests, and a heartbeat while another thread holds the peer's
     connection, get a connection of their own (call)."""
 
     def __init__(self):
@@ -1295,8 +1298,11 @@ class Channels:
         if sock is not None:
             try:
                 reply = _exchange(sock, cfg, key, peer, kind, body, deadline)
+            except TimeoutError:
+                sock.close()  # late: no time is left to ask again
+                raise
             except (OSError, ProtocolError):
-                sock.close()  # broken or late: a new connection gets what time is left
+                sock.close()  # broken (the peer restarted): a new connection, in what is left
             else:
                 return self._keep(peer, sock, reply)
         sock = _dial(cfg, peer, max(0.001, deadline - time.monotonic()))
@@ -1441,15 +1447,19 @@ class AgentServer(socketserver.ThreadingTCPServer):
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
-    # a connection without a whole line by then is closed: "idle" before its first request;
-    # after a heartbeat it was kept (Channels) and now is not, which is no drop
+    # a connection without a whole line by then is closed ("idle"); after a heartbeat it is
+    # kept (Channels) for the next one, which comes a check_interval later unless the peer
+    # stopped using it: then its close is no drop
     READ_TIMEOUT = 2.0
 
     def handle(self):
         server, source, kept = self.server, self.client_address[0], False
+        keep_for = max(self.READ_TIMEOUT, 3 * server.cfg.timing.check_interval)
         try:
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see _dial
             while True:
-                line = _read_line(self.request, time.monotonic() + self.READ_TIMEOUT)
+                line = _read_line(self.request, time.monotonic() + (keep_for if kept else
+                                                                    self.READ_TIMEOUT))
                 message = unseal(server.key, line, server.cfg.me.name, server.cfg.nodes,
                                  replays=server.replays)
                 if message["type"] == "reply":
@@ -1528,9 +1538,9 @@ class Session:
     """A connection kept from one statement to the next, for the statements of every round
     (the probe of the primary, the local status): a new connection each round -- its SCRAM
     authentication, a backend forked for it -- was most of an idle agent's CPU. A statement
-    that fails on the kept connection is tried once more on a new one within the same
-    deadline, so the answer is a new connection's whenever the kept one broke (PostgreSQL
-    restarted, a fence's reset). Every statement still makes the round trip to the server."""
+    that fails on the kept connection (not one that timed out) is tried once more on a new one
+    within the same deadline, so the answer is a new connection's whenever the kept one broke
+    (PostgreSQL restarted, a fence's reset). Every statement still makes the round trip to the server."""
 
     def __init__(self):
         self.dsn, self.conn = None, None
@@ -1538,13 +1548,16 @@ class Session:
 
     def query(self, dsn, sql, params=None, timeout=1.0):
         """Rows of one statement within timeout in all, like pg_query."""
-        deadline = time.monotonic() + timeout
         with self.lock:
+            deadline = time.monotonic() + timeout
             if self.conn is not None and self.dsn == dsn and not self.conn.closed:
                 try:
                     return _statement(self.conn, sql, params, deadline)
-                except (psycopg2.Error, TimeoutError, OSError):
-                    pass  # broken, or slow: a new connection gets what time is left
+                except TimeoutError:
+                    self.close()  # slow: no time is left to ask again
+                    raise
+                except (psycopg2.Error, OSError):
+                    pass  # broken (a restart, a reset): a new connection, in what is left
             self.close()
             self.conn, self.dsn = _connect(dsn, deadline), dsn
             try:
@@ -1995,9 +2008,10 @@ class Fence:
 
     @staticmethod
     def _new_token():
-        """A token the kernel has never seen: a write deletes its own arm's element, so the
-        nft child of a killed agent, committing late, never takes a restarted agent's window
-        (2**-32 odds of meeting the next token)."""
+        """A token the kernel has never seen: a write deletes its own arm's element, so a late
+        write of an earlier incarnation (an `nft` child that outlived a killed agent, when
+        writes were processes) never takes a restarted agent's window (2**-32 odds of
+        meeting the next token)."""
         return secrets.randbits(32)
 
     def _nft(self, *args, script=None, check=True):
@@ -2081,8 +2095,8 @@ class Fence:
 
     def open(self):
         """A standby's element, no timeout (within the armed window, like every write that
-        opens: the nft child of a killed agent could otherwise give a later primary a lease
-        that never ends). False when the window had passed."""
+        opens: a late write of an earlier incarnation could otherwise give a later primary a
+        lease that never ends). False when the window had passed."""
         return self._armed(f"flush set inet {self.TABLE} lease\n"
                            f"add element inet {self.TABLE} lease {{ {self.port} }}\n")
 
@@ -3111,7 +3125,7 @@ class DbAgent(Agent):
             if self.lease_mode == "paused" and kernel is None:
                 self.lease_mode = "closed"
             if self.lease_mode == "closed" and kernel is not None:
-                self._close_lease()  # an element we did not write (a killed agent's nft child)
+                self._close_lease()  # an element we did not write (an earlier incarnation's)
                 kernel = None        # or whose term we hold as over: no client may use it
             held = self.lease_mode != "closed" and kernel is not None
         if not held and not self.fenced:

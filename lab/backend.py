@@ -162,7 +162,8 @@ class Backend:
     def cut(self, a, b, one_way=False):
         """Drop everything between a and b, in both directions, on both ends (DROP, not
         REJECT: a partition is silence, and connection attempts must wait for their timeouts).
-        one_way: drop only new connections from a to b (b can still connect to a).
+        one_way: drop new connections from a to b and end those a has open to b (b can still
+        connect to a).
         Returns the time (a's clock) when a's side was in place."""
         check_host(a), check_host(b)
         if a == b:
@@ -171,10 +172,21 @@ class Backend:
             rules = self._one_way_rules(a, b)
             started = self._add_rules(a, rules[a])
             self._add_rules(b, rules[b])
+            self._end_connections(a, b)
             return started
         started = self._drop_rules(a, [b])
         self._drop_rules(b, [a])
         return started
+
+    def _end_connections(self, a, b):
+        """End the connections a opened to b's services before a one-way cut (the agents keep
+        a heartbeat connection and a probe session open from round to round): a then reaches
+        b through no connection, old or new. ss -K closes them on a's side, whose reset
+        closes b's (only new connections are dropped); b's connections to a are left."""
+        node = self.config(b).me
+        ports = sorted({p for p in (node.agent_port, node.pg_port, node.http_port) if p})
+        match = " or ".join(f"dport = :{p}" for p in ports).split()
+        self.must(a, ["ss", "-K", "-tn", "dst", self.addresses[b], "(", *match, ")"])
 
     def _uncut(self, a, b):
         rules = {a: [], b: []}

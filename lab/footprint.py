@@ -1,5 +1,5 @@
 """The agents' footprint: resident memory and CPU per host, read from /proc on the host. CPU
-counts the agent's threads and the children it waited for (nft, pg_ctl, pg_controldata): what
+counts the agent's threads and the children it waited for (pg_ctl, pg_controldata, pg_rewind): what
 running the agent costs the host."""
 import os
 import time
