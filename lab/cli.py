@@ -153,6 +153,9 @@ def _load_options(sp):
                     help="failover: pgbench's transactions per second (0: unthrottled)")
     sp.add_argument("--bulk-mb", type=int, default=0,
                     help="failover: a bulk load of this many MiB, cut half-way")
+    sp.add_argument("--probe-deadline", type=float, default=1.0,
+                    help="failover: how long the write probe waits for a commit before it "
+                    "drops the connection and walks the hosts again (s)")
 
 
 def cmd_report(backend, args):

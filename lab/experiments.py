@@ -386,19 +386,20 @@ def check_clocks(backend, progress=None, limit=MAX_CLOCK_OFFSET_S):
 
 
 @contextlib.contextmanager
-def under_load(backend, progress, name, seconds=None, rate=100):
+def under_load(backend, progress, name, seconds=None, rate=100, deadline=1.0):
     """`with under_load(backend, progress, name) as run:` waits for a primary with a
     synchronous standby, starts the write probe and pgbench against it, and on leaving the
     block, whatever happened, resumes the agents paused with run.pause(), heals every fault,
     notes run.healed_at, then stops the probe and pgbench (in this order: the load sees the
     whole fault window, and every step runs even if one before it failed). seconds: how long
     the probe may run (probe.py stops by itself after 600 s by default); rate: pgbench's
-    transactions per second (0: as fast as it goes)."""
+    transactions per second (0: as fast as it goes); deadline: how long the write probe waits
+    for a commit before it gives up on that connection (a client's own choice)."""
     offsets = check_clocks(backend, progress)
     primary = backend.wait_until("a primary with a synchronous standby",
                                  backend.primary_with_sync_standby, 120, progress)
     work = backend.work_dir(name)
-    probe = Probe(backend, work / "probe.jsonl", seconds=seconds)
+    probe = Probe(backend, work / "probe.jsonl", deadline=deadline, seconds=seconds)
     pgbench = Pgbench(backend, work / "pgbench.log", rate=rate)
     probe.prepare()
     pgbench.prepare()
@@ -460,10 +461,13 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
     or a new folder). args.rate: pgbench's rate (default 100 tps, 0 as fast as it goes);
     args.bulk_mb: a bulk load of that many MiB starts after the baseline and the cut comes
     when half of it is written (the standby replays what it received before it promotes;
-    the old primary writes on alone, and pg_rewind undoes that when it rejoins)."""
+    the old primary writes on alone, and pg_rewind undoes that when it rejoins);
+    args.probe_deadline: the write probe's commit deadline (default 1 s)."""
     rate = getattr(args, "rate", None)
     bulk_mb = getattr(args, "bulk_mb", None) or 0
-    with under_load(backend, progress, "failover", rate=100 if rate is None else rate) as run, \
+    deadline = getattr(args, "probe_deadline", None) or 1.0
+    with under_load(backend, progress, "failover", rate=100 if rate is None else rate,
+                    deadline=deadline) as run, \
             contextlib.ExitStack() as bulk_cleanup:
         primary, standby = run.primary, run.standby
         new_address = backend.addresses[standby]
@@ -505,6 +509,7 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
     return publish(backend, "failover", run, {
         "backend": backend.name, "old_primary": primary, "new_primary": standby,
         "cut_at": cut_at, "healed_at": run.healed_at, "pgbench_rate": run.pgbench.rate,
+        "probe_deadline_s": deadline,
         "bulk_mb": bulk_mb or None, "bulk_mb_at_cut": bulk_at_cut,
         "bulk_mb_written_alone": bulk_alone,
         "clock_offsets_ms": run.clock_offsets_ms, **figures}, _report_dir(args, report_dir))
@@ -706,7 +711,8 @@ def _report_failover(f):
 def _load_rows(f, old):
     """The load's own rows: pgbench's rate, and the bulk load's when there was one."""
     rate = f.get("pgbench_rate", 100)
-    rows = [("pgbench rate", f"{rate} tps" if rate else "unthrottled")]
+    rows = [("pgbench rate", f"{rate} tps" if rate else "unthrottled"),
+            ("write probe's commit deadline", f"{f.get('probe_deadline_s', 1.0)} s")]
     if f.get("bulk_mb"):
         rows += [("bulk load", f"{f['bulk_mb']} MiB in one transaction: {f['bulk_mb_at_cut']} "
                                f"MiB of WAL at the cut, {f['bulk_mb_written_alone']} MiB more "

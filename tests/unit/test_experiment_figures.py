@@ -281,10 +281,13 @@ def test_the_report_shows_the_clock_offsets():
 
 
 def test_the_failover_report_names_the_load():
-    assert experiments._load_rows({}, "pg1") == [("pgbench rate", "100 tps")]
+    assert experiments._load_rows({}, "pg1") == [("pgbench rate", "100 tps"),
+                                                 ("write probe's commit deadline", "1.0 s")]
     rows = experiments._load_rows({"pgbench_rate": 0, "bulk_mb": 1024, "bulk_mb_at_cut": 512.3,
-                                   "bulk_mb_written_alone": 40.1}, "pg1")
+                                   "bulk_mb_written_alone": 40.1, "probe_deadline_s": 0.7},
+                                  "pg1")
     assert rows == [("pgbench rate", "unthrottled"),
+                    ("write probe's commit deadline", "0.7 s"),
                     ("bulk load", "1024 MiB in one transaction: 512.3 MiB of WAL at the cut, "
                                   "40.1 MiB more on pg1 alone")]
 

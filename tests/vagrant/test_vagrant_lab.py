@@ -144,7 +144,7 @@ def test_experiment_failover_has_the_embedded_labs_keys_and_verdict(lab):
     made_up = experiments.failover_metrics([], [], 0.0, "pg1", "pg2", lab.addresses, [])
     frame = {"backend", "old_primary", "new_primary", "cut_at", "healed_at",
              "clock_offsets_ms", "report_dir", "pgbench_rate", "bulk_mb", "bulk_mb_at_cut",
-             "bulk_mb_written_alone"}
+             "bulk_mb_written_alone", "probe_deadline_s"}
     assert set(figures) == set(made_up) | frame
     assert figures["backend"] == "vagrant"
     assert all(abs(v) <= 50 for v in figures["clock_offsets_ms"].values())
