@@ -599,20 +599,27 @@ def switchover(backend, progress, args=None, baseline=3.0, settle=3.0, report_di
 
 
 def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, loss=0.05,
-           rate="10mbit", baseline=3.0, report_dir=None):
+           rate="10mbit", baseline=3.0, hog="primary", report_dir=None):
     """A degraded but working network for `minutes`: `loss` random packet loss into every
-    host, a bandwidth cap on the primary, and SIGSTOP pauses of `pause` s (half of
-    fence_timeout) of one agent after another. Nothing may fence, promote or drop the standby
+    host, a bandwidth cap on the primary, SIGSTOP pauses of `pause` s (half of
+    fence_timeout) of one agent after another, and a CPU hog (a busy loop) on the host `hog`
+    ("primary", a host's name, or None). Nothing may fence, promote or drop the standby
     from sync, and writes must go on."""
     minutes = minutes if minutes is not None else getattr(args, "minutes", 5.0)
     pause = getattr(args, "pause", None) or pause
+    hog = getattr(args, "hog", hog)
     pauses = 0
-    with under_load(backend, progress, "jitter") as run:
+    with under_load(backend, progress, "jitter") as run, contextlib.ExitStack() as hogs:
         time.sleep(baseline)
         start = time.time()
         for host in HOSTS:
             backend.set_loss(host, loss)
         backend.cap_bandwidth(run.primary, rate)
+        hog = run.primary if hog == "primary" else None if hog == "none" else hog
+        if hog is not None:
+            busy = backend.spawn(hog, ["sh", "-c", "while :; do :; done"],
+                                 backend.work_dir("hog") / "hog.log")
+            hogs.callback(busy.stop)
         end = time.monotonic() + minutes * 60
         while time.monotonic() < end:
             time.sleep(max(0.0, min(every, end - time.monotonic())))
@@ -629,7 +636,7 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
         term_before=run.term_before, term_after=_view(backend).get("term"))
     return publish(backend, "jitter", run, {
         "backend": backend.name, "primary": run.primary, "minutes": minutes, "loss": loss,
-        "bandwidth_cap": rate, "pause_s": pause, "started_at": start,
+        "bandwidth_cap": rate, "pause_s": pause, "cpu_hog": hog, "started_at": start,
         "healed_at": run.healed_at, "clock_offsets_ms": run.clock_offsets_ms, **figures},
         _report_dir(args, report_dir))
 
@@ -664,7 +671,8 @@ def _lines(title, rows, f):
 def _report_jitter(f):
     title = (f"Jitter experiment ({f['backend']} lab): {f['minutes']} min of {f['loss']:.0%} "
              f"packet loss into every host, {f['bandwidth_cap']} cap on the primary, "
-             f"{f['agent_pauses']} agent pauses of {f['pause_s']} s")
+             f"{f['agent_pauses']} agent pauses of {f['pause_s']} s"
+             + (f", a CPU hog on {f['cpu_hog']}" if f.get("cpu_hog") else ""))
     return _lines(title, [
         ("promotions, grants", f"{f['promotions']}, {f['grants']}"),
         ("fences (agent, kernel)", f"{f['fences']}, {f['ports_closed']}"),
