@@ -153,9 +153,9 @@ def _load_options(sp):
                     help="failover: pgbench's transactions per second (0: unthrottled)")
     sp.add_argument("--bulk-mb", type=int, default=0,
                     help="failover: a bulk load of this many MiB, cut half-way")
-    sp.add_argument("--probe-deadline", type=float, default=1.0,
+    sp.add_argument("--probe-deadline", type=float, default=None,
                     help="failover: how long the write probe waits for a commit before it "
-                    "drops the connection and walks the hosts again (s)")
+                    "drops the connection and walks the hosts again (s; default 0.8)")
 
 
 def cmd_report(backend, args):

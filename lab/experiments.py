@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lab.backend import AGENT_HOSTS, DB_HOSTS, HOSTS, LabError
-from lab.load import Bulk, Pgbench, Probe
+from lab.load import PROBE_DEADLINE_S, Bulk, Pgbench, Probe
 
 # Bounds every trial is judged against (the benchmarks' speed goals are in lab/bench.py).
 MAX_WRITE_GAP_S = 5.0
@@ -386,7 +386,7 @@ def check_clocks(backend, progress=None, limit=MAX_CLOCK_OFFSET_S):
 
 
 @contextlib.contextmanager
-def under_load(backend, progress, name, seconds=None, rate=100, deadline=1.0):
+def under_load(backend, progress, name, seconds=None, rate=100, deadline=PROBE_DEADLINE_S):
     """`with under_load(backend, progress, name) as run:` waits for a primary with a
     synchronous standby, starts the write probe and pgbench against it, and on leaving the
     block, whatever happened, resumes the agents paused with run.pause(), heals every fault,
@@ -462,10 +462,10 @@ def failover(backend, progress, args=None, baseline=3.0, settle=8.0, report_dir=
     args.bulk_mb: a bulk load of that many MiB starts after the baseline and the cut comes
     when half of it is written (the standby replays what it received before it promotes;
     the old primary writes on alone, and pg_rewind undoes that when it rejoins);
-    args.probe_deadline: the write probe's commit deadline (default 1 s)."""
+    args.probe_deadline: the write probe's commit deadline (default PROBE_DEADLINE_S)."""
     rate = getattr(args, "rate", None)
     bulk_mb = getattr(args, "bulk_mb", None) or 0
-    deadline = getattr(args, "probe_deadline", None) or 1.0
+    deadline = getattr(args, "probe_deadline", None) or PROBE_DEADLINE_S
     with under_load(backend, progress, "failover", rate=100 if rate is None else rate,
                     deadline=deadline) as run, \
             contextlib.ExitStack() as bulk_cleanup:
@@ -720,7 +720,7 @@ def _load_rows(f, old):
     """The load's own rows: pgbench's rate, and the bulk load's when there was one."""
     rate = f.get("pgbench_rate", 100)
     rows = [("pgbench rate", f"{rate} tps" if rate else "unthrottled"),
-            ("write probe's commit deadline", f"{f.get('probe_deadline_s', 1.0)} s")]
+            ("write probe's commit deadline", f"{f.get('probe_deadline_s', PROBE_DEADLINE_S)} s")]
     if f.get("bulk_mb"):
         rows += [("bulk load", f"{f['bulk_mb']} MiB in one transaction: {f['bulk_mb_at_cut']} "
                                f"MiB of WAL at the cut, {f['bulk_mb_written_alone']} MiB more "

@@ -11,10 +11,20 @@ PROGRESS = re.compile(r"progress: (\d+(?:\.\d+)?) s, (\d+(?:\.\d+)?) tps")
 RESTART_MARK = "bobry: pgbench exited, restarting"
 
 
+# How long the write probe waits for a commit before it drops the connection and walks the
+# hosts again: a client's own choice. A commit takes milliseconds here, and under the jitter
+# experiment's loss a few retransmissions (0.2 s, then 0.4 s). Shorter means the walk past a
+# silent old primary (1 s: the DSN's tcp_user_timeout ends the connection attempt at its first
+# SYN retransmission) starts sooner; 0.8 s brings the walk to the new primary at about 1.85 s
+# after the cut, after the promotion (about 1.7 s with the default timings).
+PROBE_DEADLINE_S = 0.8
+
+
 class Probe:
     """lab/probe.py on the client host: a numbered insert every 100 ms, each ack recorded."""
 
-    def __init__(self, backend, out_path, deadline=1.0, interval=0.1, dsn=None, id_base=None,
+    def __init__(self, backend, out_path, deadline=PROBE_DEADLINE_S, interval=0.1, dsn=None,
+                 id_base=None,
                  seconds=None):
         """dsn: another connection string (one host, say); id_base: a range of ids of this
         probe's own, [id_base, id_base + 10**12), apart from the main probe's positive ids;

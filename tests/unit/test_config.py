@@ -27,7 +27,7 @@ def test_shipped_config_loads_for_every_node():
     cfg = agent.load_config(str(REPO / "agent.ini"), "pg2")
     assert cfg.me.address == "192.168.56.12"
     assert cfg.arbiter.name == "arb" and cfg.other_db("pg2").name == "pg1"
-    assert cfg.timing.failover_timeout == 2.0
+    assert cfg.timing.failover_timeout == 1.5
     assert cfg.client_addresses == ("192.168.56.0/24",)
 
 
@@ -67,8 +67,8 @@ def test_unknown_section(tmp_path):
 
 
 @pytest.mark.parametrize("old,new,expected", [
-    ("check_interval = 0.2", "check_interval = fast", "[timing] check_interval: bad value 'fast'"),
-    ("check_interval = 0.2", "check_interval = -1", "[timing] check_interval: bad value '-1'"),
+    ("check_interval = 0.1", "check_interval = fast", "[timing] check_interval: bad value 'fast'"),
+    ("check_interval = 0.1", "check_interval = -1", "[timing] check_interval: bad value '-1'"),
     ("pg_port = 5432\nagent_port = 7400\nhttp_port = 8008\n\n[node pg2]",
      "pg_port = 99999\nagent_port = 7400\nhttp_port = 8008\n\n[node pg2]",
      "[node pg1] pg_port: bad value '99999'"),
@@ -93,41 +93,41 @@ def test_two_primaries(tmp_path):
 
 
 def test_timing_that_lets_the_standby_promote_before_the_fence(tmp_path):
-    text = shipped().replace("failover_timeout = 2.0", "failover_timeout = 1.3")
+    text = shipped().replace("failover_timeout = 1.5", "failover_timeout = 1.1")
     message = error_of(tmp_path, text)
     assert "[timing] failover_timeout" in message and "lease still holds" in message
 
 
 def fast_checks(text, failover):
     """The shipped config with heartbeats so fast that only the clocks' allowance is left."""
-    return (text.replace("check_interval = 0.2", "check_interval = 0.01")
-            .replace("probe_timeout = 0.3", "probe_timeout = 0.01")
-            .replace("failover_timeout = 2.0", f"failover_timeout = {failover}"))
+    return (text.replace("check_interval = 0.1", "check_interval = 0.01")
+            .replace("probe_timeout = 0.25", "probe_timeout = 0.01")
+            .replace("failover_timeout = 1.5", f"failover_timeout = {failover}"))
 
 
 def test_timing_without_room_for_the_hosts_clocks(tmp_path):
-    # fence_timeout 1.2 + safety_margin 0.2 = 1.4 s: 1.42 s would close the port before the
+    # fence_timeout 1.0 + safety_margin 0.1 = 1.1 s: 1.12 s would close the port before the
     # grant on one clock, not with 1000 ppm between the hosts' clocks and two kernel timeouts
-    # a jiffy late each (allowance 2 * 0.001 * 1.42 + 0.02 = 0.023 s)
-    message = error_of(tmp_path, fast_checks(shipped(), 1.42))
+    # a jiffy late each (allowance 2 * 0.001 * 1.12 + 0.02 = 0.022 s)
+    message = error_of(tmp_path, fast_checks(shipped(), 1.12))
     assert "[timing] failover_timeout" in message and "lease still holds" in message
-    assert "1.423 s" in message and "for the hosts' clocks" in message
-    # 1.43 s clears it, but leaves the promotion window (0.03 - 0.023 s) shorter than a
+    assert "1.122 s" in message and "for the hosts' clocks" in message
+    # 1.13 s clears it, but leaves the promotion window (0.03 - 0.022 s) shorter than a
     # heartbeat (check_interval + probe_timeout = 0.02 s)
-    message = error_of(tmp_path, fast_checks(shipped(), 1.43))
+    message = error_of(tmp_path, fast_checks(shipped(), 1.13))
     assert "[timing] failover_timeout" in message and "decide_grant" in message
-    path = write(tmp_path, fast_checks(shipped(), 1.45))
-    assert agent.load_config(path, "pg1").timing.failover_timeout == 1.45
+    path = write(tmp_path, fast_checks(shipped(), 1.15))
+    assert agent.load_config(path, "pg1").timing.failover_timeout == 1.15
 
 
 def test_timing_under_which_a_healthy_lease_would_lapse(tmp_path):
-    text = shipped().replace("check_interval = 0.2", "check_interval = 1.0")
+    text = shipped().replace("check_interval = 0.1", "check_interval = 1.0")
     assert "[timing] check_interval" in error_of(tmp_path, text)
 
 
 def test_probe_timeout_not_shorter_than_fence_timeout(tmp_path):
-    text = shipped().replace("probe_timeout = 0.3", "probe_timeout = 1.2").replace(
-        "failover_timeout = 2.0", "failover_timeout = 5")
+    text = shipped().replace("probe_timeout = 0.25", "probe_timeout = 1.0").replace(
+        "failover_timeout = 1.5", "failover_timeout = 5")
     assert "[timing] probe_timeout" in error_of(tmp_path, text)
 
 

@@ -20,7 +20,7 @@ def rendered(tmp_path, monkeypatch, timing=None):
 def test_without_overrides_the_lab_runs_the_repositorys_timings(tmp_path, monkeypatch):
     monkeypatch.delenv(TIMING_ENV, raising=False)
     cfg = agent.load_config(str(rendered(tmp_path, monkeypatch)), "pg1")
-    assert (cfg.timing.fence_timeout, cfg.timing.failover_timeout) == (1.2, 2.0)
+    assert (cfg.timing.fence_timeout, cfg.timing.failover_timeout) == (1.0, 1.5)
 
 
 def test_a_sweep_candidate_replaces_the_timings_it_names(tmp_path, monkeypatch):
