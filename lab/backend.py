@@ -182,9 +182,13 @@ class Backend:
         """End the connections a opened to b's services before a one-way cut (the agents keep
         a heartbeat connection and a probe session open from round to round): a then reaches
         b through no connection, old or new. ss -K closes them on a's side, whose reset
-        closes b's (only new connections are dropped); b's connections to a are left."""
+        closes b's (only new connections are dropped); b's connections to a are left. The
+        client host serves nothing."""
+        if b not in AGENT_HOSTS:
+            return
         node = self.config(b).me
-        ports = sorted({p for p in (node.agent_port, node.pg_port, node.http_port) if p})
+        serves = (node.agent_port, node.http_port, node.pg_port if b in DB_HOSTS else None)
+        ports = sorted({p for p in serves if p})
         match = " or ".join(f"dport = :{p}" for p in ports).split()
         self.must(a, ["ss", "-K", "-tn", "dst", self.addresses[b], "(", *match, ")"])
 
