@@ -194,11 +194,11 @@ SCHEMA = {
         "strict_sync": (_parse_bool, "false"),
     },
     "timing": {
-        "check_interval": (_parse_positive_float, "0.2"),
-        "probe_timeout": (_parse_positive_float, "0.3"),
-        "fence_timeout": (_parse_positive_float, "1.2"),
-        "safety_margin": (_parse_positive_float, "0.2"),
-        "failover_timeout": (_parse_positive_float, "2.0"),
+        "check_interval": (_parse_positive_float, "0.1"),  # agent.ini's, which says why
+        "probe_timeout": (_parse_positive_float, "0.25"),
+        "fence_timeout": (_parse_positive_float, "1.0"),
+        "safety_margin": (_parse_positive_float, "0.1"),
+        "failover_timeout": (_parse_positive_float, "1.5"),
         "restart_grace": (_parse_positive_float, "6.0"),
     },
     "postgres": {

@@ -246,7 +246,7 @@ def parser():
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--minutes", type=float, default=5.0, help="jitter: how long")
     sp.add_argument("--pause", type=float, help="jitter: each agent pause in seconds (default "
-                                                "0.5: under half of the default fence_timeout)")
+                                                "0.5: half of the default fence_timeout)")
     sp.add_argument("--hog", default="primary", choices=["primary", *HOSTS, "none"],
                     help="jitter: the host that runs a busy loop (default: the primary's)")
     sp.add_argument("--rounds", type=int, default=3, help="pingpong: how many failovers")

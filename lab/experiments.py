@@ -617,8 +617,9 @@ def jitter(backend, progress, args=None, minutes=None, pause=0.5, every=15.0, lo
         backend.cap_bandwidth(run.primary, rate)
         hog = run.primary if hog == "primary" else None if hog == "none" else hog
         if hog is not None:
-            busy = backend.spawn(hog, ["sh", "-c", "while :; do :; done"],
-                                 backend.work_dir("hog") / "hog.log")
+            # bounded by `timeout` too, should this process die before it stops the hog
+            busy = backend.spawn(hog, ["timeout", str(int(minutes * 60 + 60)), "sh", "-c",
+                                       "while :; do :; done"], "/dev/null")
             hogs.callback(busy.stop)
         end = time.monotonic() + minutes * 60
         while time.monotonic() < end:
@@ -720,7 +721,8 @@ def _load_rows(f, old):
     """The load's own rows: pgbench's rate, and the bulk load's when there was one."""
     rate = f.get("pgbench_rate", 100)
     rows = [("pgbench rate", f"{rate} tps" if rate else "unthrottled"),
-            ("write probe's commit deadline", f"{f.get('probe_deadline_s', PROBE_DEADLINE_S)} s")]
+            # a report of before the option: the probe's deadline was 1 s then
+            ("write probe's commit deadline", f"{f.get('probe_deadline_s', 1.0)} s")]
     if f.get("bulk_mb"):
         rows += [("bulk load", f"{f['bulk_mb']} MiB in one transaction: {f['bulk_mb_at_cut']} "
                                f"MiB of WAL at the cut, {f['bulk_mb_written_alone']} MiB more "

@@ -9,7 +9,7 @@ from lab.backend import AGENT_HOSTS
 # the hosts share this kernel (network namespaces, LXC containers) or run Linux, whose
 # USER_HZ is 100 on every architecture Debian builds
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-IDLE_S = 10.0  # long enough for 50 loop rounds at check_interval 0.2 s
+IDLE_S = 10.0  # 100 loop rounds at the default check_interval (0.1 s)
 GOALS = {"rss_mib": 40.0, "idle_cpu_pct": 1.0}
 
 

@@ -9,7 +9,7 @@ import time
 
 from labtest import eventually
 
-FAILOVER_TIMEOUT = 2.0  # agent.ini, which the lab copies
+FAILOVER_TIMEOUT = 1.5  # agent.ini, which the lab copies (test_config checks it is still so)
 HTTP_PORT = 8008
 
 GET = """

@@ -74,11 +74,13 @@ def test_finding2_dead_primary_agent_is_fenced_by_the_kernel_then_replaced(lab, 
 # -- 3. a restarted agent forgets how long it has been cut off ---------------------------------
 
 def test_finding3_primary_agent_restarted_during_a_partition_is_fenced_before_the_grant(lab):
+    t = lab.config("pg1").timing
     since = time.time()
     lab.isolate("pg1")
     time.sleep(0.3)
     lab.signal_agent("pg1", "KILL")
-    time.sleep(1.2)  # a supervisor's restart delay
+    # a supervisor's restart delay: back after the lease lapsed, before the standby's grant
+    time.sleep((t.fence_timeout + t.safety_margin + t.failover_timeout) / 2 - 0.3)
     lab.start_agent("pg1")
     closed_before_the_grant(lab, since)
     wait_for(lab, "promoted", "pg2", since)

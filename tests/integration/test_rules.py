@@ -8,7 +8,8 @@ import pytest
 from lab import experiments
 from labtest import client_write, eventually
 
-# long enough for any decision: failover_timeout (2 s) + a grant + a promotion, three times
+# long enough for any decision: failover_timeout (1.5 s) + a grant + a promotion, more than
+# three times
 QUIET = 7.0
 
 

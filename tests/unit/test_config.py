@@ -31,6 +31,19 @@ def test_shipped_config_loads_for_every_node():
     assert cfg.client_addresses == ("192.168.56.0/24",)
 
 
+def test_a_config_without_timings_gets_the_shipped_ones(tmp_path):
+    """The built-in defaults of [timing] are agent.ini's (the README's table), so a config
+    that leaves a key out never mixes two sets; and the integration tests' copy of
+    failover_timeout is agent.ini's too."""
+    text = shipped()
+    start, end = text.index("[timing]"), text.index("[postgres]")
+    path = write(tmp_path, text[:start] + "[timing]\n\n" + text[end:])
+    shipped_timing = agent.load_config(str(REPO / "agent.ini"), "pg1").timing
+    assert agent.load_config(path, "pg1").timing == shipped_timing
+    operate = (REPO / "tests" / "integration" / "test_operate.py").read_text()
+    assert f"FAILOVER_TIMEOUT = {shipped_timing.failover_timeout}" in operate
+
+
 def test_node_placeholder_in_paths(tmp_path):
     path = write(tmp_path, shipped().replace("data_dir = /var/lib/bobry/data",
                                              "data_dir = /lab/{node}/data"))

@@ -282,7 +282,7 @@ def test_the_report_shows_the_clock_offsets():
 
 def test_the_failover_report_names_the_load():
     assert experiments._load_rows({}, "pg1") == [("pgbench rate", "100 tps"),
-                                                 ("write probe's commit deadline", "0.8 s")]
+                                                 ("write probe's commit deadline", "1.0 s")]
     rows = experiments._load_rows({"pgbench_rate": 0, "bulk_mb": 1024, "bulk_mb_at_cut": 512.3,
                                    "bulk_mb_written_alone": 40.1, "probe_deadline_s": 0.7},
                                   "pg1")
