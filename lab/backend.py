@@ -280,11 +280,21 @@ class Backend:
                                                 *args]), timeout=timeout)
 
     def stop_pg(self, host):
+        """Stop PostgreSQL behind its agent's back: a fast shutdown (SIGINT) of the postmaster
+        that postmaster.pid names, waiting for that very process to end, and an immediate one
+        (SIGQUIT) after 10 s (a fast stop can hang on an unreachable standby). Not `pg_ctl
+        stop`: it waits for whichever postmaster the file names, and an agent that starts
+        PostgreSQL again within pg_ctl's 0.1 s poll made it wait for the new one and fail."""
         check_host(host, DB_HOSTS)
-        result = self.pg_ctl(host, "stop", "-m", "fast", "-t", "10")
-        if result.returncode != 0:  # a fast stop can hang on an unreachable standby
-            result = self.pg_ctl(host, "stop", "-m", "immediate", "-t", "10")
-        return result
+        pid_file = shlex.quote(f"{self.config(host).data_dir}/postmaster.pid")
+        wait = ('for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || '
+                '{ echo "server stopped ($1)"; exit 0; }; sleep 0.1; done')
+        script = (f'pid=$(head -n 1 {pid_file} 2>/dev/null) && [ -n "$pid" ] || '
+                  '{ echo "no server running"; exit 0; }; '
+                  f'kill -INT "$pid" 2>/dev/null || exit 0; set -- fast; {wait}; '
+                  f'kill -QUIT "$pid" 2>/dev/null || exit 0; set -- immediate; {wait}; '
+                  'echo "postmaster $pid did not stop"; exit 1')
+        return self.run(host, ["sh", "-c", script])
 
     def start_pg(self, host):
         check_host(host, DB_HOSTS)
