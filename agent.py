@@ -25,7 +25,7 @@ import ctypes
 import fcntl
 import hashlib
 import hmac
-import http.server
+import http
 import ipaddress
 import json
 import logging
@@ -1870,12 +1870,14 @@ class Hooks:
             self.log.info("role change hook: %s %s %s: done", event, role, term)
 
 
-class HealthServer(http.server.ThreadingHTTPServer):
+class HealthServer(socketserver.ThreadingTCPServer):
     """The health endpoints (health_response) on the node's http_port: GET /primary,
     /replica, /health, /metrics. A thread per connection, at most MAX_HANDLERS at once (a
     connection over the cap is closed at once); one request per connection (HTTP/1.0); a
-    client that has not sent its request within TIMEOUT is dropped. Requests are not logged
-    (a checker every 200 ms would fill the log); drops are, rate-limited."""
+    client that has not sent its whole request within TIMEOUT is dropped. Requests are not
+    logged (a checker every 200 ms would fill the log); drops are, rate-limited. A few lines of
+    HTTP of its own: the standard library's http.server brought 2 MiB of modules (email, ssl,
+    mimetypes) into every agent for four GET endpoints."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -1883,6 +1885,7 @@ class HealthServer(http.server.ThreadingHTTPServer):
     MAX_HANDLERS = 16  # a few checkers (HAProxy, Prometheus, people) at once, with room
     TIMEOUT = 2.0      # a checker sends its request at once; HAProxy's own check timeout
     #                    is shorter than this, so a slow client only ever costs its thread
+    MAX_REQUEST = 8192  # request line and headers: a checker's are a few hundred bytes
 
     def __init__(self, address, snapshot, log):
         self.snapshot, self.log = snapshot, log
@@ -1918,33 +1921,56 @@ class HealthServer(http.server.ThreadingHTTPServer):
         self.drops.flush()
 
 
-class _HealthHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    timeout = HealthServer.TIMEOUT
-
-    def do_GET(self):  # http.server's name
-        self._answer(body=True)
-
-    def do_HEAD(self):
-        self._answer(body=False)
-
-    def _answer(self, body):
+def read_http_request(sock, deadline, limit):
+    """The request line of an HTTP request whose headers end by deadline within limit bytes
+    (the headers are read and ignored), or None: cut short, too long or too slow."""
+    data = bytearray()
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or len(data) >= limit:
+            return None
+        sock.settimeout(remaining)
         try:
-            snap = self.server.snapshot()
-        except Exception as exc:  # noqa: BLE001 -- a status that fails is a 503, not a crash
-            self.server.drops("status", self.client_address[0], f"{type(exc).__name__}: {exc}")
-            snap = None
-        code, ctype, payload = health_response(self.path, snap)
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if body:
-            self.wfile.write(payload)
+            chunk = sock.recv(limit - len(data))
+        except TimeoutError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data).split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
 
-    def log_message(self, format, *args):  # http.server's signature
-        pass
+
+def http_reply(request_line, snapshot):
+    """The bytes that answer one request line: GET or HEAD of a health endpoint, 400 for what
+    is no request line, 501 for other methods. snapshot() gives health_response's snap."""
+    parts = request_line.split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        code, ctype, payload = _http_text(400, "bad request")
+    elif parts[0] not in ("GET", "HEAD"):
+        code, ctype, payload = _http_text(501, "only GET and HEAD")
+    else:
+        code, ctype, payload = health_response(parts[1], snapshot())
+    head = (f"HTTP/1.0 {code} {http.HTTPStatus(code).phrase}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(payload)}\r\nCache-Control: no-store\r\n\r\n")
+    return head.encode() + (payload if parts[:1] != ["HEAD"] else b"")
+
+
+class _HealthHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        server = self.server
+        line = read_http_request(self.request, time.monotonic() + server.TIMEOUT,
+                                 server.MAX_REQUEST)
+        if line is None:
+            return  # a checker that went away, or a client too slow or too long: no answer
+
+        def snapshot():
+            try:
+                return server.snapshot()
+            except Exception as exc:  # noqa: BLE001 -- a status that fails is a 503, not a crash
+                server.drops("status", self.client_address[0], f"{type(exc).__name__}: {exc}")
+                return None
+        self.request.settimeout(server.TIMEOUT)
+        self.request.sendall(http_reply(line, snapshot))
 
 
 class Nftables:
@@ -2185,6 +2211,31 @@ class PgStatus:
                 "lag_bytes": None if lag is None else max(0, lag), "receiver": self.receiver}
 
 
+WAL_FILE = re.compile(r"[0-9A-F]{24}")  # a WAL segment's file name: timeline, log, segment
+
+
+def wal_gap(needed, local_files, source_files, segment_bytes):
+    """The first WAL segment, from the file `needed` (where this node's recovery starts) on,
+    that neither its own pg_wal nor its primary's holds, as a file name of `needed`'s timeline;
+    None when nothing is missing. Segments count by number, whatever their timeline: what the
+    primary holds runs from its oldest file to its newest, and it streams them all. A standby
+    that needs a missing segment waits for it for ever: after a long outage the primary has
+    recycled WAL that no pg_rewind can bring back."""
+    per_log = 0x100000000 // segment_bytes
+
+    def number(name):
+        return int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+    source = [number(f) for f in source_files if WAL_FILE.fullmatch(f)]
+    if not source:
+        return None  # a primary always holds its current segment: nothing to judge by
+    local = {number(f) for f in local_files if WAL_FILE.fullmatch(f)}
+    missing = next((n for n in range(number(needed), min(source)) if n not in local), None)
+    if missing is None:
+        return None
+    return f"{needed[:8]}{missing // per_log:08X}{missing % per_log:08X}"
+
+
 def format_lsn(value):
     """A WAL position as PostgreSQL writes it (0/3000060), or None."""
     return None if value is None else f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
@@ -2266,15 +2317,38 @@ class LocalPostgres:
         if result.returncode != 0 and "not running" not in result.stderr + result.stdout:
             raise RuntimeError(f"pg_ctl stop failed: {result.stderr.strip()}")
 
-    def _controldata(self, field):
-        """One field of pg_control (running or not), by its untranslated label."""
+    def _controldata(self, *fields):
+        """Fields of pg_control (running or not), by their untranslated labels: one value, or
+        a tuple of them for several."""
         result = self._run([self._bin("pg_controldata"), "-D", self.cfg.data_dir], timeout=30,
                            env={"LC_ALL": "C"})
-        for line in result.stdout.splitlines():
-            label, _, value = line.partition(":")
-            if label == field:
-                return value.strip()
-        raise RuntimeError(f"pg_controldata: {result.stderr.strip() or 'no ' + field}")
+        found = dict(line.partition(":")[::2] for line in result.stdout.splitlines())
+        missing = [f for f in fields if f not in found]
+        if missing:
+            raise RuntimeError(f"pg_controldata: {result.stderr.strip() or 'no ' + missing[0]}")
+        values = tuple(found[f].strip() for f in fields)
+        return values[0] if len(values) == 1 else values
+
+    def wal_needs(self):
+        """(the WAL file recovery starts from, the files in pg_wal, bytes per segment): the
+        start is a rewind's backup_label's, else the latest checkpoint's (or restartpoint's)
+        REDO -- which a standby that began its recovery from a backup_label holds from then."""
+        redo, segment_bytes = self._controldata("Latest checkpoint's REDO WAL file",
+                                                "Bytes per WAL segment")
+        try:
+            with open(os.path.join(self.cfg.data_dir, "backup_label"), encoding="ascii") as f:
+                label = re.search(r"^START WAL LOCATION: .*\(file ([0-9A-F]{24})\)", f.read(),
+                                  re.MULTILINE)
+            redo = label.group(1) if label else redo
+        except FileNotFoundError:
+            pass
+        return redo, os.listdir(os.path.join(self.cfg.data_dir, "pg_wal")), int(segment_bytes)
+
+    def running(self):
+        """Whether a postmaster runs on the data directory (pg_ctl status), answering or not:
+        one that is starting up refuses connections until its recovery is consistent."""
+        result = self._run([self._bin("pg_ctl"), "status", "-D", self.cfg.data_dir], timeout=30)
+        return result.returncode == 0
 
     def timeline(self):
         """The timeline of the last checkpoint."""
@@ -2447,6 +2521,13 @@ class RemotePostgres:
         """The timeline of node's latest checkpoint (its pg_control)."""
         return pg_query(remote_dsn(self.cfg, node), "select timeline_id from "
                         "pg_control_checkpoint()", timeout=timeout)[0][0]
+
+    def wal_files(self, node, timeout):
+        """The WAL segment files node's pg_wal holds now (pg_ls_dir, granted to the
+        replication role)."""
+        rows = pg_query(remote_dsn(self.cfg, node), "select f from pg_ls_dir('pg_wal', true, "
+                        "false) as f where f ~ '^[0-9A-F]{24}$'", timeout=timeout)
+        return [row[0] for row in rows]
 
 
 class World:
@@ -2888,6 +2969,8 @@ class DbAgent(Agent):
 
     LOCAL_TIMEOUT = 1.0  # the local PostgreSQL answers over a unix socket, or counts as down
     SWITCHOVER_WAIT = 15.0  # how long a switchover request waits for the loop to carry it out
+    WAL_RECHECK = 10.0  # a starting standby's WAL is looked for on the primary this often: a
+    #                     pg_controldata and a query each time, against a wait that is for ever
     HANDOVER_CATCHUP = 5.0  # a fenced primary waits this long for the standby to flush all
 
     def __init__(self, cfg, key, world=None):
@@ -2912,6 +2995,7 @@ class DbAgent(Agent):
         self.sync_barrier = None     # primary: WAL position when the standby became sync
         self.switchover = None       # {"done": Event, "result": dict} while one is asked for
         self._switchover_lock = threading.Lock()
+        self.wal_checked_at = -math.inf  # when do_start_standby last looked for its WAL
         self.arbiter_news = None     # the arbiter's latest stamp as the last tick saw it
 
     def role_name(self):
@@ -3314,9 +3398,44 @@ class DbAgent(Agent):
         return "granted" if granted else "refused"
 
     def do_start_standby(self, decision):
-        self.pg.write_config(self.view)
-        self.pg.start()
-        self.events("started_standby", primary=self.view.primary)
+        """Start PostgreSQL as a standby, unless the primary no longer has the WAL it would
+        need (then keep the data aside: the bootstrap clones). A postmaster that runs but does
+        not answer yet (recovery not consistent: after a rewind, a long replay) is left to
+        go on, and looked at again every WAL_RECHECK s: it may wait for WAL that is gone."""
+        if self.pg.running():
+            now = self.clock()
+            if now - self.wal_checked_at >= self.WAL_RECHECK:
+                self.wal_checked_at = now
+                self._wal_reachable_or_reclone()
+            self.warn("local PostgreSQL", "start", "it runs but does not accept connections "
+                      "yet (its recovery is not consistent): waiting")
+            return
+        if self._wal_reachable_or_reclone():
+            self.pg.write_config(self.view)
+            self.pg.start()
+            self.events("started_standby", primary=self.view.primary)
+
+    def _wal_reachable_or_reclone(self):
+        """False when the primary answers that a WAL segment this node's recovery needs is
+        gone from its pg_wal and from ours (wal_gap): PostgreSQL is then stopped and the data
+        kept aside to clone afresh. True otherwise -- also when the primary cannot be asked: a
+        standby starts without it, as it must to be promoted when the primary is lost."""
+        source = self.cfg.nodes[self.view.primary]
+        try:
+            needed, local, segment_bytes = self.pg.wal_needs()
+            held = self.remote.wal_files(source, 2 * self.cfg.timing.probe_timeout)
+        except (RuntimeError, OSError, psycopg2.Error, TimeoutError,
+                subprocess.SubprocessError) as exc:
+            self.warn("WAL check", source.name, f"{type(exc).__name__}: {exc}")
+            return True
+        missing = wal_gap(needed, local, held, segment_bytes)
+        if missing is None:
+            return True
+        self.pg.stop_immediate()
+        self._keep_aside(f"{source.name} no longer keeps WAL segment {missing}, which my "
+                         f"recovery needs (it starts at {needed}): a standby cannot catch up "
+                         "from there")
+        return False
 
     def do_set_sync(self, decision):
         self.pg.write_config(self.view, sync_names=decision.sync_names)
@@ -3360,6 +3479,8 @@ class DbAgent(Agent):
                              "PostgreSQL")
 
     def _start_rejoined(self, divergence):
+        if not self._wal_reachable_or_reclone():  # a long outage: the primary recycled it
+            return
         self.pg.make_standby(self.view)
         self.pg.start()
         self.events("rejoined", primary=self.view.primary, term=self.view.term,

@@ -100,3 +100,27 @@ def test_pingpong_three_rounds(lab):
     assert f["ok"], f
     assert f["promotions"] == 3 and f["lost_acked"] == 0 and f["data_equal"]
     assert f["acked_by_old_primary_after_cut"] == 0
+
+
+def test_after_a_long_outage_the_old_primary_is_cloned_again(lab):
+    """The new primary recycles the WAL that the isolated old primary needs (its
+    wal_keep_size cut to 16MB here, 1GB in the agent's settings, so that 100 MB does what 1.6
+    GB did in the lab): pg_rewind still succeeds -- it reads the old primary's own WAL -- but
+    the rewound node could never stream from there. Before the fix it waited for ever (its
+    agent ran pg_ctl start once a second); now it is kept aside and cloned."""
+    client_write(lab, "create table t(i int); insert into t values (1)")
+    lab.isolate("pg1")
+    assert eventually(lambda: lab.host_status("pg2").get("pg") == "primary", 30)
+    for sql in ("alter system set wal_keep_size = '16MB'", "select pg_reload_conf()",
+                "create table filler as select g, repeat('x', 1000) as pad "
+                "from generate_series(1, 100000) g",
+                "checkpoint", "select pg_switch_wal()", "checkpoint"):
+        lab.sql("pg2", sql, timeout=120)
+    client_write(lab, "insert into t values (2)", timeout=30)
+    since = time.time()
+    lab.heal()
+    assert eventually(lambda: lab.primary_with_sync_standby() == "pg2"
+                      and view(lab)["eligible"] == "pg1", 120)
+    cloned = events_since(lab, since, "rewind_failed")
+    assert cloned and "no longer keeps WAL segment" in cloned[0]["error"], cloned
+    assert lab.sql("pg1", "select count(*) from t") == [["2"]]

@@ -254,6 +254,7 @@ class Net:
 
 
 SYN_RTO, DATA_RTO = 1.0, 0.2  # Linux's first SYN retransmission; TCP_RTO_MIN
+SIM_WAL_FILE = "000000010000000000000001"  # the one WAL file a simulated pg_wal names
 PG_ROUND_TRIPS = 4  # a probe of PostgreSQL: startup, SCRAM's two round trips, the query
 
 
@@ -891,6 +892,15 @@ class SimPostgres:
         self.w._enter()
         self.pg.stop("pg_ctl stop -m immediate")
 
+    def running(self):
+        self.w._enter()
+        return self.pg.running
+
+    def wal_needs(self):
+        """The simulator never recycles WAL: every segment stays with its primary."""
+        self.w._enter()
+        return SIM_WAL_FILE, [], 16 * 1024 * 1024
+
     def timeline(self):
         self.w._enter()
         if not self.pg.exists:
@@ -1042,3 +1052,7 @@ class SimRemote:
 
     def checkpoint_timeline(self, node, timeout):
         return self._ask(node, timeout).ckpt_tli
+
+    def wal_files(self, node, timeout):
+        self._ask(node, timeout)
+        return [SIM_WAL_FILE]

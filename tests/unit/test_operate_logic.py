@@ -410,6 +410,38 @@ def test_the_http_server_caps_its_threads_and_drops_idle_clients(http_server):
             sock.close()
 
 
+def test_http_replies_to_what_is_no_get():
+    snap = lambda: ROLES["primary"]  # noqa: E731
+    head, _, body = agent.http_reply("GET /primary HTTP/1.1", snap).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and body == b"primary of term 2\n"
+    assert b"Content-Length: 18\r\n" in head
+    head_only = agent.http_reply("HEAD /primary HTTP/1.0", snap)
+    assert head_only.endswith(b"\r\n\r\n") and b"Content-Length: 18" in head_only
+    assert agent.http_reply("POST /primary HTTP/1.0", snap).startswith(b"HTTP/1.0 501 ")
+    for junk in ("", "GET", "GET /primary", "hello there you", "GET / SMTP/1.0"):
+        assert agent.http_reply(junk, snap).startswith(b"HTTP/1.0 400 "), junk
+    assert agent.http_reply("GET /nope HTTP/1.0", snap).startswith(b"HTTP/1.0 404 ")
+
+
+def test_an_http_request_is_read_whole_within_its_deadline_and_size():
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        threading.Timer(0.1, b.sendall, (b"Accept: */*\r\n\r\n",)).start()
+        assert agent.read_http_request(a, time.monotonic() + 2, 8192) == "GET /health HTTP/1.1"
+        b.sendall(b"GET /health HTTP/1.0\r\n")  # never ends its headers
+        began = time.monotonic()
+        assert agent.read_http_request(a, began + 0.3, 8192) is None
+        assert time.monotonic() - began < 1.0
+        b.sendall(b"X" * 9000 + b"\r\n\r\n")
+        assert agent.read_http_request(a, time.monotonic() + 2, 8192) is None
+    c, d = socket.socketpair()
+    with c:
+        d.sendall(b"GET /health")
+        d.close()  # cut short
+        assert agent.read_http_request(c, time.monotonic() + 2, 8192) is None
+
+
 def test_a_failing_status_is_a_503_not_a_crash(http_server):
     url, state, server, _ = http_server
     server.snapshot = lambda: 1 / 0

@@ -23,6 +23,7 @@ Latest checkpoint's REDO location:    0/3018138
 Latest checkpoint's REDO WAL file:    000000020000000000000003
 Latest checkpoint's TimeLineID:       {tli}
 Latest checkpoint's PrevTimeLineID:   {tli}
+Bytes per WAL segment:                16777216
 """
 
 
@@ -81,3 +82,48 @@ def test_a_rewind_leaves_its_mark_until_standby_signal_or_move_aside(tmp_path):
         pg.rewind(agent.View(2, "pg2", None), "boot-1")
     aside = pg.move_aside()
     assert pg.rewind_mark() is None and os.path.isdir(aside)
+
+
+def test_the_wal_recovery_needs_is_a_rewinds_label_or_else_the_redo_of_pg_control(tmp_path):
+    pg = local_postgres(tmp_path, "in archive recovery", 2)
+    wal = tmp_path / "data" / "pg_wal"
+    wal.mkdir(parents=True)
+    (wal / "000000020000000000000004").write_text("")
+    (wal / "00000002.history").write_text("")
+    needed, files, segment_bytes = pg.wal_needs()
+    assert needed == "000000020000000000000003" and segment_bytes == 16 * 1024 * 1024
+    assert sorted(files) == ["00000002.history", "000000020000000000000004"]
+    (tmp_path / "data" / "backup_label").write_text(  # as pg_rewind of PostgreSQL 15 writes it
+        "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+        "CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: pg_rewind\n"
+        "BACKUP FROM: standby\nSTART TIME: 2026-11-27 00:54:20 UTC\n")
+    assert pg.wal_needs()[0] == "000000010000000000000002"
+
+
+MIB16 = 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("needed, local, source, missing", [
+    # the primary still holds it: nothing missing
+    ("000000010000000000000003", [], ["000000020000000000000003", "000000020000000000000004"],
+     None),
+    # a long outage: the primary recycled segments 3 to 0x28 (what happened in the lab)
+    ("000000010000000000000003", [], ["000000020000000000000029", "00000002000000000000002A"],
+     "000000010000000000000003"),
+    # our own pg_wal bridges the gap up to the primary's oldest
+    ("000000010000000000000003", ["000000010000000000000003", "000000020000000000000004"],
+     ["000000020000000000000005"], None),
+    # ... but not with a hole in it
+    ("000000010000000000000003", ["000000010000000000000003", "000000020000000000000005"],
+     ["000000020000000000000006"], "000000010000000000000004"),
+    # segment numbers run on across a log id (0xFF segments of 16 MiB each)
+    ("0000000100000000000000FF", ["0000000100000000000000FF"], ["000000010000000100000000"],
+     None),
+    ("0000000100000000000000FE", ["0000000100000000000000FE"], ["000000010000000100000000"],
+     "0000000100000000000000FF"),
+    # names that are no segment count for nothing; a primary listing none cannot judge
+    ("000000010000000000000003", ["00000002.history", "000000010000000000000003.partial"],
+     ["archive_status"], None),
+])
+def test_wal_gap(needed, local, source, missing):
+    assert agent.wal_gap(needed, local, source, MIB16) == missing
