@@ -3452,6 +3452,10 @@ class DbAgent(Agent):
                           source.name)
             return
         self.pg.stop_immediate()
+        # a rewound node needs WAL from its last checkpoint before the divergence on, which is
+        # no later than its own latest one: a gap from there on makes the rewind pointless
+        if not self._wal_reachable_or_reclone():
+            return
         try:
             output = self.pg.rewind(self.view, self.boot)
         except RuntimeError as exc:
