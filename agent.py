@@ -2214,12 +2214,14 @@ class PgStatus:
 WAL_FILE = re.compile(r"[0-9A-F]{24}")  # a WAL segment's file name: timeline, log, segment
 
 
-def wal_gap(needed, local_files, source_files, segment_bytes):
+def wal_gap(needed, local_files, valid_until, source_files, segment_bytes):
     """The first WAL segment, from the file `needed` (where this node's recovery starts) on,
     that neither its own pg_wal nor its primary's holds, as a file name of `needed`'s timeline;
-    None when nothing is missing. Segments count by number, whatever their timeline: what the
-    primary holds runs from its oldest file to its newest, and it streams them all. A standby
-    that needs a missing segment waits for it for ever: after a long outage the primary has
+    None when nothing is missing. Segments count by number: what the primary holds runs from
+    its oldest file to its newest, and it streams them all; a file of our own counts only up
+    to the segment of `valid_until` (pg_control's REDO or minimum recovery point, the later):
+    past it, a name may be a recycled segment renamed ahead, full of old bytes. A standby that
+    needs a missing segment waits for it for ever: after a long outage the primary has
     recycled WAL that no pg_rewind can bring back."""
     per_log = 0x100000000 // segment_bytes
 
@@ -2229,11 +2231,22 @@ def wal_gap(needed, local_files, source_files, segment_bytes):
     source = [number(f) for f in source_files if WAL_FILE.fullmatch(f)]
     if not source:
         return None  # a primary always holds its current segment: nothing to judge by
-    local = {number(f) for f in local_files if WAL_FILE.fullmatch(f)}
+    last_valid = valid_until // segment_bytes
+    local = {n for n in (number(f) for f in local_files if WAL_FILE.fullmatch(f))
+             if n <= last_valid}
     missing = next((n for n in range(number(needed), min(source)) if n not in local), None)
     if missing is None:
         return None
     return f"{needed[:8]}{missing // per_log:08X}{missing % per_log:08X}"
+
+
+def parse_lsn(text):
+    """A WAL position as PostgreSQL writes it (0/3000060) as a number."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+WAL_REMOVED = re.compile(r"requested WAL segment [0-9A-F]{24} has already been removed")
 
 
 def format_lsn(value):
@@ -2330,19 +2343,36 @@ class LocalPostgres:
         return values[0] if len(values) == 1 else values
 
     def wal_needs(self):
-        """(the WAL file recovery starts from, the files in pg_wal, bytes per segment): the
-        start is a rewind's backup_label's, else the latest checkpoint's (or restartpoint's)
-        REDO -- which a standby that began its recovery from a backup_label holds from then."""
-        redo, segment_bytes = self._controldata("Latest checkpoint's REDO WAL file",
-                                                "Bytes per WAL segment")
+        """(the WAL file recovery starts from, the files in pg_wal, the position up to which
+        they are ours, bytes per segment), for wal_gap. The start is a rewind's backup_label's,
+        else the latest checkpoint's (or restartpoint's) REDO -- which a standby that began its
+        recovery from a backup_label holds from then. pg_wal is listed first: a restartpoint
+        in between removes files only before its new REDO."""
+        files = os.listdir(os.path.join(self.cfg.data_dir, "pg_wal"))
+        redo_file, redo, min_recovery, segment_bytes = self._controldata(
+            "Latest checkpoint's REDO WAL file", "Latest checkpoint's REDO location",
+            "Minimum recovery ending location", "Bytes per WAL segment")
         try:
             with open(os.path.join(self.cfg.data_dir, "backup_label"), encoding="ascii") as f:
                 label = re.search(r"^START WAL LOCATION: .*\(file ([0-9A-F]{24})\)", f.read(),
                                   re.MULTILINE)
-            redo = label.group(1) if label else redo
+            redo_file = label.group(1) if label else redo_file
         except FileNotFoundError:
             pass
-        return redo, os.listdir(os.path.join(self.cfg.data_dir, "pg_wal")), int(segment_bytes)
+        return (redo_file, files, max(parse_lsn(redo), parse_lsn(min_recovery)),
+                int(segment_bytes))
+
+    def log_since(self, offset):
+        """(what PostgreSQL logged from offset on, at most the last MiB; the new offset). A
+        log that shrank (rotated, truncated) is read from its start."""
+        try:
+            with open(self.logfile, "rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                start = 0 if offset is None or offset > end else offset
+                f.seek(max(start, end - (1 << 20)))
+                return f.read().decode(errors="replace"), end
+        except FileNotFoundError:
+            return "", 0
 
     def running(self):
         """Whether a postmaster runs on the data directory (pg_ctl status), answering or not:
@@ -2995,7 +3025,8 @@ class DbAgent(Agent):
         self.sync_barrier = None     # primary: WAL position when the standby became sync
         self.switchover = None       # {"done": Event, "result": dict} while one is asked for
         self._switchover_lock = threading.Lock()
-        self.wal_checked_at = -math.inf  # when do_start_standby last looked for its WAL
+        self.wal_checked_at = -math.inf  # when do_start_standby last read PostgreSQL's log
+        self.pg_log_offset = None  # how far it read it
         self.arbiter_news = None     # the arbiter's latest stamp as the last tick saw it
 
     def role_name(self):
@@ -3398,44 +3429,62 @@ class DbAgent(Agent):
         return "granted" if granted else "refused"
 
     def do_start_standby(self, decision):
-        """Start PostgreSQL as a standby, unless the primary no longer has the WAL it would
-        need (then keep the data aside: the bootstrap clones). A postmaster that runs but does
-        not answer yet (recovery not consistent: after a rewind, a long replay) is left to
-        go on, and looked at again every WAL_RECHECK s: it may wait for WAL that is gone."""
+        """Start PostgreSQL as a standby, unless its primary no longer has the WAL it would
+        need (wal_gap: then keep the data aside, and the bootstrap clones). A postmaster that
+        runs but does not answer yet (recovery not consistent: after a rewind, a long replay)
+        is left to go on; every WAL_RECHECK s its log is read for PostgreSQL's own verdict
+        that the WAL it waits for is gone -- the walreceiver says so at each retry."""
+        view = self.view
         if self.pg.running():
             now = self.clock()
             if now - self.wal_checked_at >= self.WAL_RECHECK:
                 self.wal_checked_at = now
-                self._wal_reachable_or_reclone()
+                seen_before = self.pg_log_offset is not None
+                logged, self.pg_log_offset = self.pg.log_since(self.pg_log_offset)
+                removed = WAL_REMOVED.search(logged)
+                if removed and seen_before:
+                    self._reclone(view, f"{view.primary} no longer keeps WAL that my recovery "
+                                        f"waits for (PostgreSQL: {removed.group(0)})")
+                    return
             self.warn("local PostgreSQL", "start", "it runs but does not accept connections "
                       "yet (its recovery is not consistent): waiting")
             return
-        if self._wal_reachable_or_reclone():
-            self.pg.write_config(self.view)
+        if self._wal_reachable_or_reclone(view):
+            self.pg.write_config(view)
             self.pg.start()
-            self.events("started_standby", primary=self.view.primary)
+            self.events("started_standby", primary=view.primary)
 
-    def _wal_reachable_or_reclone(self):
-        """False when the primary answers that a WAL segment this node's recovery needs is
+    def _wal_reachable_or_reclone(self, view):
+        """False when view's primary answers that a WAL segment this node's recovery needs is
         gone from its pg_wal and from ours (wal_gap): PostgreSQL is then stopped and the data
         kept aside to clone afresh. True otherwise -- also when the primary cannot be asked: a
         standby starts without it, as it must to be promoted when the primary is lost."""
-        source = self.cfg.nodes[self.view.primary]
+        if view.primary == self.cfg.me.name:
+            return True  # nothing to fetch from: the caller's decision is out of date
+        source = self.cfg.nodes[view.primary]
         try:
-            needed, local, segment_bytes = self.pg.wal_needs()
+            needed, local, valid_until, segment_bytes = self.pg.wal_needs()
             held = self.remote.wal_files(source, 2 * self.cfg.timing.probe_timeout)
-        except (RuntimeError, OSError, psycopg2.Error, TimeoutError,
+        except (RuntimeError, OSError, ValueError, psycopg2.Error, TimeoutError,
                 subprocess.SubprocessError) as exc:
             self.warn("WAL check", source.name, f"{type(exc).__name__}: {exc}")
             return True
-        missing = wal_gap(needed, local, held, segment_bytes)
+        missing = wal_gap(needed, local, valid_until, held, segment_bytes)
         if missing is None:
             return True
-        self.pg.stop_immediate()
-        self._keep_aside(f"{source.name} no longer keeps WAL segment {missing}, which my "
-                         f"recovery needs (it starts at {needed}): a standby cannot catch up "
-                         "from there")
+        self._reclone(view, f"{source.name} no longer keeps WAL segment {missing}, which my "
+                            f"recovery needs (it starts at {needed}): a standby cannot catch "
+                            "up from there")
         return False
+
+    def _reclone(self, view, why):
+        """Stop PostgreSQL and keep the data aside to clone afresh -- only while the view the
+        judgement was made on is still ours (a new view may make this node the primary)."""
+        if (self.view.term, self.view.seq) != (view.term, view.seq):
+            self.log.info("not recloning: the view changed meanwhile (%s)", why)
+            return
+        self.pg.stop_immediate()
+        self._keep_aside(why)
 
     def do_set_sync(self, decision):
         self.pg.write_config(self.view, sync_names=decision.sync_names)
@@ -3454,7 +3503,7 @@ class DbAgent(Agent):
         self.pg.stop_immediate()
         # a rewound node needs WAL from its last checkpoint before the divergence on, which is
         # no later than its own latest one: a gap from there on makes the rewind pointless
-        if not self._wal_reachable_or_reclone():
+        if not self._wal_reachable_or_reclone(self.view):
             return
         try:
             output = self.pg.rewind(self.view, self.boot)
@@ -3483,7 +3532,7 @@ class DbAgent(Agent):
                              "PostgreSQL")
 
     def _start_rejoined(self, divergence):
-        if not self._wal_reachable_or_reclone():  # a long outage: the primary recycled it
+        if not self._wal_reachable_or_reclone(self.view):  # a long outage: recycled WAL
             return
         self.pg.make_standby(self.view)
         self.pg.start()

@@ -899,7 +899,14 @@ class SimPostgres:
     def wal_needs(self):
         """The simulator never recycles WAL: every segment stays with its primary."""
         self.w._enter()
-        return SIM_WAL_FILE, [], 16 * 1024 * 1024
+        if not self.pg.exists:
+            raise RuntimeError("pg_controldata: no data directory")
+        return SIM_WAL_FILE, [], 0, 16 * 1024 * 1024
+
+    def log_since(self, offset):
+        """PostgreSQL's log: the simulator writes none (no WAL is ever found gone)."""
+        self.w._enter()
+        return "", 0
 
     def timeline(self):
         self.w._enter()

@@ -772,3 +772,56 @@ def test_the_lab_runs_the_example_config_with_its_own_addresses(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+class StartingPostgres:
+    """A postmaster that runs but is not consistent yet, and the log it writes between two
+    looks of do_start_standby."""
+
+    def __init__(self, logs):
+        self.logs, self.calls, self.offset = list(logs), [], 0
+
+    def running(self):
+        return True
+
+    def has_standby_signal(self):  # what the log lines' role is told from
+        return True
+
+    def log_since(self, offset):
+        self.calls.append(("log_since", offset))
+        self.offset += 100
+        return self.logs.pop(0), self.offset
+
+    def stop_immediate(self):
+        self.calls.append("stop_immediate")
+
+    def move_aside(self):
+        self.calls.append("move_aside")
+        return "/data.replaced-x"
+
+
+REMOVED = ("FATAL:  could not receive data from WAL stream: ERROR:  requested WAL segment "
+           "000000020000000000000003 has already been removed\n")
+
+
+@pytest.mark.parametrize("logs, recloned", [
+    (["", "LOG:  redo in progress\n", REMOVED], True),  # PostgreSQL's word, once it is new
+    ([REMOVED, "", ""], False),     # an old line before the agent first looked: never judged
+    (["", "", "LOG:  consistent recovery state reached\n"], False),
+])
+def test_a_starting_standby_is_recloned_on_postgresqls_own_word(tmp_path, logs, recloned):
+    node = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32)
+    node.view = agent.View(term=2, primary="pg1", eligible="pg2", seq=3)
+    node.pg = StartingPostgres(logs)
+    now = [0.0]
+    node.clock = lambda: now[0]
+    for _ in range(3):
+        node.do_start_standby(None)
+        node.do_start_standby(None)  # within WAL_RECHECK: no second look
+        now[0] += agent.DbAgent.WAL_RECHECK
+    looks = [c for c in node.pg.calls if c[0] == "log_since"]
+    assert looks == [("log_since", None), ("log_since", 100), ("log_since", 200)][:len(looks)]
+    assert (node.pg.calls[-2:] == ["stop_immediate", "move_aside"]) is recloned
+    node.view = agent.View(term=3, primary="pg2", eligible=None, seq=4)  # promoted meanwhile
+    node._reclone(agent.View(term=2, primary="pg1", eligible="pg2", seq=3), "stale")
+    assert node.pg.calls.count("move_aside") == int(recloned)

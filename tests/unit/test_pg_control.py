@@ -23,6 +23,7 @@ Latest checkpoint's REDO location:    0/3018138
 Latest checkpoint's REDO WAL file:    000000020000000000000003
 Latest checkpoint's TimeLineID:       {tli}
 Latest checkpoint's PrevTimeLineID:   {tli}
+Minimum recovery ending location:     0/5000028
 Bytes per WAL segment:                16777216
 """
 
@@ -90,8 +91,9 @@ def test_the_wal_recovery_needs_is_a_rewinds_label_or_else_the_redo_of_pg_contro
     wal.mkdir(parents=True)
     (wal / "000000020000000000000004").write_text("")
     (wal / "00000002.history").write_text("")
-    needed, files, segment_bytes = pg.wal_needs()
+    needed, files, valid_until, segment_bytes = pg.wal_needs()
     assert needed == "000000020000000000000003" and segment_bytes == 16 * 1024 * 1024
+    assert valid_until == 0x5000028  # the minimum recovery point, later than the REDO
     assert sorted(files) == ["00000002.history", "000000020000000000000004"]
     (tmp_path / "data" / "backup_label").write_text(  # as pg_rewind of PostgreSQL 15 writes it
         "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
@@ -116,6 +118,10 @@ MIB16 = 16 * 1024 * 1024
     # ... but not with a hole in it
     ("000000010000000000000003", ["000000010000000000000003", "000000020000000000000005"],
      ["000000020000000000000006"], "000000010000000000000004"),
+    # ... nor with names past our valid WAL (segment 5 here): recycled files renamed ahead
+    ("000000010000000000000003", ["000000010000000000000003", "000000010000000000000004",
+                                  "000000010000000000000005", "000000010000000000000006"],
+     ["000000010000000000000007"], "000000010000000000000006"),
     # segment numbers run on across a log id (0xFF segments of 16 MiB each)
     ("0000000100000000000000FF", ["0000000100000000000000FF"], ["000000010000000100000000"],
      None),
@@ -126,4 +132,24 @@ MIB16 = 16 * 1024 * 1024
      ["archive_status"], None),
 ])
 def test_wal_gap(needed, local, source, missing):
-    assert agent.wal_gap(needed, local, source, MIB16) == missing
+    valid_until = 0x1_00000010 if needed.endswith(("FE", "FF")) else 0x5000028  # our REDO
+    assert agent.wal_gap(needed, local, valid_until, source, MIB16) == missing
+
+
+def test_postgresql_log_is_read_from_where_the_last_look_ended(tmp_path):
+    pg = local_postgres(tmp_path, "in archive recovery", 2)
+    pg.logfile = str(tmp_path / "postgresql.log")
+    assert pg.log_since(None) == ("", 0)  # no log yet
+    with open(pg.logfile, "a") as f:
+        f.write("LOG:  started streaming WAL\n")
+    text, offset = pg.log_since(None)
+    assert "started streaming" in text and offset == 28
+    with open(pg.logfile, "a") as f:
+        f.write("FATAL:  could not receive data from WAL stream: ERROR:  requested WAL segment "
+                "000000020000000000000003 has already been removed\n")
+    text, offset = pg.log_since(offset)
+    assert "started" not in text and agent.WAL_REMOVED.search(text)
+    assert pg.log_since(offset) == ("", offset)
+    with open(pg.logfile, "w") as f:  # rotated: shorter than where we were
+        f.write("LOG:  new\n")
+    assert pg.log_since(offset) == ("LOG:  new\n", 10)
