@@ -1879,8 +1879,8 @@ class HealthServer(socketserver.ThreadingTCPServer):
     connection over the cap is closed at once); one request per connection (HTTP/1.0); a
     client that has not sent its whole request within TIMEOUT is dropped. Requests are not
     logged (a checker every 200 ms would fill the log); drops are, rate-limited. A few lines of
-    HTTP of its own: the standard library's http.server brought 2 MiB of modules (email, ssl,
-    mimetypes) into every agent for four GET endpoints."""
+    HTTP of its own: the standard library's http.server brought 1.8 MiB of modules (email,
+    mimetypes, http.client) into every agent for four GET endpoints."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -2249,7 +2249,10 @@ def parse_lsn(text):
     return (int(high, 16) << 32) | int(low, 16)
 
 
-WAL_REMOVED = re.compile(r"requested WAL segment [0-9A-F]{24} has already been removed")
+# the walreceiver's line (a standby's), not the walsender's, which a primary logs when its
+# standby asks for what it no longer has
+WAL_REMOVED = re.compile(r"could not receive data from WAL stream: ERROR:  requested WAL "
+                         r"segment [0-9A-F]{24} has already been removed")
 
 
 def format_lsn(value):
@@ -2378,10 +2381,18 @@ class LocalPostgres:
             return "", 0
 
     def running(self):
-        """Whether a postmaster runs on the data directory (pg_ctl status), answering or not:
-        one that is starting up refuses connections until its recovery is consistent."""
-        result = self._run([self._bin("pg_ctl"), "status", "-D", self.cfg.data_dir], timeout=30)
-        return result.returncode == 0
+        """Whether a postmaster runs on the data directory, answering or not (one that is
+        starting up refuses connections until its recovery is consistent): the PID that
+        postmaster.pid names is alive -- pg_ctl status's own test, without a child each tick."""
+        try:
+            with open(os.path.join(self.cfg.data_dir, "postmaster.pid"), encoding="ascii") as f:
+                pid = int(f.readline())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return False
+        except PermissionError:
+            return True  # alive, another user's
+        return True
 
     def timeline(self):
         """The timeline of the last checkpoint."""
@@ -3007,8 +3018,9 @@ class DbAgent(Agent):
 
     LOCAL_TIMEOUT = 1.0  # the local PostgreSQL answers over a unix socket, or counts as down
     SWITCHOVER_WAIT = 15.0  # how long a switchover request waits for the loop to carry it out
-    WAL_RECHECK = 10.0  # a starting standby's WAL is looked for on the primary this often: a
-    #                     pg_controldata and a query each time, against a wait that is for ever
+    WAL_RECHECK = 10.0  # how often a starting standby's log is read (do_start_standby): its
+    #                     walreceiver retries every second, so each look finds the line anew
+    WAL_REMOVED_LOOKS = 2  # looks in a row that must find it: one stray line is no verdict
     HANDOVER_CATCHUP = 5.0  # a fenced primary waits this long for the standby to flush all
 
     def __init__(self, cfg, key, world=None):
@@ -3034,7 +3046,8 @@ class DbAgent(Agent):
         self.switchover = None       # {"done": Event, "result": dict} while one is asked for
         self._switchover_lock = threading.Lock()
         self.wal_checked_at = -math.inf  # when do_start_standby last read PostgreSQL's log
-        self.pg_log_offset = None  # how far it read it
+        self.pg_log_offset = None  # how far it read it; None: from the log's end next time
+        self.wal_removed_looks = 0  # looks in a row that found WAL_REMOVED
         self.arbiter_news = None     # the arbiter's latest stamp as the last tick saw it
 
     def role_name(self):
@@ -3285,6 +3298,7 @@ class DbAgent(Agent):
         now = self.clock()
         if st.pg != "down":
             self.pg_down_since, self.last_pg_answer = None, st.pg
+            self.forget_pg_log()  # it answers: no earlier line in its log is a verdict
         elif self.pg_down_since is None:
             self.pg_down_since = now
         self.pg_state = st.pg
@@ -3441,26 +3455,43 @@ class DbAgent(Agent):
         need (wal_gap: then keep the data aside, and the bootstrap clones). A postmaster that
         runs but does not answer yet (recovery not consistent: after a rewind, a long replay)
         is left to go on; every WAL_RECHECK s its log is read for PostgreSQL's own verdict
-        that the WAL it waits for is gone -- the walreceiver says so at each retry."""
+        that the WAL it waits for is gone (see _judge_starting_standby)."""
         view = self.view
         if self.pg.running():
             now = self.clock()
             if now - self.wal_checked_at >= self.WAL_RECHECK:
                 self.wal_checked_at = now
-                seen_before = self.pg_log_offset is not None
-                logged, self.pg_log_offset = self.pg.log_since(self.pg_log_offset)
-                removed = WAL_REMOVED.search(logged)
-                if removed and seen_before:
-                    self._reclone(view, f"{view.primary} no longer keeps WAL that my recovery "
-                                        f"waits for (PostgreSQL: {removed.group(0)})")
+                if self._judge_starting_standby(view):
                     return
             self.warn("local PostgreSQL", "start", "it runs but does not accept connections "
                       "yet (its recovery is not consistent): waiting")
             return
         if self._wal_reachable_or_reclone(view):
             self.pg.write_config(view)
+            self.forget_pg_log()  # what it logged before this start is no verdict on it
             self.pg.start()
             self.events("started_standby", primary=view.primary)
+
+    def forget_pg_log(self):
+        """Judge PostgreSQL's log only from its end on (a start, an answer from PostgreSQL)."""
+        self.pg_log_offset, self.wal_removed_looks = None, 0
+
+    def _judge_starting_standby(self, view):
+        """Read what PostgreSQL logged since the last look; True when it recloned. The verdict
+        is the walreceiver's "requested WAL segment ... has already been removed" -- the
+        primary answered, and it no longer has that WAL -- found by WAL_REMOVED_LOOKS looks in
+        a row, and never on a node the view names primary or eligible (the failover's target
+        keeps its data; the primary drops a standby that does not stream from eligibility)."""
+        first_look = self.pg_log_offset is None
+        logged, self.pg_log_offset = self.pg.log_since(self.pg_log_offset)
+        removed = None if first_look else WAL_REMOVED.search(logged)
+        self.wal_removed_looks = self.wal_removed_looks + 1 if removed else 0
+        if (self.wal_removed_looks < self.WAL_REMOVED_LOOKS
+                or self.cfg.me.name in (view.primary, view.eligible)):
+            return False
+        self._reclone(view, f"{view.primary} no longer keeps WAL that my recovery waits for "
+                            f"(PostgreSQL: {removed.group(0)})")
+        return True
 
     def _wal_reachable_or_reclone(self, view):
         """False when view's primary answers that a WAL segment this node's recovery needs is
@@ -3487,12 +3518,17 @@ class DbAgent(Agent):
 
     def _reclone(self, view, why):
         """Stop PostgreSQL and keep the data aside to clone afresh -- only while the view the
-        judgement was made on is still ours (a new view may make this node the primary)."""
-        if (self.view.term, self.view.seq) != (view.term, view.seq):
-            self.log.info("not recloning: the view changed meanwhile (%s)", why)
-            return
-        self.pg.stop_immediate()
-        self._keep_aside(why)
+        judgement was made on is still ours (a new view may make this node the primary), looked
+        at again under the view's lock right before the data moves (a rename)."""
+        def unchanged():
+            return (self.view.term, self.view.seq) == (view.term, view.seq)
+        if unchanged():
+            self.pg.stop_immediate()
+            with self._view_lock:
+                if unchanged():
+                    self._keep_aside(why)
+                    return
+        self.log.info("not recloning: the view changed meanwhile (%s)", why)
 
     def do_set_sync(self, decision):
         self.pg.write_config(self.view, sync_names=decision.sync_names)

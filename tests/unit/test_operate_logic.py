@@ -770,19 +770,17 @@ def test_the_lab_runs_the_example_config_with_its_own_addresses(tmp_path):
     assert "host=10.89.0.20 port=5000 " in lab.dsn()
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
 
 class StartingPostgres:
-    """A postmaster that runs but is not consistent yet, and the log it writes between two
-    looks of do_start_standby."""
+    """A postmaster that runs (or not) and is not consistent yet, the log it writes between two
+    looks of do_start_standby, and the WAL wal_gap is told about."""
 
-    def __init__(self, logs):
+    def __init__(self, logs=(), running=True, wal=None):
         self.logs, self.calls, self.offset = list(logs), [], 0
+        self.is_running, self.wal = running, wal
 
     def running(self):
-        return True
+        return self.is_running
 
     def has_standby_signal(self):  # what the log lines' role is told from
         return True
@@ -791,6 +789,17 @@ class StartingPostgres:
         self.calls.append(("log_since", offset))
         self.offset += 100
         return self.logs.pop(0), self.offset
+
+    def wal_needs(self):
+        if isinstance(self.wal, Exception):
+            raise self.wal
+        return self.wal
+
+    def write_config(self, view):
+        self.calls.append("write_config")
+
+    def start(self):
+        self.calls.append("start")
 
     def stop_immediate(self):
         self.calls.append("stop_immediate")
@@ -802,26 +811,97 @@ class StartingPostgres:
 
 REMOVED = ("FATAL:  could not receive data from WAL stream: ERROR:  requested WAL segment "
            "000000020000000000000003 has already been removed\n")
+WALSENDER = ("ERROR:  requested WAL segment 000000020000000000000003 has already been "
+             "removed\n")  # a primary's walsender, when its standby asked too late
 
 
-@pytest.mark.parametrize("logs, recloned", [
-    (["", "LOG:  redo in progress\n", REMOVED], True),  # PostgreSQL's word, once it is new
-    ([REMOVED, "", ""], False),     # an old line before the agent first looked: never judged
-    (["", "", "LOG:  consistent recovery state reached\n"], False),
-])
-def test_a_starting_standby_is_recloned_on_postgresqls_own_word(tmp_path, logs, recloned):
+def starting_standby(tmp_path, pg, eligible=None):
     node = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32)
-    node.view = agent.View(term=2, primary="pg1", eligible="pg2", seq=3)
-    node.pg = StartingPostgres(logs)
+    node.view = agent.View(term=2, primary="pg1", eligible=eligible, seq=3)
+    node.pg = pg
     now = [0.0]
     node.clock = lambda: now[0]
-    for _ in range(3):
+    return node, now
+
+
+@pytest.mark.parametrize("logs, eligible, recloned", [
+    # PostgreSQL's word, new since the first look, in two looks in a row
+    (["", REMOVED, REMOVED, ""], None, True),
+    # an old line before the first look is never judged; one look alone is no verdict
+    ([REMOVED, REMOVED, "", ""], None, False),
+    ([REMOVED, "", REMOVED, ""], None, False),
+    (["", WALSENDER, WALSENDER, WALSENDER], None, False),  # a primary's line is no verdict
+    (["", REMOVED, REMOVED, REMOVED], "pg2", False),  # the failover's target keeps its data
+    (["", "", "", "LOG:  consistent recovery state reached\n"], None, False),
+])
+def test_a_starting_standby_is_recloned_on_postgresqls_own_word(tmp_path, logs, eligible,
+                                                                 recloned):
+    node, now = starting_standby(tmp_path, StartingPostgres(logs), eligible)
+    for _ in range(4):
         node.do_start_standby(None)
         node.do_start_standby(None)  # within WAL_RECHECK: no second look
         now[0] += agent.DbAgent.WAL_RECHECK
+        if "move_aside" in node.pg.calls:
+            break
     looks = [c for c in node.pg.calls if c[0] == "log_since"]
-    assert looks == [("log_since", None), ("log_since", 100), ("log_since", 200)][:len(looks)]
+    assert looks == [("log_since", None), ("log_since", 100), ("log_since", 200),
+                     ("log_since", 300)][:3 if recloned else 4]
     assert (node.pg.calls[-2:] == ["stop_immediate", "move_aside"]) is recloned
+    assert "start" not in node.pg.calls
+
+
+def test_postgresql_answering_or_starting_again_forgets_what_it_logged(tmp_path):
+    node, now = starting_standby(tmp_path, StartingPostgres(["", REMOVED, "", REMOVED]))
+    node.do_start_standby(None)
+    now[0] += agent.DbAgent.WAL_RECHECK
+    node.do_start_standby(None)  # one look found it
+    node.forget_pg_log()  # as the tick does when PostgreSQL answers
+    for _ in range(2):
+        now[0] += agent.DbAgent.WAL_RECHECK
+        node.do_start_standby(None)
+    assert [c for c in node.pg.calls if c[0] == "log_since"][-2:] == [
+        ("log_since", None), ("log_since", 300)]
+    assert "move_aside" not in node.pg.calls  # the first look after forgetting only reads
+
+
+def test_a_view_that_changes_meanwhile_stops_a_reclone(tmp_path):
+    node, _ = starting_standby(tmp_path, StartingPostgres())
+    judged_on = node.view
     node.view = agent.View(term=3, primary="pg2", eligible=None, seq=4)  # promoted meanwhile
-    node._reclone(agent.View(term=2, primary="pg1", eligible="pg2", seq=3), "stale")
-    assert node.pg.calls.count("move_aside") == int(recloned)
+    node._reclone(judged_on, "stale")
+    assert node.pg.calls == []
+    node.view = judged_on
+    node._reclone(judged_on, "gone")
+    assert node.pg.calls == ["stop_immediate", "move_aside"]
+
+
+MIB16 = 16 * 1024 * 1024
+GAP = ("000000010000000000000003", [], 0x3000028, MIB16)  # needs 3, holds nothing of its own
+
+
+@pytest.mark.parametrize("wal, primary_holds, started", [
+    (GAP, ["000000020000000000000003"], True),          # the primary still has it
+    (GAP, ["000000020000000000000029"], False),         # a long outage: gone
+    (GAP, TimeoutError("primary silent"), True),        # cannot be asked: start, as before
+    (RuntimeError("pg_controldata: no pg_control"), [], True),
+])
+def test_a_standby_starts_unless_its_primary_says_its_wal_is_gone(tmp_path, wal, primary_holds,
+                                                                  started):
+    node, _ = starting_standby(tmp_path, StartingPostgres(running=False, wal=wal))
+
+    class Remote:
+        def wal_files(self, node, timeout):
+            if isinstance(primary_holds, Exception):
+                raise primary_holds
+            return primary_holds
+    node.remote = Remote()
+    node.do_start_standby(None)
+    assert ("start" in node.pg.calls) is started
+    assert ("move_aside" in node.pg.calls) is not started
+    node.pg.calls.clear()
+    node.view = agent.View(term=3, primary="pg2", eligible=None, seq=4)  # named primary now
+    assert node._wal_reachable_or_reclone(node.view) is True and node.pg.calls == []
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
