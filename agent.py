@@ -2382,17 +2382,17 @@ class LocalPostgres:
 
     def running(self):
         """Whether a postmaster runs on the data directory, answering or not (one that is
-        starting up refuses connections until its recovery is consistent): the PID that
-        postmaster.pid names is alive -- pg_ctl status's own test, without a child each tick."""
+        starting up refuses connections until its recovery is consistent): the process that
+        postmaster.pid names lives in the data directory (a postmaster's working directory).
+        A PID alone is not enough: after a reboot a stale file may name any process, this
+        agent's own among them."""
+        data_dir = os.path.realpath(self.cfg.data_dir)
         try:
-            with open(os.path.join(self.cfg.data_dir, "postmaster.pid"), encoding="ascii") as f:
+            with open(os.path.join(data_dir, "postmaster.pid"), encoding="ascii") as f:
                 pid = int(f.readline())
-            os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return False
-        except PermissionError:
-            return True  # alive, another user's
-        return True
+            return pid > 0 and os.readlink(f"/proc/{pid}/cwd") == data_dir
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return False  # no file, no such process, or not ours to look at: not a postmaster
 
     def timeline(self):
         """The timeline of the last checkpoint."""

@@ -5,6 +5,7 @@ output is PostgreSQL 15's, taken from scratch clusters on this machine (an old p
 import dataclasses
 import os
 import pwd
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,22 @@ def test_postgresql_log_is_read_from_where_the_last_look_ended(tmp_path):
     with open(pg.logfile, "w") as f:  # rotated: shorter than where we were
         f.write("LOG:  new\n")
     assert pg.log_since(offset) == ("LOG:  new\n", 10)
+
+
+def test_running_means_a_process_that_lives_in_the_data_directory(tmp_path):
+    pg = local_postgres(tmp_path, "in archive recovery", 2)
+    data = tmp_path / "data"
+    data.mkdir()
+    assert pg.running() is False  # no postmaster.pid
+    (data / "postmaster.pid").write_text(f"{os.getpid()}\n{data}\n")
+    assert pg.running() is False  # a stale file naming a live process elsewhere (this one)
+    child = subprocess.Popen(["sleep", "30"], cwd=data)
+    try:
+        (data / "postmaster.pid").write_text(f"{child.pid}\n{data}\n")
+        assert pg.running() is True
+    finally:
+        child.kill()
+        child.wait()
+    assert pg.running() is False  # gone
+    (data / "postmaster.pid").write_text("garbage\n")
+    assert pg.running() is False
