@@ -2253,6 +2253,18 @@ def parse_lsn(text):
 # standby asks for what it no longer has
 WAL_REMOVED = re.compile(r"could not receive data from WAL stream: ERROR:  requested WAL "
                          r"segment [0-9A-F]{24} has already been removed")
+WAL_REMOVED_LOOKS = 2  # looks in a row that must find it: one stray line is no verdict
+
+
+def starting_standby_verdict(me, view, looks_before, found):
+    """A starting standby's PostgreSQL log, judged at one look (do_start_standby): (looks in a
+    row that found WAL_REMOVED, whether to reclone now). The walreceiver's line says that the
+    primary answered and no longer has the WAL this node waits for; WAL_REMOVED_LOOKS looks in
+    a row make it a verdict, and never on a node the view names primary or eligible (the
+    failover's target keeps its data; the primary drops a standby that does not stream from
+    eligibility, and then the next looks decide)."""
+    looks = looks_before + 1 if found else 0
+    return looks, looks >= WAL_REMOVED_LOOKS and me not in (view.primary, view.eligible)
 
 
 def format_lsn(value):
@@ -3020,7 +3032,6 @@ class DbAgent(Agent):
     SWITCHOVER_WAIT = 15.0  # how long a switchover request waits for the loop to carry it out
     WAL_RECHECK = 10.0  # how often a starting standby's log is read (do_start_standby): its
     #                     walreceiver retries every second, so each look finds the line anew
-    WAL_REMOVED_LOOKS = 2  # looks in a row that must find it: one stray line is no verdict
     HANDOVER_CATCHUP = 5.0  # a fenced primary waits this long for the standby to flush all
 
     def __init__(self, cfg, key, world=None):
@@ -3477,17 +3488,14 @@ class DbAgent(Agent):
         self.pg_log_offset, self.wal_removed_looks = None, 0
 
     def _judge_starting_standby(self, view):
-        """Read what PostgreSQL logged since the last look; True when it recloned. The verdict
-        is the walreceiver's "requested WAL segment ... has already been removed" -- the
-        primary answered, and it no longer has that WAL -- found by WAL_REMOVED_LOOKS looks in
-        a row, and never on a node the view names primary or eligible (the failover's target
-        keeps its data; the primary drops a standby that does not stream from eligibility)."""
+        """Read what PostgreSQL logged since the last look (the first look only finds where
+        the log ends) and judge it (starting_standby_verdict); True when it recloned."""
         first_look = self.pg_log_offset is None
         logged, self.pg_log_offset = self.pg.log_since(self.pg_log_offset)
         removed = None if first_look else WAL_REMOVED.search(logged)
-        self.wal_removed_looks = self.wal_removed_looks + 1 if removed else 0
-        if (self.wal_removed_looks < self.WAL_REMOVED_LOOKS
-                or self.cfg.me.name in (view.primary, view.eligible)):
+        self.wal_removed_looks, reclone = starting_standby_verdict(
+            self.cfg.me.name, view, self.wal_removed_looks, removed is not None)
+        if not reclone:
             return False
         self._reclone(view, f"{view.primary} no longer keeps WAL that my recovery waits for "
                             f"(PostgreSQL: {removed.group(0)})")

@@ -815,6 +815,17 @@ WALSENDER = ("ERROR:  requested WAL segment 000000020000000000000003 has already
              "removed\n")  # a primary's walsender, when its standby asked too late
 
 
+@pytest.mark.parametrize("looks_before", range(4))
+@pytest.mark.parametrize("found", [False, True])
+@pytest.mark.parametrize("primary, eligible", [("pg1", None), ("pg1", "pg2"), ("pg2", None),
+                                               ("pg1", "pg1")])
+def test_starting_standby_verdict(looks_before, found, primary, eligible):
+    view = agent.View(term=2, primary=primary, eligible=eligible, seq=3)
+    looks, reclone = agent.starting_standby_verdict("pg2", view, looks_before, found)
+    assert looks == (looks_before + 1 if found else 0)  # a look without the line starts over
+    assert reclone is (found and looks_before + 1 >= 2 and "pg2" not in (primary, eligible))
+
+
 def starting_standby(tmp_path, pg, eligible=None):
     node = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32)
     node.view = agent.View(term=2, primary="pg1", eligible=eligible, seq=3)
