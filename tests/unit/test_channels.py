@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from test_agent_under_abuse import write_cluster
+from loopback_cluster import write_cluster
 
 import agent
 

@@ -4,11 +4,10 @@ memory). A real agent process on loopback. Seen failing: the first on a plain sc
 the second when the re-execution drops the interpreter's options."""
 import subprocess
 import sys
-from pathlib import Path
+
+from loopback_cluster import REPO
 
 import agent
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_agent_runs_as_a_module_in_the_process_it_was_started_as(arbiter_process):
