@@ -29,8 +29,12 @@ import sys
 # backend of hashlib: the agent's one hash, HMAC-SHA256, is built into Python (2.5 µs more a
 # MAC). `ssl`, which psycopg2 imports only to leave OpenSSL's set-up to Python: libpq sets up
 # its own OpenSSL, thread-safe since 1.1, and the agent's connections use no TLS. The two
-# would map the system's libcrypto beside the one libpq brings (3.5 MiB, measured).
-LAUNCHER = ("import importlib.util as u,sys;sys.modules.update(_hashlib=None,ssl=None);"
+# would map the system's libcrypto beside the one libpq brings (3.5 MiB, measured). And first,
+# `-c` puts the current directory at the head of sys.path (a script run, the script's own): it
+# is dropped, so that no module comes from wherever the agent was started (root's agent from a
+# directory others can write to).
+LAUNCHER = ("import sys;sys.path[:]=[p for p in sys.path if p];"
+            "sys.modules.update(_hashlib=None,ssl=None);import importlib.util as u;"
             "s=u.spec_from_file_location('agent',sys.argv[1]);m=u.module_from_spec(s);"
             "sys.modules['agent']=m;s.loader.exec_module(m);sys.exit(m.main(sys.argv[2:]))")
 if __name__ == "__main__" and sys.executable:

@@ -36,3 +36,14 @@ def test_interpreter_options_reach_the_agent():
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "psycopg2" in imported
+
+
+def test_no_module_comes_from_the_directory_the_agent_was_started_in(tmp_path):
+    """`-c` puts the current directory first on sys.path, a script run the script's own: an
+    argparse.py there, which agent.py imports first, must not run. Seen failing (exit 99) on
+    the first launcher, which kept the directory."""
+    (tmp_path / "argparse.py").write_text("raise SystemExit(99)\n")
+    result = subprocess.run([sys.executable, str(REPO / "agent.py"), "--config",
+                             "/nonexistent/agent.ini", "--node", "arb"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, "bad config" in result.stderr) == (2, True), result.stderr
