@@ -37,7 +37,7 @@ LAUNCHER = ("import sys;sys.path[:]=[p for p in sys.path if p];"
             "sys.modules.update(_hashlib=None,ssl=None);import importlib.util as u;"
             "s=u.spec_from_file_location('agent',sys.argv[1]);m=u.module_from_spec(s);"
             "sys.modules['agent']=m;s.loader.exec_module(m);sys.exit(m.main(sys.argv[2:]))")
-if __name__ == "__main__" and sys.executable:
+if __name__ == "__main__" and sys.executable and __file__.endswith(".py"):  # else: in place
     _options = getattr(sys, "orig_argv", [""] * len(sys.argv))[1:-len(sys.argv)]  # -u, -X …
     os.execv(sys.executable, [sys.executable, *_options, "-c", LAUNCHER,
                               os.path.abspath(__file__), *sys.argv[1:]])
