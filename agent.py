@@ -22,25 +22,65 @@ import os
 import sys
 
 # `agent.py …` re-executes itself at once (the same pid, for systemd's and the lab's records)
-# to run as an imported module, for memory: run as a script, CPython keeps the file's whole
-# syntax tree resident until the script returns (pyrun_file frees its AST arena after
-# run_mod), 8 MiB for this file, a fifth of an agent's RSS; imported, the tree lives only while
-# the file compiles. The new interpreter also keeps two modules out. `_hashlib`, OpenSSL's
-# backend of hashlib: the agent's one hash, HMAC-SHA256, is built into Python (2.5 µs more a
-# MAC). `ssl`, which psycopg2 imports only to leave OpenSSL's set-up to Python: libpq sets up
-# its own OpenSSL, thread-safe since 1.1, and the agent's connections use no TLS. The two
-# would map the system's libcrypto beside the one libpq brings (3.5 MiB, measured). And first,
-# `-c` puts the current directory at the head of sys.path (a script run, the script's own): it
-# is dropped, so that no module comes from wherever the agent was started (root's agent from a
-# directory others can write to).
-LAUNCHER = ("import sys;sys.path[:]=[p for p in sys.path if p];"
-            "sys.modules.update(_hashlib=None,ssl=None);import importlib.util as u;"
-            "s=u.spec_from_file_location('agent',sys.argv[1]);m=u.module_from_spec(s);"
-            "sys.modules['agent']=m;s.loader.exec_module(m);sys.exit(m.main(sys.argv[2:]))")
-if __name__ == "__main__" and sys.executable and __file__.endswith(".py"):  # else: in place
-    _options = getattr(sys, "orig_argv", [""] * len(sys.argv))[1:-len(sys.argv)]  # -u, -X …
-    os.execv(sys.executable, [sys.executable, *_options, "-c", LAUNCHER,
-                              os.path.abspath(__file__), *sys.argv[1:]])
+# to run as a module that LAUNCHER compiles, for memory: run as a script, CPython keeps the
+# file's whole syntax tree resident until the script returns (pyrun_file frees its AST arena
+# after run_mod), 8 MiB for this file, a fifth of an agent's RSS; compiled with compile(), the
+# tree lives only while it compiles. Never from a cached .pyc: a cache is judged by the
+# source's mtime and size, and a deploy that keeps both would run the old code. The launcher
+# keeps two modules out. `_hashlib`, OpenSSL's backend of hashlib: the agent's one hash,
+# HMAC-SHA256, is built into Python (a 300-byte heartbeat 2.5 µs more a MAC, a 64 KiB line
+# 0.43 ms instead of 0.13). `ssl`, which psycopg2 imports only to leave OpenSSL's set-up to
+# Python: libpq sets up its own OpenSSL, thread-safe since 1.1, and the agent's connections use
+# no TLS. The two map the system's libcrypto beside the one psycopg2-binary's libpq brings
+# (3.5 MiB, measured; with Debian's python3-psycopg2 it is the same libcrypto, and only the
+# two modules are saved). First, it drops the current directory, which `-c` puts at the head
+# of sys.path (a script run puts the script's own there), so that no module comes from wherever
+# the agent was started, and it gives main() the argv of a script run.
+LAUNCHER = """import sys
+sys.path[:] = [p for p in sys.path if p]
+sys.modules.update(_hashlib=None, ssl=None)
+sys.argv[:] = sys.argv[1:]
+agent = sys.modules["agent"] = type(sys)("agent")
+agent.__file__ = sys.argv[0]
+with open(agent.__file__, "rb") as source:
+    code = compile(source.read(), agent.__file__, "exec")
+exec(code, vars(agent))
+sys.exit(agent.main(sys.argv[1:]))
+"""
+FLAGS_WITHOUT_VALUE = set("bBdEiIOPqsSuvx")  # python's own; -X and -W take one
+
+
+def relaunch_argv(orig_argv, argv, executable, running):
+    """The command line that runs `agent.py …` under LAUNCHER, or None to run in place. Only
+    for the interpreter started on the file itself, with options of its own at most (`python3
+    -X dev agent.py …`; not `-m cProfile`, `-m pdb`, coverage: tools that run the file), and
+    only when `executable` is the binary that runs (`running`: Python may have found another of
+    that name on PATH)."""
+    tail = len(argv)
+    if not (executable and argv and argv[0].endswith(".py") and len(orig_argv) > tail
+            and orig_argv[-tail:] == argv and running
+            and os.path.realpath(executable) == os.path.realpath(running)):
+        return None
+    options, rest = orig_argv[1:-tail], list(orig_argv[1:-tail])
+    while rest:
+        token = rest.pop(0)
+        if token in ("-X", "-W"):
+            if not rest:
+                return None
+            rest.pop(0)
+        elif not (token.startswith(("-X", "-W")) or (
+                len(token) > 1 and token[0] == "-" and set(token[1:]) <= FLAGS_WITHOUT_VALUE)):
+            return None
+    return [executable, *options, "-c", LAUNCHER, os.path.abspath(argv[0]), *argv[1:]]
+
+
+if __name__ == "__main__" and (
+        sys.gettrace() is None and sys.getprofile() is None
+        and globals() is vars(sys.modules["__main__"])):  # the file itself, not a tool's copy
+    _relaunch = relaunch_argv(getattr(sys, "orig_argv", []), sys.argv, sys.executable,
+                              "/proc/self/exe" if os.path.exists("/proc/self/exe") else "")
+    if _relaunch:
+        os.execv(_relaunch[0], _relaunch)
 
 import argparse
 import configparser
@@ -1391,7 +1431,7 @@ def raise_fd_limit():
 
 def lean_memory(first=True):
     """Give glibc's malloc back what is free and keep it from spreading: compiling this file
-    leaves ~8 MiB of freed parser memory resident until malloc_trim returns it, and a running
+    (LAUNCHER) frees its syntax tree, whose pages stay resident until malloc_trim, and a running
     agent's heap keeps 1-1.5 MiB of freed pages a minute later (measured in the lab; the loop
     trims every TRIM_INTERVAL); each thread that allocates would get an arena of its own, for
     an agent that allocates little and mostly under the GIL anyway (M_ARENA_MAX 1, set once,

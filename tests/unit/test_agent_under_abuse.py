@@ -1,7 +1,8 @@
 """The agent's port under abuse, against a real arbiter agent process on loopback: 2000
-connections at once, a 10 MB line, idle connections, deeply nested JSON, bad MACs and replayed
-requests. The agent stays up, answers a legitimate node within its timeout throughout, refuses
-the replays, and logs each kind of drop a few times, not thousands."""
+connections at once, a 10 MB line, idle connections, deeply nested JSON, bad MACs, replayed
+requests and a flood of 64 KiB lines with bad MACs. The agent stays up, answers a legitimate
+node within its timeout throughout, refuses the replays, and logs each kind of drop a few
+times, not thousands."""
 import os
 import re
 import resource
@@ -50,6 +51,32 @@ def exchange(arb, line, source="127.0.84.100"):
             return agent._read_line(s, time.monotonic() + 3)
         except ConnectionError:  # reset, or closed without a reply
             return b""
+
+
+def junk_flood(arb, line, seconds, senders=40):
+    """Send line again and again from the strangers' addresses (each connection one line);
+    how many the agent read and dropped."""
+    stop, dropped = threading.Event(), []
+
+    def send(source):
+        while not stop.is_set():
+            try:
+                with connect(arb.address, arb.agent_port, source, timeout=3) as s:
+                    s.sendall(line)
+                    if s.recv(1) == b"":
+                        dropped.append(1)
+            except OSError:  # refused by the cap, or reset
+                pass
+
+    threads = [threading.Thread(target=send, args=(ATTACKERS[i % len(ATTACKERS)],), daemon=True)
+               for i in range(senders)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    return len(dropped)
 
 
 class LegitimateNode(threading.Thread):
@@ -162,6 +189,12 @@ def test_a_real_agent_survives_abuse_and_keeps_answering(fd_limit, arbiter_proce
         assert exchange(arb, agent.seal(b"w" * 32, "pg1", "arb", "status", {})) == b""
         report["rss_growth_kb"] = proc_status(proc.pid, "VmRSS") - rss_before
         assert report["rss_growth_kb"] < 100_000
+
+        # 6. lines of MAX_MESSAGE bytes with bad MACs, from the strangers for 3 s: each costs
+        # the agent a MAC over 64 KiB (Python's own SHA-256, agent.LAUNCHER), each is dropped
+        junk = b"0" * 64 + b" " + b"x" * (agent.MAX_MESSAGE - 100) + b"\n"
+        report["junk_lines"] = junk_flood(arb, junk, seconds=3)
+        assert report["junk_lines"] > 0
     finally:
         legit.stop.set()
         threads.stop.set()

@@ -1,13 +1,25 @@
-"""`agent.py …` re-executes itself in the same process as an imported module, without
-OpenSSL's hashlib backend and the ssl module (agent.py, LAUNCHER: 8 + 3.5 MiB of an agent's
-memory). A real agent process on loopback. Seen failing: the first on a plain script run,
-the second when the re-execution drops the interpreter's options."""
+"""`agent.py …` re-executes itself in the same process as a module that agent.LAUNCHER
+compiles, without OpenSSL's hashlib backend and the ssl module (8 + 3.5 MiB of an agent's
+memory), and only when the interpreter runs the file itself. A real agent process on loopback
+and the pure choice of the command line. Seen failing: the first test on a plain script run,
+the options test when the re-execution dropped them, the directory test on a launcher that
+kept the current directory on sys.path, the tools' test and the program name on the first
+launcher (`-c` as the program, `-m cProfile` broken)."""
+import os
+import shutil
 import subprocess
 import sys
 
 from loopback_cluster import REPO
 
 import agent
+
+PY, FILE = "/usr/bin/python3", "/opt/bobry/agent.py"
+ARGS = ["--config", "/etc/bobry/agent.ini", "--node", "pg1"]
+
+
+def run(argv, **kwargs):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kwargs)
 
 
 def test_the_agent_runs_as_a_module_in_the_process_it_was_started_as(arbiter_process):
@@ -28,9 +40,8 @@ def test_the_agent_runs_as_a_module_in_the_process_it_was_started_as(arbiter_pro
 def test_interpreter_options_reach_the_agent():
     """-X importtime lists the imports of the interpreter that runs the agent: psycopg2 is
     imported only after the re-execution."""
-    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "agent.py"),
-                             "--config", "/nonexistent/agent.ini", "--node", "arb"],
-                            capture_output=True, text=True, timeout=60)
+    result = run([sys.executable, "-X", "importtime", str(REPO / "agent.py"),
+                  "--config", "/nonexistent/agent.ini", "--node", "arb"])
     assert result.returncode == 2
     assert "bad config: /nonexistent/agent.ini" in result.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
@@ -40,10 +51,52 @@ def test_interpreter_options_reach_the_agent():
 
 def test_no_module_comes_from_the_directory_the_agent_was_started_in(tmp_path):
     """`-c` puts the current directory first on sys.path, a script run the script's own: an
-    argparse.py there, which agent.py imports first, must not run. Seen failing (exit 99) on
-    the first launcher, which kept the directory."""
+    argparse.py there, which agent.py imports first, must not run (exit 99)."""
     (tmp_path / "argparse.py").write_text("raise SystemExit(99)\n")
-    result = subprocess.run([sys.executable, str(REPO / "agent.py"), "--config",
-                             "/nonexistent/agent.ini", "--node", "arb"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    result = run([sys.executable, str(REPO / "agent.py"), "--config",
+                  "/nonexistent/agent.ini", "--node", "arb"], cwd=tmp_path)
     assert (result.returncode, "bad config" in result.stderr) == (2, True), result.stderr
+
+
+def test_the_program_is_named_as_run_and_no_bytecode_is_cached(tmp_path):
+    """A cached .pyc is judged by the source's mtime and size: never used, never written."""
+    copy = tmp_path / "agent.py"
+    shutil.copy(REPO / "agent.py", copy)
+    result = run([sys.executable, str(copy), "--config", "/nonexistent/agent.ini"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: agent.py ")
+    assert "--node" in result.stderr
+    assert not (tmp_path / "__pycache__").exists()
+
+
+def test_a_tool_that_runs_the_file_runs_it_in_place(tmp_path):
+    result = run([sys.executable, "-m", "cProfile", str(REPO / "agent.py"),
+                  "--config", "/nonexistent/agent.ini", "--node", "arb"], cwd=tmp_path)
+    assert "bad config: /nonexistent/agent.ini" in result.stderr  # (cProfile exits 0)
+    assert "function calls" in result.stdout  # cProfile's report: it profiled the agent
+
+
+def relaunch(*options, argv=(FILE, *ARGS), executable=PY, running=PY):
+    return agent.relaunch_argv([PY, *options, *argv], list(argv), executable, running)
+
+
+def test_the_relaunch_carries_the_interpreters_own_options():
+    assert relaunch() == [PY, "-c", agent.LAUNCHER, FILE, *ARGS]
+    for options in (["-X", "dev"], ["-Xdev"], ["-W", "ignore"], ["-u", "-B"], ["-uBs"],
+                    ["-I"], ["-X", "importtime", "-Wd", "-O"]):
+        assert relaunch(*options) == [PY, *options, "-c", agent.LAUNCHER, FILE, *ARGS]
+    assert agent.relaunch_argv([PY, "agent.py"], ["agent.py"], PY, PY)[3] == os.path.abspath(
+        "agent.py")
+
+
+def test_no_relaunch_under_a_tool_another_binary_or_another_name():
+    for options in (["-m", "cProfile"], ["-mcProfile"], ["-m", "pdb"], ["--"], ["-uc", "x"],
+                    ["/venv/bin/coverage", "run"], ["-X"], ["-q", "trace.py"]):
+        assert relaunch(*options) is None, options
+    assert relaunch(running="/usr/bin/python3.12") is None  # found on PATH, not the one that runs
+    assert relaunch(running="") is None  # no /proc
+    assert relaunch(executable="") is None
+    assert relaunch(argv=("/usr/local/bin/bobry-agent", *ARGS)) is None  # compile() needs no
+    # suffix, but the name says that someone installed it so on purpose: as it was
+    assert agent.relaunch_argv([], [FILE, *ARGS], PY, PY) is None  # Python 3.9: no orig_argv
+    assert agent.relaunch_argv([PY, "-m", "agent", *ARGS], [FILE, *ARGS], PY, PY) is None
