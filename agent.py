@@ -18,6 +18,7 @@ Only the standard library and psycopg2.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -33,21 +34,27 @@ import sys
 # Python: libpq sets up its own OpenSSL, thread-safe since 1.1, and the agent's connections use
 # no TLS. The two map the system's libcrypto beside the one psycopg2-binary's libpq brings
 # (3.5 MiB, measured; with Debian's python3-psycopg2 it is the same libcrypto, and only the
-# two modules are saved). First, it drops the current directory, which `-c` puts at the head
-# of sys.path (a script run puts the script's own there), so that no module comes from wherever
-# the agent was started, and it gives main() the argv of a script run.
-LAUNCHER = """import sys
+# two modules are saved). First, it puts on sys.path, as a script run does, the script's own
+# directory, not the current one that `-c` puts there (no module comes from wherever the agent
+# was started), and it gives main() the argv of a script run.
+LAUNCHER = """import os, sys, warnings
 sys.path[:] = [p for p in sys.path if p]
+if not (sys.flags.isolated or getattr(sys.flags, "safe_path", False)):  # -I, -P: none
+    sys.path.insert(0, os.path.dirname(os.path.realpath(sys.argv[1])))
 sys.modules.update(_hashlib=None, ssl=None)
+if not sys.warnoptions:  # as for __main__: the agent's own deprecations are shown
+    warnings.filterwarnings("default", category=DeprecationWarning, module="agent")
 sys.argv[:] = sys.argv[1:]
 agent = sys.modules["agent"] = type(sys)("agent")
 agent.__file__ = sys.argv[0]
 with open(agent.__file__, "rb") as source:
     code = compile(source.read(), agent.__file__, "exec")
 exec(code, vars(agent))
+del code
 sys.exit(agent.main(sys.argv[1:]))
 """
-FLAGS_WITHOUT_VALUE = set("bBdEiIOPqsSuvx")  # python's own; -X and -W take one
+FLAGS_WITHOUT_VALUE = set("bBdEIOPqsSuv")  # python's own; -X and -W take one. Not -x (skip
+# the first line: compile() would not) nor -i (the prompt would open in LAUNCHER's namespace)
 
 
 def relaunch_argv(orig_argv, argv, executable, running):
@@ -74,17 +81,15 @@ def relaunch_argv(orig_argv, argv, executable, running):
     return [executable, *options, "-c", LAUNCHER, os.path.abspath(argv[0]), *argv[1:]]
 
 
-if __name__ == "__main__" and (
-        sys.gettrace() is None and sys.getprofile() is None
-        and globals() is vars(sys.modules["__main__"])):  # the file itself, not a tool's copy
+if __name__ == "__main__" and not sys.flags.inspect:  # PYTHONINSPECT: see -i above
     _relaunch = relaunch_argv(getattr(sys, "orig_argv", []), sys.argv, sys.executable,
                               "/proc/self/exe" if os.path.exists("/proc/self/exe") else "")
     if _relaunch:
-        os.execv(_relaunch[0], _relaunch)
+        with contextlib.suppress(OSError):  # cannot exec (a seccomp filter …): in place
+            os.execv(_relaunch[0], _relaunch)
 
 import argparse
 import configparser
-import contextlib
 import ctypes
 import fcntl
 import hashlib

@@ -1,10 +1,11 @@
 """`agent.py …` re-executes itself in the same process as a module that agent.LAUNCHER
 compiles, without OpenSSL's hashlib backend and the ssl module (8 + 3.5 MiB of an agent's
-memory), and only when the interpreter runs the file itself. A real agent process on loopback
-and the pure choice of the command line. Seen failing: the first test on a plain script run,
-the options test when the re-execution dropped them, the directory test on a launcher that
-kept the current directory on sys.path, the tools' test and the program name on the first
-launcher (`-c` as the program, `-m cProfile` broken)."""
+memory), and only when the interpreter runs the file itself. A real agent process on loopback,
+the file run under tools and options, and the pure choice of the command line. Seen failing,
+each on a breakage of its own: the process test on a plain script run; the options test when
+the relaunch dropped the options or did not happen; the directories test on a launcher that
+kept the current directory or did not put the script's own; the program name, the cached
+bytecode and cProfile on the first launcher; PYTHONINSPECT without its guard."""
 import os
 import shutil
 import subprocess
@@ -38,24 +39,31 @@ def test_the_agent_runs_as_a_module_in_the_process_it_was_started_as(arbiter_pro
 
 
 def test_interpreter_options_reach_the_agent():
-    """-X importtime lists the imports of the interpreter that runs the agent: psycopg2 is
-    imported only after the re-execution."""
+    """-X importtime lists the imports of the interpreter that runs the agent: `_sha256`,
+    hashlib's fallback once `_hashlib` is kept out, is imported only under the launcher."""
     result = run([sys.executable, "-X", "importtime", str(REPO / "agent.py"),
                   "--config", "/nonexistent/agent.ini", "--node", "arb"])
     assert result.returncode == 2
     assert "bad config: /nonexistent/agent.ini" in result.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "psycopg2" in imported
+    assert {"psycopg2", "_sha256"} <= imported
 
 
-def test_no_module_comes_from_the_directory_the_agent_was_started_in(tmp_path):
-    """`-c` puts the current directory first on sys.path, a script run the script's own: an
-    argparse.py there, which agent.py imports first, must not run (exit 99)."""
-    (tmp_path / "argparse.py").write_text("raise SystemExit(99)\n")
-    result = run([sys.executable, str(REPO / "agent.py"), "--config",
-                  "/nonexistent/agent.ini", "--node", "arb"], cwd=tmp_path)
-    assert (result.returncode, "bad config" in result.stderr) == (2, True), result.stderr
+def test_modules_come_from_the_agents_directory_not_the_current_one(tmp_path):
+    """`-c` puts the current directory first on sys.path, a script run the script's own
+    (resolved): an argparse.py in the current directory must not run (exit 99), one beside
+    agent.py does, as in a script run (exit 98)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    (here / "argparse.py").write_text("raise SystemExit(99)\n")
+    shutil.copy(REPO / "agent.py", there / "agent.py")
+    argv = [sys.executable, str(there / "agent.py"), "--config", "/nonexistent/agent.ini",
+            "--node", "arb"]
+    assert run(argv, cwd=here).returncode == 2
+    (there / "argparse.py").write_text("raise SystemExit(98)\n")
+    assert run(argv, cwd=here).returncode == 98
 
 
 def test_the_program_is_named_as_run_and_no_bytecode_is_cached(tmp_path):
@@ -76,6 +84,16 @@ def test_a_tool_that_runs_the_file_runs_it_in_place(tmp_path):
     assert "function calls" in result.stdout  # cProfile's report: it profiled the agent
 
 
+def test_with_pythoninspect_the_file_runs_in_place():
+    """The prompt that PYTHONINSPECT opens at the end belongs in the agent's own globals, not
+    LAUNCHER's: the traceback of its exit names the file, not `<string>`."""
+    result = run([sys.executable, str(REPO / "agent.py"), "--config", "/nonexistent/agent.ini",
+                  "--node", "arb"], env={**os.environ, "PYTHONINSPECT": "1"},
+                 stdin=subprocess.DEVNULL)
+    assert f'File "{REPO / "agent.py"}", line' in result.stderr, result.stderr
+    assert '"<string>"' not in result.stderr
+
+
 def relaunch(*options, argv=(FILE, *ARGS), executable=PY, running=PY):
     return agent.relaunch_argv([PY, *options, *argv], list(argv), executable, running)
 
@@ -91,9 +109,10 @@ def test_the_relaunch_carries_the_interpreters_own_options():
 
 def test_no_relaunch_under_a_tool_another_binary_or_another_name():
     for options in (["-m", "cProfile"], ["-mcProfile"], ["-m", "pdb"], ["--"], ["-uc", "x"],
-                    ["/venv/bin/coverage", "run"], ["-X"], ["-q", "trace.py"]):
+                    ["/venv/bin/coverage", "run"], ["-X"], ["-q", "trace.py"], ["-x"], ["-i"],
+                    ["-ui"]):
         assert relaunch(*options) is None, options
-    assert relaunch(running="/usr/bin/python3.12") is None  # found on PATH, not the one that runs
+    assert relaunch(running="/nonexistent/python") is None  # found on PATH, not the one that runs
     assert relaunch(running="") is None  # no /proc
     assert relaunch(executable="") is None
     assert relaunch(argv=("/usr/local/bin/bobry-agent", *ARGS)) is None  # compile() needs no
