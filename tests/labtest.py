@@ -61,6 +61,22 @@ def eventually(predicate, timeout, interval=0.2):
         time.sleep(interval)
 
 
+def steadily(predicate, seconds, timeout, interval=0.2):
+    """Wait until the predicate has held for `seconds` without a break, within timeout; else
+    AssertionError."""
+    deadline, since = time.monotonic() + timeout, None
+    while time.monotonic() <= deadline:
+        if not predicate():
+            since = None
+        elif since is None:
+            since = time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return
+        time.sleep(interval)
+    raise AssertionError(f"not true for {seconds} s within {timeout} s: "
+                         f"{predicate.__doc__ or predicate}")
+
+
 def role_of(backend, host):
     return backend.host_status(host).get("pg")
 
