@@ -11,6 +11,7 @@ from lab.backend import AGENT_HOSTS
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_S = 10.0  # 100 loop rounds at the default check_interval (0.1 s)
 GOALS = {"rss_mib": 40.0, "idle_cpu_pct": 1.0}
+ROLES = ("arbiter", "primary", "standby")  # each must have idle figures (roles_now)
 
 
 def parse(status, stat):
@@ -73,6 +74,6 @@ def missed_goals(idle_figures, worst_figures):
                f"{GOALS['idle_cpu_pct']:.0f} % of a core"
                for role, f in sorted(idle_figures.items())
                if f["cpu_pct"] > GOALS["idle_cpu_pct"]]
-    if not idle_figures:
-        missed.append("agent footprint: not measured")
+    missed += [f"idle agent footprint of the {role}: not measured"  # e.g. restarted meanwhile
+               for role in ROLES if role not in idle_figures]
     return missed

@@ -85,7 +85,7 @@ def test_the_agents_footprint_is_judged_and_printed():
         "primary at the start": {"rss_mib": 31.0, "cpu_pct": 4.0}}  # busy in a failover: fine
     text = report(s)
     assert "idle          arbiter                   RSS  30.0 MiB   CPU  0.60 %" in text
-    heavy = {"idle": {"standby": {"rss_mib": 41.0, "cpu_pct": 1.5}},
+    heavy = {"idle": {**USAGE["idle"], "standby": {"rss_mib": 41.0, "cpu_pct": 1.5}},
              "trials": [{"arbiter at the start": {"rss_mib": 40.5, "cpu_pct": 9.0}}]}
     s = bench(failover_trial(), usage=heavy)
     assert s["failed_goals"] == ["agent RSS of the standby 41.0 MiB > 40 MiB",
@@ -93,4 +93,15 @@ def test_the_agents_footprint_is_judged_and_printed():
                                  "idle agent CPU of the standby 1.50 % > 1 % of a core"]
     assert not s["ok"]
     s = bench(failover_trial(), usage={"idle": {}, "trials": []})
-    assert s["failed_goals"] == ["agent footprint: not measured"] and not s["ok"]
+    assert s["failed_goals"] == [f"idle agent footprint of the {role}: not measured"
+                                 for role in ("arbiter", "primary", "standby")]
+    assert not s["ok"]
+
+
+def test_a_role_whose_footprint_was_not_measured_fails_the_goals():
+    """An agent that restarted during the idle sample (another pid) has no figures: the goals
+    are not met by its absence."""
+    idle = {"primary": LIGHT, "arbiter": LIGHT}
+    s = bench(failover_trial(), usage={"idle": idle, "trials": USAGE["trials"]})
+    assert s["failed_goals"] == ["idle agent footprint of the standby: not measured"]
+    assert not s["ok"]
