@@ -583,6 +583,18 @@ def standby_heard(previous_reply_time, previous_seen_at, reply_time, now):
 PAUSED = "PAUSED"  # starts every decision's reason while the cluster is paused: loud in logs
 
 
+def calls_peer(me, peer, view, arbiter):
+    """Whether `me` starts the heartbeat with `peer` this round: one exchange per pair of
+    nodes, its request and reply carrying both statuses and echoes. A database node calls the
+    arbiter; the node its view names primary calls the other database node, so that the
+    primary's own requests anchor its lease and reach the standby as signs of it at once;
+    the arbiter calls no one. The side that only answers learns that the caller heard it from
+    the echo in the caller's next request, a round later (README, "What the agents watch")."""
+    if me == arbiter:
+        return False
+    return peer == arbiter or view.primary == me
+
+
 def decide_db(me, other, arbiter, obs, timing):
     """The one decision of a database node's agent, rule by rule (see README, "Rules"). While
     the view says paused, every reason starts with PAUSED."""
@@ -2947,8 +2959,11 @@ class Agent:
         return max(0.0, self.cfg.timing.check_interval - (self.clock() - began))
 
     def heartbeat_step(self, peer):
-        """One heartbeat with peer (a routine per peer); returns the wait before the next."""
+        """One heartbeat with peer (a routine per peer this node may call), when calls_peer
+        says so now; returns the wait before the next."""
         began = self.clock()
+        if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name):
+            return self._rest(began)
         try:
             body = self.world.call(self.cfg, self.key, peer, "status",
                                    self.status_body(peer.name), self.cfg.timing.probe_timeout)
@@ -3002,8 +3017,9 @@ class Agent:
         how long to wait before the next. The real agent runs each in a thread of its own
         (World.run_routine), the decision loop ("loop") in the main thread; the simulator
         schedules the very same steps."""
+        callers = self.cfg.me.name != self.cfg.arbiter.name  # the arbiter only answers
         routines = [(f"hb-{peer.name}", lambda peer=peer: self.heartbeat_step(peer))
-                    for peer in self.peers()]
+                    for peer in self.peers() if callers]
         routines.append(("probe", self.probe_step))
         routines.append(("loop", self.loop_step))
         return routines

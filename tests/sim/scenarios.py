@@ -360,10 +360,14 @@ def _one_way(c, src, dsts, seconds):
                                  f"{gap:.1f} s (want a primary that writes, or a failover)")
 
 
-@scenario("finding8-one-way-faults", old_finding8, expect=("no_writes",))
+@scenario("finding8-one-way-faults", old_finding8, expect=("no_switchover",))
 def finding8(c):
     """Finding 8: the primary cannot open connections to the arbiter nor the standby, which
-    can reach it; then each other one-way direction in turn: writes go on (or fail over)."""
+    can reach it; then each other one-way direction in turn: writes go on (or fail over).
+    Healed, a switchover must work: the arbiter, which only answers heartbeats, knows that the
+    standby hears it only from the echoes in the standby's requests (before the fix, a
+    peer's request did not count as contact; with the arbiter calling no one since, that
+    left it blind to both database nodes)."""
     m = primary(c)
     _one_way(c, m, [c.other_db(m), "arb"], 20.0)
     wait(c, 10.0)
@@ -371,6 +375,13 @@ def finding8(c):
                      (primary(c), "arb"), (primary(c), c.other_db(primary(c)))):
         _one_way(c, src, [dst], 10.0)
         wait(c, 10.0)
+    m = primary(c)
+    c.sched.run_until(c.sched.now + 20.0, until=lambda: c.arb_view.eligible == c.other_db(m))
+    request, refusal = c.nodes[m].agent.ask_switchover()
+    assert request is not None, refusal
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: primary(c) != m)
+    if primary(c) == m:
+        c.violation("no_switchover", f"{m} could not hand over to {c.other_db(m)} once healed")
 
 
 # -- 9. strict_sync is forgotten after a failover -------------------------------------------------
@@ -676,26 +687,25 @@ def stale_nft_child(c):
     wait(c, 1.5)                       # the lease lapses: fenced
     stalled = _stale_child_then_restart(c, m, "open_for", 3.0, "unfenced")
     agent_m = c.nodes[m].agent
-    original_unfence, original_arm = agent_m.do_unfence, agent_m.fence.arm
-
-    def do_unfence(decision):          # cut off again the moment it decides, its nft slow
-        agent_m.do_unfence = original_unfence
-        c.nodes[m].nft_slow = 1.0
-        cut(c, m, "arb")
-        cut(c, m, c.other_db(m))
-        return original_unfence(decision)
-
+    original_arm = agent_m.fence.arm
     committed = []
 
     def commit_stale():
         committed.append(stalled.pop()())
         c.trace(m, f"the killed agent's nft child commits: {committed[-1]}")
 
-    def arm(seconds):                  # the old child commits 10 ms after the new arm does
+    # The restarted agent's opening arms the fence: cut off again at that moment, its nft slow;
+    # the old child commits 10 ms after the new arm does. (Its first unfence may find no
+    # anchor yet -- its first heartbeat went out before its first look at PostgreSQL -- and
+    # then stays fenced without arming.)
+    def arm(seconds):
         if stalled:
+            c.nodes[m].nft_slow = 1.0
+            cut(c, m, "arb")
+            cut(c, m, c.other_db(m))
             c.sched.at(c.sched.now + c.nodes[m].nft_slow + 0.01, commit_stale)
         original_arm(seconds)
-    agent_m.do_unfence, agent_m.fence.arm = do_unfence, arm
+    agent_m.fence.arm = arm
     wait(c, 8.0)
     assert committed == [False], "the old child's write was not refused (or never came)"
     c.nodes[m].nft_slow = 0.0
@@ -736,6 +746,7 @@ def stale_open_child(c):
     wait(c, 0.5)
     committed = stalled.pop()()
     c.trace(m, f"the killed agent's nft child commits: {committed}")
+    c.check()  # what the child wrote, judged before any step of the agent's overwrites it
     wait(c, 0.5)
     isolate(c, m, client_too=False)    # the new primary cut off: it must be fenced in time
     wait(c, 8.0)
