@@ -7,7 +7,6 @@ import pytest
 
 import agent
 from agent import View, calls_peer
-
 from tests.unit.test_operate_logic import lab_config
 
 NODES = ("pg1", "pg2", "arb")
