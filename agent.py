@@ -583,16 +583,20 @@ def standby_heard(previous_reply_time, previous_seen_at, reply_time, now):
 PAUSED = "PAUSED"  # starts every decision's reason while the cluster is paused: loud in logs
 
 
-def calls_peer(me, peer, view, arbiter):
-    """Whether `me` starts the heartbeat with `peer` this round: one exchange per pair of
-    nodes, its request and reply carrying both statuses and echoes. A database node calls the
-    arbiter; the node its view names primary calls the other database node, so that the
-    primary's own requests anchor its lease and reach the standby as signs of it at once;
-    the arbiter calls no one. The side that only answers learns that the caller heard it from
-    the echo in the caller's next request, a round later (README, "What the agents watch")."""
-    if me == arbiter:
-        return False
-    return peer == arbiter or view.primary == me
+def calls_peer(me, peer, view, arbiter, unheard_for, timing):
+    """Whether `me` starts a heartbeat with `peer` this round. In a healthy cluster, one
+    exchange per pair of nodes, its request and reply carrying both statuses and echoes: a
+    database node calls the arbiter, and the node its view names primary calls the other
+    database node, so that the primary's own requests anchor its lease and reach the standby
+    as signs of it at once. The side that only answers learns that the caller heard it from
+    the echo in the caller's next request, a round later. It calls too once the peer's
+    requests have stopped for longer than check_interval + probe_timeout (unheard_for: since
+    the last one, in seconds; the longest gap between a healthy caller's requests): a caller
+    that cannot open connections (a one-way fault), or two views that each name the other
+    node primary, then cost no exchange (README, "What the agents watch")."""
+    if me != arbiter and (peer == arbiter or view.primary == me):
+        return True
+    return unheard_for > timing.check_interval + timing.probe_timeout
 
 
 def decide_db(me, other, arbiter, obs, timing):
@@ -2787,6 +2791,7 @@ class Observations:
         self.alive_at = {}    # node -> last sign that it serves as primary (our clock)
         self.lease_anchor = None  # latest moment a peer provably heard us as running primary
         self.stamps = {}      # peer -> its latest stamp (stamp, boot, pg, fenced): echoed back
+        self.requested_at = {}  # peer -> when its latest heartbeat request reached us
 
     def heard(self, peer, echo, now, arbiter=False):
         """The peer echoed one of our stamps (a later one than any before counts); one from
@@ -2953,7 +2958,9 @@ class Agent:
 
     def handle(self, sender, kind, body):
         if kind == "status":
-            self.note_status(sender, body, self.clock())
+            now = self.clock()
+            self.note_status(sender, body, now)
+            self.observations.requested_at[sender] = now  # its heartbeats reach us (calls_peer)
             return self.status_body(sender)
         raise ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
 
@@ -2967,7 +2974,9 @@ class Agent:
         """One heartbeat with peer (a routine per peer this node may call), when calls_peer
         says so now; returns the wait before the next."""
         began = self.clock()
-        if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name):
+        unheard_for = began - self.observations.requested_at.get(peer.name, -math.inf)
+        if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name,
+                          unheard_for, self.cfg.timing):
             return self._rest(began)
         try:
             body = self.world.call(self.cfg, self.key, peer, "status",
@@ -3022,9 +3031,8 @@ class Agent:
         how long to wait before the next. The real agent runs each in a thread of its own
         (World.run_routine), the decision loop ("loop") in the main thread; the simulator
         schedules the very same steps."""
-        callers = self.cfg.me.name != self.cfg.arbiter.name  # the arbiter only answers
         routines = [(f"hb-{peer.name}", lambda peer=peer: self.heartbeat_step(peer))
-                    for peer in self.peers() if callers]
+                    for peer in self.peers()]
         routines.append(("probe", self.probe_step))
         routines.append(("loop", self.loop_step))
         return routines

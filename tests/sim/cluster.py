@@ -465,7 +465,9 @@ class Cluster:
     def check(self):
         """After every step: at most one node takes read-write sessions."""
         view = self.arb_view
-        if view is not None and not getattr(view, "paused", False) \
+        # paused or resuming, the primary may hold its port open without a timeout: the
+        # arbiter grants nothing until the primary said its lease is timed again
+        if view is not None and not (view.paused or view.resuming) \
                 and self.fences[view.primary].expiry == float("inf") \
                 and self.pg[view.primary].is_primary:
             self.violation("unbounded_lease", f"{view.primary} serves as the primary of term "

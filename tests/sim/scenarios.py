@@ -29,9 +29,9 @@ class Scenario:
         return self.script.__doc__
 
 
-def scenario(name, old, strict=False, expect=(), timing=None):
+def scenario(name, old, strict=False, expect=(), timing=None, seed=1):
     def register(script):
-        SCENARIOS[name] = Scenario(name, script, old, strict, expect, timing=timing)
+        SCENARIOS[name] = Scenario(name, script, old, strict, expect, seed, timing)
         return script
     return register
 
@@ -116,7 +116,9 @@ def old_finding1():
         yield
 
 
-@scenario("finding1-stale-view-sync-clear", old_finding1, expect=("lost_acked",))
+# seeds: the race shows on most (the old code lost an acknowledged write on 19 of seeds 1-30,
+# today's agent on none), not on seed 1 since the schedule changed with calls_peer
+@scenario("finding1-stale-view-sync-clear", old_finding1, expect=("lost_acked",), seed=4)
 def finding1(c):
     """Finding 1: the arbiter records `eligible pg2` but its reply to pg1 is lost; pg2 stops
     streaming; pg1 must not stop waiting on its stale view; pg1 is then isolated and pg2
@@ -216,7 +218,10 @@ def old_finding4():
         yield
 
 
-@scenario("finding4-handover-without-answer", old_finding4, expect=("dual_rw", "dual_ack"))
+# seeds: dual_rw on the old code on 22 of seeds 1-30 (today's agent: none), not on seed 1 since
+# the schedule changed with calls_peer
+@scenario("finding4-handover-without-answer", old_finding4, expect=("dual_rw", "dual_ack"),
+          seed=2)
 def finding4(c):
     """Finding 4: a switchover whose handover request the arbiter grants but whose reply is
     lost: the old primary must stay fenced until the arbiter settles it."""
@@ -360,16 +365,20 @@ def _one_way(c, src, dsts, seconds):
                                  f"{gap:.1f} s (want a primary that writes, or a failover)")
 
 
-@scenario("finding8-one-way-faults", old_finding8, expect=("no_switchover",))
+@scenario("finding8-one-way-faults", old_finding8, expect=("no_writes", "needless_failover",
+                                                         "no_switchover"))
 def finding8(c):
     """Finding 8: the primary cannot open connections to the arbiter nor the standby, which
-    can reach it; then each other one-way direction in turn: writes go on (or fail over).
-    Healed, a switchover must work: the arbiter, which only answers heartbeats, knows that the
-    standby hears it only from the echoes in the standby's requests (before the fix, a
-    peer's request did not count as contact; with the arbiter calling no one since, that
-    left it blind to both database nodes)."""
+    can reach it: it keeps its lease and its role (their calls reach it once its own stop,
+    calls_peer, and their requests' echoes anchor its lease); then each other one-way
+    direction in turn: writes go on (or fail over). Healed, a switchover must work: the
+    arbiter knows that the standby hears it from the echoes in the standby's requests."""
     m = primary(c)
+    grants = c.grants
     _one_way(c, m, [c.other_db(m), "arb"], 20.0)
+    if c.grants != grants:
+        c.violation("needless_failover", f"{m} lost its role while only its own connections "
+                                         "failed")
     wait(c, 10.0)
     for src, dst in (("arb", primary(c)), (c.other_db(primary(c)), primary(c)),
                      (primary(c), "arb"), (primary(c), c.other_db(primary(c)))):
@@ -382,6 +391,65 @@ def finding8(c):
     c.sched.run_until(c.sched.now + 10.0, until=lambda: primary(c) != m)
     if primary(c) == m:
         c.violation("no_switchover", f"{m} could not hand over to {c.other_db(m)} once healed")
+
+
+# -- one exchange per pair: the answering side calls once the caller's requests stop -----------
+
+@contextlib.contextmanager
+def old_designated_callers_only():
+    """Before the fix (found by the hostile read of one exchange per pair): only the
+    designated side of a pair ever called, so a caller that could not open connections, or
+    two views that each named the other node primary, left the pair without an exchange."""
+    def calls_peer(me, peer, view, arbiter, unheard_for, timing):
+        return me != arbiter and (peer == arbiter or view.primary == me)
+
+    with patched(agent, "calls_peer", calls_peer):
+        yield
+
+
+def _set_pause(c, paused):
+    arb, view = c.nodes["arb"].agent, c.arb_view
+    return arb.handle("arb", "pause", {"term": view.term, "seq": view.seq, "paused": paused})
+
+
+@scenario("resume-while-the-primary-cannot-call-the-arbiter", old_designated_callers_only,
+          expect=("stuck_resuming", "no_failover"))
+def resume_one_way(c):
+    """Paused; the primary can no longer open connections to the arbiter; resumed. The
+    arbiter must hear, by calling the primary, that its lease is timed again (else it stays
+    "resuming" and grants nothing), and a failover must then be possible."""
+    m, s = primary(c), c.other_db(primary(c))
+    c.sched.run_until(c.sched.now + 20.0, until=lambda: c.arb_view.eligible == s)
+    assert _set_pause(c, True)["granted"]
+    wait(c, 2.0)
+    c.net.block[(m, "arb")] = 1
+    c.trace("fault", f"one-way: {m} cannot connect to arb")
+    assert _set_pause(c, False)["granted"]
+    wait(c, 5.0)
+    if c.arb_view.resuming:
+        c.violation("stuck_resuming", f"the arbiter never heard that {m}'s lease is timed again")
+    grants = c.grants
+    isolate(c, m)
+    wait(c, 10.0)
+    if c.grants == grants:
+        c.violation("no_failover", f"{m} isolated for 10 s after the resume: no grant")
+    heal(c)
+
+
+@scenario("handover-then-the-new-primary-cannot-call-the-arbiter",
+          old_designated_callers_only, expect=("no_writes",))
+def handover_one_way(c):
+    """A switchover; at once the new primary can no longer open connections to the arbiter.
+    The old primary, which learned the new view, stops calling it; the new one, whose view
+    may still name the old primary, does not call it either: unless the one not called
+    calls, the new primary never learns its role and no write is acknowledged."""
+    m, s = primary(c), c.other_db(primary(c))
+    c.sched.run_until(c.sched.now + 20.0, until=lambda: c.arb_view.eligible == s)
+    request, refusal = c.nodes[m].agent.ask_switchover()
+    assert request is not None, refusal
+    c.sched.run_until(c.sched.now + 10.0, until=lambda: primary(c) != m)
+    _one_way(c, s, ["arb"], 15.0)
+    heal(c)
 
 
 # -- 9. strict_sync is forgotten after a failover -------------------------------------------------

@@ -9,7 +9,7 @@ from .__main__ import many
 from .run import report, run, shrink
 
 SEEDS = int(os.environ.get("BOBRY_SIM_SEEDS", "96"))
-STEPS = int(os.environ.get("BOBRY_SIM_STEPS", "100000"))
+STEPS = int(os.environ.get("BOBRY_SIM_STEPS", "110000"))
 MIN_TICKS = int(os.environ.get("BOBRY_SIM_MIN_TICKS", "1000000"))
 
 

@@ -1,7 +1,8 @@
-"""One heartbeat exchange per pair of nodes and round (agent.calls_peer): who starts it, and
-that the agents' routines follow the rule -- the arbiter only answers, the standby calls the
-arbiter only, the node its view names primary calls both peers."""
-import itertools
+"""One heartbeat exchange per pair of nodes and round while the cluster is healthy
+(agent.calls_peer): who starts it, and the fallback -- the answering side calls too once the
+peer's requests stop (a one-way fault, views that disagree) -- and that the agents' routines
+follow the rule."""
+import math
 
 import pytest
 
@@ -9,23 +10,42 @@ import agent
 from agent import View, calls_peer
 from tests.unit.test_operate_logic import lab_config
 
-NODES = ("pg1", "pg2", "arb")
+T = agent.Timing(check_interval=0.1, probe_timeout=0.25, fence_timeout=1.0, safety_margin=0.1,
+                 failover_timeout=1.5, restart_grace=6.0)
+FRESH, STALE = 0.3, 0.4  # seconds since the peer's last request: within and past c + p (0.35)
+
+# (me, peer, the view's primary) -> whether me calls peer while peer's requests keep coming
+DESIGNATED = {
+    ("pg1", "arb", "pg1"): True, ("pg1", "arb", "pg2"): True,
+    ("pg2", "arb", "pg1"): True, ("pg2", "arb", "pg2"): True,
+    ("pg1", "pg2", "pg1"): True, ("pg1", "pg2", "pg2"): False,
+    ("pg2", "pg1", "pg1"): False, ("pg2", "pg1", "pg2"): True,
+    ("arb", "pg1", "pg1"): False, ("arb", "pg1", "pg2"): False,
+    ("arb", "pg2", "pg1"): False, ("arb", "pg2", "pg2"): False,
+}
 
 
-@pytest.mark.parametrize("me,peer,primary", [
-    (me, peer, primary) for me, peer in itertools.permutations(NODES, 2)
-    for primary in ("pg1", "pg2")])
-def test_who_starts_each_exchange(me, peer, primary):
+@pytest.mark.parametrize("me,peer,primary", sorted(DESIGNATED))
+def test_who_calls_while_the_peer_calls(me, peer, primary):
+    assert calls_peer(me, peer, View(3, primary, None), "arb", FRESH, T) is \
+        DESIGNATED[(me, peer, primary)]
+
+
+@pytest.mark.parametrize("me,peer,primary", sorted(DESIGNATED))
+def test_everyone_calls_a_peer_whose_requests_stopped(me, peer, primary):
     view = View(3, primary, None)
-    expected = me != "arb" and (peer == "arb" or me == primary)
-    assert calls_peer(me, peer, view, "arb") is expected
+    assert calls_peer(me, peer, view, "arb", STALE, T)
+    assert calls_peer(me, peer, view, "arb", math.inf, T)  # never heard: at the start
 
 
-def test_one_caller_per_pair_in_every_view():
-    for primary in ("pg1", "pg2"):
-        view = View(3, primary, None)
-        for a, b in itertools.combinations(NODES, 2):
-            assert calls_peer(a, b, view, "arb") != calls_peer(b, a, view, "arb"), (a, b)
+def test_two_views_naming_each_other_primary_still_exchange():
+    """pg1 learned that pg2 is the primary (a handover), pg2 has not: neither is the
+    designated caller of the pair, and both call once the other's requests have stopped."""
+    pg1_view, pg2_view = View(4, "pg2", None), View(3, "pg1", "pg2")
+    assert not calls_peer("pg1", "pg2", pg1_view, "arb", FRESH, T)
+    assert not calls_peer("pg2", "pg1", pg2_view, "arb", FRESH, T)
+    assert calls_peer("pg1", "pg2", pg1_view, "arb", STALE, T)
+    assert calls_peer("pg2", "pg1", pg2_view, "arb", STALE, T)
 
 
 class Recorder(agent.World):
@@ -38,28 +58,29 @@ class Recorder(agent.World):
         raise OSError("not on the network in this test")
 
 
-def _routine_names(node):
-    return [name for name, _ in node.routines()]
+def _steps(node):
+    node.world.called.clear()
+    for peer in node.peers():
+        assert 0 <= node.heartbeat_step(peer) <= node.cfg.timing.check_interval
+    return node.world.called
 
 
-def test_the_arbiter_runs_no_heartbeat_routine(tmp_path):
-    arb = agent.ArbiterAgent(lab_config(tmp_path, "arb"), b"k" * 32, world=Recorder())
-    assert not [n for n in _routine_names(arb) if n.startswith("hb-")]
+def _request_from(node, sender):
+    """An authenticated heartbeat request as the server hands it to the agent."""
+    node.handle(sender, "status", {"node": sender, "pg": "standby", "fenced": False})
 
 
-@pytest.mark.parametrize("node,calls", [("pg1", ["pg2", "arb"]), ("pg2", ["arb"])])
-def test_a_database_node_calls_as_its_view_says(tmp_path, node, calls):
-    """pg1 is the primary of the lab's first view: it calls both peers; pg2 only the arbiter,
-    though it has a routine for pg1 too (it calls pg1 once its view makes it the primary)."""
-    world = Recorder()
-    db = agent.DbAgent(lab_config(tmp_path, node), b"k" * 32, world=world)
-    assert [n for n in _routine_names(db) if n.startswith("hb-")] == [
-        f"hb-{db.other.name}", "hb-arb"]
-    for peer in db.peers():
-        assert 0 <= db.heartbeat_step(peer) <= db.cfg.timing.check_interval
-    assert world.called == calls
-    db.view = db.view.changed(term=2, primary=db.other.name if node == "pg1" else node)
-    world.called.clear()
-    for peer in db.peers():
-        db.heartbeat_step(peer)
-    assert world.called == (["arb"] if node == "pg1" else ["pg1", "arb"])
+@pytest.mark.parametrize("node", ["pg1", "pg2", "arb"])
+def test_an_agent_calls_as_the_rule_says(tmp_path, node):
+    """The lab's first view: pg1 primary. At the start every node calls every peer (none has
+    heard a request yet); once each peer's requests come, only the designated calls remain."""
+    cls = agent.ArbiterAgent if node == "arb" else agent.DbAgent
+    a = cls(lab_config(tmp_path, node), b"k" * 32, world=Recorder())
+    assert sorted(n for n, _ in a.routines() if n.startswith("hb-")) == sorted(
+        f"hb-{p.name}" for p in a.peers())
+    assert sorted(_steps(a)) == sorted(p.name for p in a.peers())
+    for peer in a.peers():
+        _request_from(a, peer.name)
+    assert _steps(a) == {"pg1": ["pg2", "arb"], "pg2": ["arb"], "arb": []}[node]
+    a.observations.requested_at = {p: t - 0.4 for p, t in a.observations.requested_at.items()}
+    assert sorted(_steps(a)) == sorted(p.name for p in a.peers())
