@@ -2960,7 +2960,8 @@ class Agent:
         if kind == "status":
             now = self.clock()
             self.note_status(sender, body, now)
-            self.observations.requested_at[sender] = now  # its heartbeats reach us (calls_peer)
+            if _finite(body.get("stamp")):  # a peer's heartbeat, not an operator's `status`
+                self.observations.requested_at[sender] = now  # they reach us (calls_peer)
             return self.status_body(sender)
         raise ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
 

@@ -67,7 +67,8 @@ def _steps(node):
 
 def _request_from(node, sender):
     """An authenticated heartbeat request as the server hands it to the agent."""
-    node.handle(sender, "status", {"node": sender, "pg": "standby", "fenced": False})
+    node.handle(sender, "status", {"node": sender, "pg": "standby", "fenced": False,
+                                   "stamp": 1.0, "boot": "other"})
 
 
 @pytest.mark.parametrize("node", ["pg1", "pg2", "arb"])
@@ -82,5 +83,11 @@ def test_an_agent_calls_as_the_rule_says(tmp_path, node):
     for peer in a.peers():
         _request_from(a, peer.name)
     assert _steps(a) == {"pg1": ["pg2", "arb"], "pg2": ["arb"], "arb": []}[node]
+    for peer in a.peers():  # an operator's `status` (no stamp) is no heartbeat of the peer's
+        a.observations.requested_at.pop(peer.name)
+        a.handle(peer.name, "status", {})
+    assert sorted(_steps(a)) == sorted(p.name for p in a.peers())
+    for peer in a.peers():
+        _request_from(a, peer.name)
     a.observations.requested_at = {p: t - 0.4 for p, t in a.observations.requested_at.items()}
     assert sorted(_steps(a)) == sorted(p.name for p in a.peers())
