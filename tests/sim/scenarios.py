@@ -23,15 +23,16 @@ class Scenario:
     expect: tuple = ()  # the violations the old code shows (any of them)
     seed: int = 1
     timing: object = None  # an agent.Timing the script's fixed delays are built on, or None
+    fibers: bool = False   # steps as fibers: each thread blocks on its own, as real ones do
 
     @property
     def __doc__(self):
         return self.script.__doc__
 
 
-def scenario(name, old, strict=False, expect=(), timing=None, seed=1):
+def scenario(name, old, strict=False, expect=(), timing=None, seed=1, fibers=False):
     def register(script):
-        SCENARIOS[name] = Scenario(name, script, old, strict, expect, seed, timing)
+        SCENARIOS[name] = Scenario(name, script, old, strict, expect, seed, timing, fibers)
         return script
     return register
 
@@ -48,7 +49,7 @@ def run_scenario(name, old=False, log=None):
     s = SCENARIOS[name]
     with (s.old() if old else contextlib.nullcontext()):
         return run(s.seed, 0, strict=s.strict, log=log, setup=lambda c, plan: s.script(c),
-                   wall_skew=0.0, timing=s.timing)
+                   wall_skew=0.0, timing=s.timing, fibers=s.fibers)
 
 
 @contextlib.contextmanager
@@ -116,9 +117,11 @@ def old_finding1():
         yield
 
 
-# seeds: the race shows on most (the old code lost an acknowledged write on 19 of seeds 1-30,
-# today's agent on none), not on seed 1 since the schedule changed with calls_peer
-@scenario("finding1-stale-view-sync-clear", old_finding1, expect=("lost_acked",), seed=4)
+# fibers: as threads block, each on its own. In the nested mode a node whose step waits holding
+# a lock takes no requests, and once calls_peer made the arbiter call the isolated primary
+# (its requests having stopped), the standby's promotion requests waited out their deadline
+# there: no grant, the script's premise gone (seeds 1-8 alike in fibers mode, both ways)
+@scenario("finding1-stale-view-sync-clear", old_finding1, expect=("lost_acked",), fibers=True)
 def finding1(c):
     """Finding 1: the arbiter records `eligible pg2` but its reply to pg1 is lost; pg2 stops
     streaming; pg1 must not stop waiting on its stale view; pg1 is then isolated and pg2
@@ -143,7 +146,9 @@ def finding1(c):
     heal(c)
     isolate(c, m)                     # then the primary is cut off; the standby is back
     c.pg[s].start_fails = False
+    grants = c.grants
     wait(c, 10.0)
+    assert c.grants > grants, "the standby was never promoted: the scenario's premise failed"
     heal(c)
 
 
@@ -218,10 +223,9 @@ def old_finding4():
         yield
 
 
-# seeds: dual_rw on the old code on 22 of seeds 1-30 (today's agent: none), not on seed 1 since
-# the schedule changed with calls_peer
+# fibers: see finding1 (seeds 1-8 alike in fibers mode, both ways)
 @scenario("finding4-handover-without-answer", old_finding4, expect=("dual_rw", "dual_ack"),
-          seed=2)
+          fibers=True)
 def finding4(c):
     """Finding 4: a switchover whose handover request the arbiter grants but whose reply is
     lost: the old primary must stay fenced until the arbiter settles it."""
@@ -230,6 +234,7 @@ def finding4(c):
     request, refusal = c.nodes[m].agent.ask_switchover()
     assert request is not None, refusal
     wait(c, 10.0)
+    assert c.handovers == 1, "the handover never happened: the scenario's premise failed"
 
 
 # -- 5. contact is counted before the reply's view is learned -------------------------------------
@@ -345,6 +350,8 @@ def old_finding8():
             if self.counts_alive(body):
                 self.observations.alive(sender, self.clock())
             self.observations.remember_stamp(sender, body)
+            if agent._finite(body.get("stamp")):  # as today (calls_peer's fallback)
+                self.observations.requested_at[sender] = self.clock()
             return self.status_body(sender)
         raise agent.ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
 
@@ -405,6 +412,13 @@ def old_designated_callers_only():
 
     with patched(agent, "calls_peer", calls_peer):
         yield
+
+
+# finding8's script again, its first phase against the code without the fallback: the primary
+# that cannot open connections must keep its role
+SCENARIOS["one-way-faults-without-the-fallback"] = dataclasses.replace(
+    SCENARIOS["finding8-one-way-faults"], name="one-way-faults-without-the-fallback",
+    old=old_designated_callers_only, expect=("needless_failover",))
 
 
 def _set_pause(c, paused):
