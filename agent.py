@@ -2972,8 +2972,8 @@ class Agent:
         return max(0.0, period - (self.clock() - began))
 
     def heartbeat_step(self, peer):
-        """One heartbeat with peer (a routine per peer this node may call), when calls_peer
-        says so now; returns the wait before the next."""
+        """One heartbeat with peer (a routine per peer), when calls_peer says this node
+        starts it now; returns the wait before the next."""
         began = self.clock()
         unheard_for = began - self.observations.requested_at.get(peer.name, -math.inf)
         if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name,
