@@ -13,7 +13,11 @@ NS = "bobry-fencetest"
 SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import agent
+import agent, subprocess
+def nft_elements(name):
+    listed = subprocess.run(["nft", "list", "set", "inet", "bobry_fence", name],
+                            capture_output=True, text=True, check=True).stdout
+    return listed[listed.find("elements"):].split("}")[0]
 fence, out = agent.Fence(5432), {}
 fence.install()
 out["installed"] = agent.describe_lease(fence.lease())
@@ -21,6 +25,7 @@ out["unarmed_open"] = fence.open_for(0.5)  # a write needs an armed window
 fence.arm(0.3)
 out["open_for_ok"] = fence.open_for(0.5)
 out["open_for"] = fence.lease()
+out["nft_lists_open_for"] = nft_elements("lease")  # nft's own reading of what was written
 out["renew_unarmed"] = fence.renew(1.0)  # the window is used up by the write
 fence.arm(0.3)
 out["renew_live"] = fence.renew(1.0)
@@ -53,6 +58,14 @@ for write in ("open", "hold"):  # the writes without a timeout: a stale one woul
     restarted.open_for(0.5)
     out[f"stale_{write}"] = getattr(killed, write)()
     out[f"after_stale_{write}"] = fence.lease()
+fence.let_through("10.1.2.3", 5)
+out["nft_lists_handover"] = nft_elements("handover")
+fence.stop_letting_through()
+out["handover_after_stop"] = nft_elements("handover")
+fence.arm(3)
+out["nft_lists_token"] = nft_elements("fresh")
+out["token"] = fence.token
+fence.open_for(0.1)  # takes the window
 fence.close()
 out["unarmed_standby"] = fence.open()
 fence.arm(0.3)
@@ -81,6 +94,11 @@ def test_a_lease_lapses_by_itself_and_a_late_or_stale_write_never_opens_the_port
     assert out["installed"] == "closed (fenced)"
     assert out["unarmed_open"] is False and out["open_for_ok"] is True
     assert 0.3 < out["open_for"] <= 0.5
+    # the elements are written as netlink messages: nft reads them as the rules match them
+    assert out["nft_lists_open_for"].startswith("elements = { 5432 timeout 500ms expires ")
+    assert out["nft_lists_handover"].startswith("elements = { 10.1.2.3 timeout 5s expires ")
+    assert "elements" not in out["handover_after_stop"]
+    assert out["nft_lists_token"].startswith(f"elements = {{ {out['token']:#010x} timeout 3s ")
     assert out["renew_unarmed"] is False
     assert out["renew_live"] is True and 0.8 < out["after_renew"] <= 1.0
     assert out["kept_by_install"]

@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -317,14 +318,25 @@ def test_finding6_a_slow_postgres_status_does_not_skip_the_fence():
     assert agent.lease_extension(NOW - 0.001, None, NOW, T) is None
 
 
-def test_finding6_the_lease_is_parsed_from_the_kernels_listing():
-    listing = "table inet bobry_fence {\n\tset lease {\n\t\telements = { 5432 timeout 1s " \
-              "expires 873ms }\n\t}\n}"
-    assert agent.parse_lease(listing, 5432) == pytest.approx(0.873)
-    assert agent.parse_lease("elements = { 5432 }", 5432) == float("inf")
-    assert agent.parse_lease("set lease {\n flags timeout\n}", 5432) is None
-    assert agent.parse_lease("elements = { 5432 timeout 2m expires 1m2s5ms }", 5432) == \
-        pytest.approx(62.005)
+def test_finding6_the_lease_is_read_from_the_kernels_elements():
+    """A GETSETELEM reply's attributes, as the kernel nests them (the kernel test checks the
+    real thing): each element's key and the milliseconds it has left, if it has a timeout."""
+    sets = agent.SetElements("bobry_fence")
+    attr, nested = sets._attr, sets._nested
+
+    def element(key, ms_left):
+        expires = [] if ms_left is None else [attr(5, struct.pack(">Q", ms_left))]
+        return nested(1, nested(1, attr(1, key)), attr(4, struct.pack(">Q", 1000)), *expires)
+
+    port_5432, other = b"\x15\x38", b"\x15\x39"
+    reply = attr(1, b"bobry_fence\0") + attr(2, b"lease\0") + nested(
+        3, element(other, 5), element(port_5432, 873))
+    elements = list(sets._decode(reply))
+    assert elements == [(other, 5), (port_5432, 873)]
+    assert agent.lease_left(elements, port_5432) == pytest.approx(0.873)
+    assert agent.lease_left([(port_5432, None)], port_5432) == float("inf")
+    assert agent.lease_left([(other, 5)], port_5432) is None
+    assert agent.Fence(5432).port_key == port_5432
 
 
 # -- 7. clock offset between hosts ---------------------------------------------------------------
