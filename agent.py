@@ -601,6 +601,43 @@ def calls_peer(me, peer, view, arbiter, unheard_for, timing):
     return unheard_for > timing.check_interval + timing.probe_timeout
 
 
+# A watching routine's rounds while all it watches looks as it should (round_period): two and
+# a half rounds, 0.25 s at the defaults, where one a round was two fifths of an idle node's CPU
+STEADY_ROUNDS = 2.5
+
+
+def round_period(steady, timing):
+    """The wait from one round to the next of a routine that watches for change -- a database
+    node's decision loop, the probe of the primary's PostgreSQL: check_interval, or
+    STEADY_ROUNDS times that while all it watched looked as it should at its last round. Any
+    sign of trouble -- a peer or the primary unheard for longer than a healthy exchange's
+    longest gap (check_interval + probe_timeout), a decision other than none, a new view --
+    brings the next round back within check_interval of it, more than a second before
+    failover_timeout runs out: how soon a failure is acted on does not change. What waits
+    longer is what no heartbeat shows: a PostgreSQL that stopped answering is seen up to
+    (STEADY_ROUNDS - 1) x check_interval later. Safety never rests on a round: the lease is
+    the kernel's, a promotion the arbiter's (README, "Footprint")."""
+    return timing.check_interval * (STEADY_ROUNDS if steady else 1)
+
+
+def heard_lately(ages, timing):
+    """Whether every age (seconds since a peer was last heard) is within a healthy exchange's
+    longest gap."""
+    return all(age <= timing.check_interval + timing.probe_timeout for age in ages)
+
+
+def db_steady(me, other, arbiter, obs, decision, previous_view, timing):
+    """Whether a database node's loop may wait STEADY_ROUNDS (round_period): it decided to do
+    nothing, under the view it held at its round before, and both peers heard it lately, as
+    did the primary's signs when that is another node."""
+    ages = [obs.now - obs.contact_at.get(peer, -math.inf) for peer in (other, arbiter)]
+    if obs.view.primary != me:
+        ages.append(obs.now - (-math.inf if obs.primary_alive_at is None
+                               else obs.primary_alive_at))
+    return (decision.action == "none" and obs.view == previous_view
+            and heard_lately(ages, timing))
+
+
 def decide_db(me, other, arbiter, obs, timing):
     """The one decision of a database node's agent, rule by rule (see README, "Rules"). While
     the view says paused, every reason starts with PAUSED."""
@@ -3142,15 +3179,20 @@ class Agent:
         return self._rest(began)
 
     def probe_step(self):
-        """Can a client reach the primary's PostgreSQL and does it say it is a primary?"""
+        """Can a client reach the primary's PostgreSQL and does it say it is a primary? Every
+        round while the primary's signs (this probe's among them) are late, else every
+        STEADY_ROUNDS (round_period); a primary has none to probe."""
         began = self.clock()
         primary = self.view.primary
-        if primary != self.cfg.me.name:
-            try:
-                self._probe_once(primary)
-            except Exception as exc:  # noqa: BLE001 -- the probe routine must go on
-                self.warn("probe", primary, f"{type(exc).__name__}: {exc}")
-        return self._rest(began)
+        if primary == self.cfg.me.name:
+            return self._rest(began, round_period(True, self.cfg.timing))
+        try:
+            self._probe_once(primary)
+        except Exception as exc:  # noqa: BLE001 -- the probe routine must go on
+            self.warn("probe", primary, f"{type(exc).__name__}: {exc}")
+        seen_at = self.observations.snapshot()[1].get(primary, -math.inf)
+        steady = heard_lately([self.clock() - seen_at], self.cfg.timing)
+        return self._rest(began, round_period(steady, self.cfg.timing))
 
     def _probe_once(self, primary):
         probe = self.probe
@@ -3245,7 +3287,10 @@ class Agent:
             return 1.0  # the failed step is retried on a later tick
         finally:
             self.note_role()
-        return self._rest(began, self.LOOP_PERIOD)
+        return self._rest(began, self.loop_period())
+
+    def loop_period(self):
+        return self.LOOP_PERIOD
 
     # -- role changes, health ------------------------------------------------------------
     def role_key(self):
@@ -3299,6 +3344,8 @@ class DbAgent(Agent):
         self.pg_state, self.pg_down_since = "down", None
         self.last_pg_answer = "down"  # the last state PostgreSQL itself told
         self.last_pg = None  # the last tick's PgStatus, for status and the endpoints
+        self.steady = False  # the last tick found all as it should be (db_steady)
+        self.ticked_view = None  # the view the last tick decided under
         self.other = cfg.other_db(cfg.me.name)
         self.reply_time = None       # primary: the standby's last reply_time (its clock)
         self.standby_seen_at = None  # primary: when that reply_time last changed (our clock)
@@ -3548,7 +3595,11 @@ class DbAgent(Agent):
                   and st.standby_flush >= self.sync_barrier)
         return st.standby_state == "streaming", synced
 
+    def loop_period(self):
+        return round_period(self.steady, self.cfg.timing)
+
     def tick(self):
+        self.steady = False
         step = bootstrap_action(self.cfg.me.name, self.pg.data_exists(), self.view)
         if step.action != "adopt":
             self.bootstrap(step)
@@ -3590,6 +3641,9 @@ class DbAgent(Agent):
                              self.cfg.timing)
         self.say(decision)
         getattr(self, "do_" + decision.action)(decision)
+        self.steady = db_steady(self.cfg.me.name, self.other.name, self.cfg.arbiter.name, obs,
+                                decision, self.ticked_view, self.cfg.timing)
+        self.ticked_view = obs.view
 
     def bootstrap(self, decision):
         self.say(decision)

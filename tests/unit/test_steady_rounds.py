@@ -1,0 +1,118 @@
+"""Longer rounds while all looks as it should (agent.round_period, db_steady): a database
+node's decision loop and the probes wait STEADY_ROUNDS check intervals while the peers and the
+primary are heard lately, nothing is to be done and the view holds, and one check interval
+from the first round that finds otherwise."""
+import pytest
+
+import agent
+from agent import DbObservation, Decision, View, db_steady, round_period
+from tests.unit.test_operate_logic import lab_config
+
+T = agent.Timing(check_interval=0.1, probe_timeout=0.25, fence_timeout=1.0, safety_margin=0.1,
+                 failover_timeout=1.5, restart_grace=6.0)
+NOW = 1000.0
+LATELY, LATE = 0.34, 0.36  # seconds since last heard: within and past c + p (0.35)
+VIEW = View(3, "pg1", "pg2", 7)
+NONE = Decision("none", "all well")
+
+
+def obs(view=VIEW, contact=None, primary_alive_at=NOW - 0.05):
+    return DbObservation(
+        now=NOW, started_at=NOW - 100, pg="primary", pg_down_since=None,
+        has_standby_signal=False, fenced=False, view=view,
+        contact_at={"pg1": NOW - 0.05, "pg2": NOW - 0.05, "arb": NOW - 0.05, **(contact or {})},
+        primary_alive_at=primary_alive_at, sync_names="pg2")
+
+
+def steady(me, observed, decision=NONE, previous=VIEW):
+    other = "pg2" if me == "pg1" else "pg1"
+    return db_steady(me, other, "arb", observed, decision, previous, T)
+
+
+def test_round_period():
+    assert round_period(False, T) == pytest.approx(0.1)
+    assert round_period(True, T) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("me", ["pg1", "pg2"])
+def test_all_heard_lately_nothing_to_do_same_view_is_steady(me):
+    assert steady(me, obs())
+    assert steady(me, obs(contact={"pg1": NOW - LATELY, "pg2": NOW - LATELY,
+                                   "arb": NOW - LATELY}, primary_alive_at=NOW - LATELY))
+
+
+@pytest.mark.parametrize("me", ["pg1", "pg2"])
+@pytest.mark.parametrize("peer", ["other", "arb"])
+def test_a_peer_heard_late_or_never_is_not_steady(me, peer):
+    name = peer if peer == "arb" else ("pg2" if me == "pg1" else "pg1")
+    assert not steady(me, obs(contact={name: NOW - LATE}))
+    late = obs()
+    del late.contact_at[name]
+    assert not steady(me, late)
+
+
+def test_the_standby_watches_the_primarys_signs_the_primary_does_not():
+    assert not steady("pg2", obs(primary_alive_at=NOW - LATE))
+    assert not steady("pg2", obs(primary_alive_at=None))
+    assert steady("pg1", obs(primary_alive_at=None))  # its own signs: none to watch
+    assert not steady("pg1", obs(view=View(4, "pg2", None, 8), primary_alive_at=None),
+                      previous=View(4, "pg2", None, 8))  # replaced: pg2's signs count
+
+
+@pytest.mark.parametrize("me", ["pg1", "pg2"])
+def test_something_to_do_or_a_new_view_is_not_steady(me):
+    assert not steady(me, obs(), decision=Decision("set_sync", "the standby is back"))
+    assert not steady(me, obs(), previous=None)  # the first round
+    assert not steady(me, obs(), previous=View(3, "pg1", "pg2", 6))
+
+
+class Probes(agent.World):
+    """The primary's PostgreSQL as the probe sees it: answering as a primary or not at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.answers = True
+        self.probed = 0
+
+    def call(self, cfg, key, peer, kind, body, timeout):
+        raise OSError("not on the network in this test")
+
+    def remote_postgres(self, cfg):
+        world = self
+
+        class Remote:
+            def in_recovery(self, node, timeout):
+                world.probed += 1
+                if not world.answers:
+                    raise OSError("no answer")
+                return False
+        return Remote()
+
+
+@pytest.mark.parametrize("node", ["pg2", "arb"])
+def test_the_probe_waits_longer_only_while_the_primary_is_heard_lately(tmp_path, node):
+    cls = agent.ArbiterAgent if node == "arb" else agent.DbAgent
+    world = Probes()
+    a = cls(lab_config(tmp_path, node), b"k" * 32, world=world)
+    c = a.cfg.timing.check_interval
+    assert a.probe_step() == pytest.approx(round_period(True, a.cfg.timing), abs=0.02)
+    assert world.probed == 1
+    world.answers = False
+    a.observations.alive_at["pg1"] = a.clock() - LATE
+    assert a.probe_step() <= c
+    a.observations.alive_at["pg1"] = a.clock()  # its heartbeat, say: a sign of it
+    assert a.probe_step() > c
+
+
+def test_a_primary_probes_no_one_and_waits_the_longer_round(tmp_path):
+    world = Probes()
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=world)
+    assert a.probe_step() == pytest.approx(round_period(True, a.cfg.timing), abs=0.02)
+    assert world.probed == 0
+
+
+def test_the_loop_waits_as_the_last_tick_found(tmp_path):
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
+    assert not a.steady and a.loop_period() == pytest.approx(a.cfg.timing.check_interval)
+    a.steady = True
+    assert a.loop_period() == pytest.approx(agent.STEADY_ROUNDS * a.cfg.timing.check_interval)
