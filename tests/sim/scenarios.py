@@ -91,6 +91,13 @@ def primary(c):
     return c.arb_view.primary
 
 
+def until_fenced(c, node, within=3.0):
+    """Run until node's lease lapses (cut off: its peers hear it no more), and no longer: a
+    heal then comes before the standby may ask for the next term."""
+    c.sched.run_until(c.sched.now + within, until=lambda: c.nodes[node].agent.fenced)
+    assert c.nodes[node].agent.fenced, f"{node}'s lease never lapsed"
+
+
 def write_gaps(c, start, end):
     times = sorted(t for t, _ in c.acked.values() if start <= t <= end)
     edges = [start, *times, end]
@@ -553,7 +560,7 @@ def late_opening(c):
     agent_m = c.nodes[m].agent
     cut(c, m, "arb")
     cut(c, m, c.other_db(m))
-    wait(c, 1.5)                       # the lease lapses: fenced
+    until_fenced(c, m)
     original = agent_m.do_unfence
 
     def do_unfence(decision):          # the moment it decides, nft stalls and the link goes
@@ -766,7 +773,7 @@ def stale_nft_child(c):
     m = primary(c)
     cut(c, m, "arb")
     cut(c, m, c.other_db(m))
-    wait(c, 1.5)                       # the lease lapses: fenced
+    until_fenced(c, m)
     stalled = _stale_child_then_restart(c, m, "open_for", 3.0, "unfenced")
     agent_m = c.nodes[m].agent
     original_arm = agent_m.fence.arm
