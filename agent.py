@@ -3162,12 +3162,18 @@ class Agent:
 
     def heartbeat_step(self, peer):
         """One heartbeat with peer (a routine per peer), when calls_peer says this node
-        starts it now; returns the wait before the next."""
+        starts it now; returns the wait before the next. A side that only answers looks
+        again when the fallback would be due if no request came meanwhile (at
+        check_interval + probe_timeout since the last one), not every round: the fallback
+        comes at most a check_interval after it is due, as before, for a third of the
+        wake-ups."""
         began = self.clock()
+        timing = self.cfg.timing
         unheard_for = began - self.observations.requested_at.get(peer.name, -math.inf)
         if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name,
-                          unheard_for, self.cfg.timing):
-            return self._rest(began)
+                          unheard_for, timing):
+            return max(self._rest(began),
+                       timing.check_interval + timing.probe_timeout - unheard_for)
         try:
             body = self.world.call(self.cfg, self.key, peer, "status",
                                    self.status_body(peer.name), self.cfg.timing.probe_timeout)
@@ -3475,7 +3481,10 @@ class DbAgent(Agent):
             self.extend_lease()
         except Exception as exc:  # noqa: BLE001 -- the lease routine must go on
             self.warn("lease extension", "nft", f"{type(exc).__name__}: {exc}")
-        return self.cfg.timing.check_interval / 2
+        # holding none: every check_interval, soon enough for a lease the loop opens (it
+        # runs to fence_timeout past an anchor of the last round or two)
+        holding = self.lease_mode in ("primary", "paused")
+        return self.cfg.timing.check_interval / (2 if holding else 1)
 
     def extend_lease(self, opening=False, anchor=None):
         """Set the kernel's lease to what lease_extension allows, when that gains at least

@@ -116,3 +116,12 @@ def test_the_loop_waits_as_the_last_tick_found(tmp_path):
     assert not a.steady and a.loop_period() == pytest.approx(a.cfg.timing.check_interval)
     a.steady = True
     assert a.loop_period() == pytest.approx(agent.STEADY_ROUNDS * a.cfg.timing.check_interval)
+
+
+def test_the_lease_routine_wakes_each_half_round_only_while_it_holds_a_lease(tmp_path):
+    c = T.check_interval
+    standby = agent.DbAgent(lab_config(tmp_path / "s", "pg2"), b"k" * 32, world=Probes())
+    assert standby.lease_step() == pytest.approx(c)  # holds none: nothing to extend
+    primary = agent.DbAgent(lab_config(tmp_path / "p", "pg1"), b"k" * 32, world=Probes())
+    primary.lease_mode, primary.lease_until = "primary", primary.clock() + 1.0
+    assert primary.lease_step() == pytest.approx(c / 2)  # no newer anchor: no write either
