@@ -616,7 +616,7 @@ def round_period(steady, timing):
     failover_timeout runs out: how soon a failure is acted on does not change. What waits
     longer is what no heartbeat shows: a PostgreSQL that stopped answering is seen up to
     (STEADY_ROUNDS - 1) x check_interval later. Safety never rests on a round: the lease is
-    the kernel's, a promotion the arbiter's (README, "Footprint")."""
+    the kernel's, a promotion the arbiter's (README, "The footprint")."""
     return timing.check_interval * (STEADY_ROUNDS if steady else 1)
 
 
@@ -2141,8 +2141,9 @@ class SetElements:
     nf_tables netlink messages that nft itself sends. libnftables parses each command and
     fetches the table's ruleset from the kernel first: 0.4 ms of CPU for a lease's arm and
     write and 0.15 ms for a listing, against 0.05 and 0.02 here, some thirty times a second
-    on a primary (README, "Footprint"). A batch is one kernel transaction: all of its steps or
-    none. One call at a time; a reply that does not come within TIMEOUT is an OSError."""
+    on a primary (README, "The footprint"). A batch is one kernel transaction: all of its
+    steps or none. One call at a time; a reply that does not come within TIMEOUT is an
+    OSError."""
 
     TIMEOUT = 1.0
     SUBSYS = 10  # NFNL_SUBSYS_NFTABLES

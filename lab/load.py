@@ -63,6 +63,15 @@ class Probe:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# A pgbench session that the server finds idle inside a transaction for this long is ended,
+# its row locks with it. The DSN's tcp_user_timeout (1 s) can end a connection on the client's
+# side under the jitter experiment's loss while the server waits for the transaction's next
+# statement: that backend would keep the single branch row locked until the server's TCP
+# keepalive noticed (two hours by default), and every later pgbench transaction would wait
+# on it (a soak on 6d9be3a: 0 tps for its last 218 s, the write probe unaffected).
+PGBENCH_IDLE_IN_TRANSACTION = "5s"
+
+
 class Pgbench:
     """pgbench at a fixed rate (it must not starve the agents of CPU on a 2-core machine), or
     as fast as it goes (rate 0: how the failover grows with the load).
@@ -76,7 +85,9 @@ class Pgbench:
         pgbench = shlex.join(["pgbench", "-n", "-c", str(clients), "-j", "1", *throttle,
                               "-T", "3600", "-P", "1", "--progress-timestamp", backend.dsn()])
         loop = f"while :; do {pgbench}; echo '{RESTART_MARK}'; sleep 0.2; done"
-        self.argv = ["env", f"PGPASSFILE={backend.client_pgpass}", "sh", "-c", loop]
+        self.argv = ["env", f"PGPASSFILE={backend.client_pgpass}",
+                     "PGOPTIONS=-c idle_in_transaction_session_timeout="
+                     f"{PGBENCH_IDLE_IN_TRANSACTION}", "sh", "-c", loop]
         self.process = None
 
     def prepare(self):

@@ -303,3 +303,6 @@ def test_pgbench_unthrottled_has_no_rate_limit():
 
     assert "-R 100" in " ".join(load.Pgbench(Client(), "/log").argv)
     assert "-R" not in load.Pgbench(Client(), "/log", rate=0).argv[-1]
+    # a session its client lost mid-transaction must not hold the branch row for good
+    assert "PGOPTIONS=-c idle_in_transaction_session_timeout=5s" in \
+        load.Pgbench(Client(), "/log").argv
