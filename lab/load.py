@@ -68,7 +68,8 @@ class Probe:
 # side under the jitter experiment's loss while the server waits for the transaction's next
 # statement: that backend would keep the single branch row locked until the server's TCP
 # keepalive noticed (two hours by default), and every later pgbench transaction would wait
-# on it (a soak on 6d9be3a: 0 tps for its last 218 s, the write probe unaffected).
+# on it (most likely what a soak on 6d9be3a showed: 0 tps for its last 218 s, the write probe
+# unaffected).
 PGBENCH_IDLE_IN_TRANSACTION = "5s"
 
 

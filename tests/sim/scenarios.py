@@ -38,10 +38,11 @@ def scenario(name, old, strict=False, expect=(), timing=None, fibers=False):
     return register
 
 
-# The windows some scripts were built on (agent.ini's [timing] until 2026-11-26): cut for 1.5 s,
-# the primary's lease has lapsed (1.4 s) and the standby may not yet ask for a failover (2.0 s),
-# with room for a step that blocks. The defaults since leave 1.1 s and 1.5 s, too close for a
-# fixed delay; the mechanism these scripts show (an armed window, its token) is the same.
+# The windows some scripts were built on (agent.ini's [timing] until 2026-11-26): cut until
+# its lease has lapsed (1.4 s), the primary is healed before the standby may ask for a
+# failover (2.0 s), with room for a step that blocks. The defaults since leave 1.1 s and
+# 1.5 s, too close for a fixed delay; the mechanism these scripts show (an armed window, its
+# token) is the same.
 WINDOWS_OF_2026 = agent.Timing(check_interval=0.2, probe_timeout=0.3, fence_timeout=1.2,
                                safety_margin=0.2, failover_timeout=2.0, restart_grace=6.0)
 
@@ -92,8 +93,9 @@ def primary(c):
 
 
 def until_fenced(c, node, within=3.0):
-    """Run until node's lease lapses (cut off: its peers hear it no more), and no longer: a
-    heal then comes before the standby may ask for the next term."""
+    """Run until node's agent has seen its lease lapse (cut off: its peers hear it no more):
+    a heal then comes before the standby may ask for the next term, however early the
+    standby's last sign of it was. (run_until looks between steps: some tenths later.)"""
     c.sched.run_until(c.sched.now + within, until=lambda: c.nodes[node].agent.fenced)
     assert c.nodes[node].agent.fenced, f"{node}'s lease never lapsed"
 

@@ -2,6 +2,8 @@
 node's decision loop and the probes wait STEADY_ROUNDS check intervals while the peers and the
 primary are heard lately, nothing is to be done and the view holds, and one check interval
 from the first round that finds otherwise."""
+import dataclasses
+
 import pytest
 
 import agent
@@ -16,12 +18,13 @@ VIEW = View(3, "pg1", "pg2", 7)
 NONE = Decision("none", "all well")
 
 
-def obs(view=VIEW, contact=None, primary_alive_at=NOW - 0.05):
+def obs(view=VIEW, contact=None, primary_alive_at=NOW - 0.05, fenced=False,
+        standby_seen_at=NOW - 0.9):
     return DbObservation(
         now=NOW, started_at=NOW - 100, pg="primary", pg_down_since=None,
-        has_standby_signal=False, fenced=False, view=view,
+        has_standby_signal=False, fenced=fenced, view=view,
         contact_at={"pg1": NOW - 0.05, "pg2": NOW - 0.05, "arb": NOW - 0.05, **(contact or {})},
-        primary_alive_at=primary_alive_at, sync_names="pg2")
+        primary_alive_at=primary_alive_at, sync_names="pg2", standby_seen_at=standby_seen_at)
 
 
 def steady(me, observed, decision=NONE, previous=VIEW):
@@ -32,6 +35,19 @@ def steady(me, observed, decision=NONE, previous=VIEW):
 def test_round_period():
     assert round_period(False, T) == pytest.approx(0.1)
     assert round_period(True, T) == pytest.approx(0.25)
+
+
+def test_no_longer_rounds_where_they_would_delay_the_failover():
+    """c + p + 2.5 c must stay within failover_timeout: the round after the last that found the
+    primary heard lately must come before the primary is lost for failover_timeout."""
+    slow = agent.Timing(check_interval=1.0, probe_timeout=0.2, fence_timeout=2.6,
+                        safety_margin=0.1, failover_timeout=3.65, restart_grace=9.0)
+    assert round_period(True, slow) == pytest.approx(1.0)
+    edge = agent.Timing(check_interval=0.1, probe_timeout=0.25, fence_timeout=0.3,
+                        safety_margin=0.01, failover_timeout=0.6, restart_grace=6.0)
+    assert round_period(True, edge) == pytest.approx(0.25)
+    assert round_period(True, dataclasses.replace(edge, failover_timeout=0.59)) == \
+        pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("me", ["pg1", "pg2"])
@@ -57,6 +73,22 @@ def test_the_standby_watches_the_primarys_signs_the_primary_does_not():
     assert steady("pg1", obs(primary_alive_at=None))  # its own signs: none to watch
     assert not steady("pg1", obs(view=View(4, "pg2", None, 8), primary_alive_at=None),
                       previous=View(4, "pg2", None, 8))  # replaced: pg2's signs count
+
+
+@pytest.mark.parametrize("me", ["pg1", "pg2"])
+def test_a_fenced_node_is_not_steady(me):
+    """A fenced primary waits for the arbiter's word on its view: every round, to reopen at
+    once."""
+    assert not steady(me, obs(fenced=True))
+
+
+def test_a_primary_whose_standby_replies_late_is_not_steady():
+    """The standby's replies come every second; one 1.25 s old (failover_timeout - 2.5 c)
+    means every round, so that the drop from sync at 1.5 s is not late."""
+    assert steady("pg1", obs(standby_seen_at=NOW - 1.2))
+    assert not steady("pg1", obs(standby_seen_at=NOW - 1.3))
+    assert not steady("pg1", obs(standby_seen_at=None))  # never: counted from the start
+    assert steady("pg2", obs(standby_seen_at=None))  # a standby has no standby to watch
 
 
 @pytest.mark.parametrize("me", ["pg1", "pg2"])
@@ -109,6 +141,18 @@ def test_a_primary_probes_no_one_and_waits_the_longer_round(tmp_path):
     a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=world)
     assert a.probe_step() == pytest.approx(round_period(True, a.cfg.timing), abs=0.02)
     assert world.probed == 0
+
+
+def test_a_tick_is_judged_on_the_view_of_the_tick_before(tmp_path):
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
+    a.note_round(obs(), NONE)
+    assert not a.steady  # the first tick: no view before it
+    a.note_round(obs(), NONE)
+    assert a.steady
+    a.note_round(obs(view=View(3, "pg1", "pg2", 8)), NONE)
+    assert not a.steady  # a view learned since the tick before
+    a.note_round(obs(view=View(3, "pg1", "pg2", 8)), NONE)
+    assert a.steady
 
 
 def test_the_loop_waits_as_the_last_tick_found(tmp_path):
