@@ -99,12 +99,23 @@ def test_something_to_do_or_a_new_view_is_not_steady(me):
 
 
 class Probes(agent.World):
-    """The primary's PostgreSQL as the probe sees it: answering as a primary or not at all."""
+    """The primary's PostgreSQL as the probe sees it: answering as a primary or not at all.
+    No fence: any use of it is recorded (these tests must not write the host's nftables)."""
 
     def __init__(self):
         super().__init__()
         self.answers = True
         self.probed = 0
+        self.fence_calls = []
+
+    def fence(self, pg_port):
+        world = self
+
+        class Untouched:
+            def __getattr__(self, name):
+                world.fence_calls.append(name)
+                raise AssertionError(f"the fence was used: {name}")
+        return Untouched()
 
     def call(self, cfg, key, peer, kind, body, timeout):
         raise OSError("not on the network in this test")
@@ -168,4 +179,6 @@ def test_the_lease_routine_wakes_each_half_round_only_while_it_holds_a_lease(tmp
     assert standby.lease_step() == pytest.approx(c)  # holds none: nothing to extend
     primary = agent.DbAgent(lab_config(tmp_path / "p", "pg1"), b"k" * 32, world=Probes())
     primary.lease_mode, primary.lease_until = "primary", primary.clock() + 1.0
-    assert primary.lease_step() == pytest.approx(c / 2)  # no newer anchor: no write either
+    assert primary.lease_step() == pytest.approx(c / 2)
+    # no newer anchor: no write (lease_step logs and swallows errors, so look at the calls)
+    assert standby.world.fence_calls == [] and primary.world.fence_calls == []
