@@ -3085,6 +3085,9 @@ class Agent:
 
     TRIM_INTERVAL = 60.0  # malloc_trim (lean_memory) takes well under a millisecond
     REPEAT_LOG = 30.0
+    # How long after the fallback of calls_peer is due the answering side looks: a clock may
+    # wake a thread a hair early, and calls_peer wants the gap past c + p, not at it
+    FALLBACK_LAG = 0.001
     LOOP_PERIOD = None  # the decision loop's: check_interval
 
     def __init__(self, cfg, key, default_view, world=None):
@@ -3138,11 +3141,20 @@ class Agent:
 
     # -- peers ---------------------------------------------------------------------------
     def own_status(self):
+        """The whole status, for operators (`status`, the health endpoints)."""
         raise NotImplementedError
 
-    def status_body(self, to=None):
-        """Our status for a peer, stamped, with the echo of the peer's latest stamp."""
-        body = self.own_status()
+    def heartbeat_status(self):
+        """What peers read of a heartbeat (note_status, the arbiter's resume check): what
+        PostgreSQL runs as, the fence, the view, a database node's lease. A heartbeat's CPU
+        cost grows with what it encodes and decodes, on both sides, ten times a second;
+        operators get the whole own_status."""
+        raise NotImplementedError
+
+    def status_body(self, to=None, whole=False):
+        """Our status for a peer, stamped, with the echo of the peer's latest stamp: the
+        heartbeat's part, or (whole) all of own_status."""
+        body = self.own_status() if whole else self.heartbeat_status()
         body["stamp"], body["boot"] = self.clock(), self.boot
         body["echo"] = self.observations.echo_for(to) if to else None
         return body
@@ -3168,9 +3180,10 @@ class Agent:
         if kind == "status":
             now = self.clock()
             self.note_status(sender, body, now)
-            if _finite(body.get("stamp")):  # a peer's heartbeat, not an operator's `status`
+            heartbeat = _finite(body.get("stamp"))  # not an operator's `status`
+            if heartbeat:
                 self.observations.requested_at[sender] = now  # they reach us (calls_peer)
-            return self.status_body(sender)
+            return self.status_body(sender, whole=not heartbeat)
         raise ProtocolError(f"{kind!r} is not served by {self.cfg.me.name}")
 
     def _rest(self, began, period=None):
@@ -3181,15 +3194,20 @@ class Agent:
 
     def heartbeat_step(self, peer):
         """One heartbeat with peer (a routine per peer), when calls_peer says this node
-        starts it now; returns the wait before the next. A side that only answers looks
-        every round: sleeping until the fallback would be due saved a tenth of a percent of a
-        core, and the simulator's jitter profile then fenced the primary 7 times in 60 runs of
-        a minute against 3 to 4 (README, "The footprint")."""
+        starts it now; returns the wait before the next. A side that only answers wakes when
+        its fallback would be due, not every round: a tenth of a percent of a core per pair
+        (README, "The footprint")."""
         began = self.clock()
-        unheard_for = began - self.observations.requested_at.get(peer.name, -math.inf)
+        timing = self.cfg.timing
+        requested_at = self.observations.requested_at.get(peer.name, -math.inf)
         if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name,
-                          unheard_for, self.cfg.timing):
-            return self._rest(began)
+                          began - requested_at, timing):
+            # the side that answers: nothing to do before the peer's requests have stopped
+            # for c + p (calls_peer), looked at FALLBACK_LAG after that, and every round
+            # once they have. A view that makes us the caller (a handover) is acted on
+            # within c + p of the peer's last request.
+            fallback_due = requested_at + timing.check_interval + timing.probe_timeout
+            return max(self._rest(began), fallback_due + self.FALLBACK_LAG - self.clock())
         try:
             body = self.world.call(self.cfg, self.key, peer, "status",
                                    self.status_body(peer.name), self.cfg.timing.probe_timeout)
@@ -3396,12 +3414,16 @@ class DbAgent(Agent):
             return self.last_pg_answer
         return self.pg_state
 
-    def own_status(self):
+    def heartbeat_status(self):
         lease, view = self.lease_and_view()
+        return {"pg": self.reported_pg(), "fenced": self.fenced, "view": view.as_dict(),
+                "lease": lease}
+
+    def own_status(self):
+        body = self.heartbeat_status()
         last = self.last_pg
-        return {"node": self.cfg.me.name, "role": self.role_name(), "pg": self.reported_pg(),
-                "fenced": self.fenced, "view": view.as_dict(), "paused": view.paused,
-                "lease": lease, "probe": self.probe_status(),
+        return {**body, "node": self.cfg.me.name, "role": self.role_name(),
+                "paused": body["view"]["paused"], "probe": self.probe_status(),
                 "decision": self.decision_status(),
                 "postgres": last.detail() if last is not None else None}
 
@@ -3485,22 +3507,18 @@ class DbAgent(Agent):
     def peers(self):
         return [self.other, self.cfg.arbiter]
 
-    def routines(self):
-        return [("lease", self.lease_step), *super().routines()]
-
     # -- the lease -----------------------------------------------------------------------
-    def lease_step(self):
-        """Extend the primary's lease as peers hear it; a routine apart from the loop, so that
-        a slow PostgreSQL or a blocking call there cannot make a healthy primary's lease
-        lapse."""
+    def note_status(self, sender, body, at):
+        """A peer's status, then the lease extended at once from the contact it proves: every
+        anchor comes from here (Observations.heard), in the thread of the exchange -- a
+        heartbeat's or the server's, never the decision loop's, so that a slow PostgreSQL or
+        a blocking call there cannot make a healthy primary's lease lapse. A routine of its
+        own would wake twice a round for this, a third of an idle primary's CPU."""
+        super().note_status(sender, body, at)
         try:
             self.extend_lease()
-        except Exception as exc:  # noqa: BLE001 -- the lease routine must go on
+        except Exception as exc:  # noqa: BLE001 -- the exchange must go on
             self.warn("lease extension", "nft", f"{type(exc).__name__}: {exc}")
-        # holding none: every check_interval, soon enough for a lease the loop opens (it
-        # runs to fence_timeout past an anchor of the last round or two)
-        holding = self.lease_mode in ("primary", "paused")
-        return self.cfg.timing.check_interval / (2 if holding else 1)
 
     def extend_lease(self, opening=False, anchor=None):
         """Set the kernel's lease to what lease_extension allows, when that gains at least
@@ -3988,10 +4006,13 @@ class ArbiterAgent(Agent):
     def role_name(self):
         return "arbiter"
 
+    def heartbeat_status(self):
+        return {"pg": "none", "fenced": False, "view": self.view.as_dict()}
+
     def own_status(self):
-        view = self.view
-        return {"node": self.cfg.me.name, "role": "arbiter", "pg": "none", "fenced": False,
-                "view": view.as_dict(), "paused": view.paused, "probe": self.probe_status(),
+        body = self.heartbeat_status()
+        return {**body, "node": self.cfg.me.name, "role": "arbiter",
+                "paused": body["view"]["paused"], "probe": self.probe_status(),
                 "decision": self.decision_status()}
 
     def counts_alive(self, body):
@@ -4012,9 +4033,9 @@ class ArbiterAgent(Agent):
                 self.log.info("%s has its port under a timed lease again: promotions and "
                               "handovers are possible again", sender)
 
-    def status_body(self, to=None):
+    def status_body(self, to=None, whole=False):
         with self._view_lock:  # the view and the echo from one side of a grant
-            return super().status_body(to)
+            return super().status_body(to, whole)
 
     def handle(self, sender, kind, body):
         if kind == "status":

@@ -61,7 +61,9 @@ class Recorder(agent.World):
 def _steps(node):
     node.world.called.clear()
     for peer in node.peers():
-        assert 0 <= node.heartbeat_step(peer) <= node.cfg.timing.check_interval
+        t = node.cfg.timing
+        assert 0 <= node.heartbeat_step(peer) <= \
+            t.check_interval + t.probe_timeout + node.FALLBACK_LAG
     return node.world.called
 
 
@@ -91,3 +93,29 @@ def test_an_agent_calls_as_the_rule_says(tmp_path, node):
         _request_from(a, peer.name)
     a.observations.requested_at = {p: t - 0.4 for p, t in a.observations.requested_at.items()}
     assert sorted(_steps(a)) == sorted(p.name for p in a.peers())
+
+
+class Clocked(Recorder):
+    now = 100.0
+
+    def monotonic(self):
+        return self.now
+
+
+def test_the_answering_side_wakes_when_its_fallback_is_due_and_then_calls(tmp_path):
+    """pg2 answers pg1's requests: it sleeps until they would have stopped for c + p, and the
+    step at that moment calls (not one round later); while they keep coming, it sleeps on."""
+    world = Clocked()
+    a = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32, world=world)
+    pg1, t = a.cfg.nodes["pg1"], a.cfg.timing
+    _request_from(a, "pg1")
+    wait = a.heartbeat_step(pg1)
+    assert wait == pytest.approx(t.check_interval + t.probe_timeout + a.FALLBACK_LAG)
+    world.now += t.check_interval
+    _request_from(a, "pg1")  # the next request came: the fallback moves on
+    world.now += wait - t.check_interval
+    assert a.heartbeat_step(pg1) == pytest.approx(t.check_interval)
+    assert world.called == []
+    world.now += t.check_interval + t.probe_timeout + a.FALLBACK_LAG - t.check_interval
+    assert a.heartbeat_step(pg1) == pytest.approx(t.check_interval)
+    assert world.called == ["pg1"]  # unheard for just over c + p: it calls

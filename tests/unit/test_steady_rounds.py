@@ -173,12 +173,23 @@ def test_the_loop_waits_as_the_last_tick_found(tmp_path):
     assert a.loop_period() == pytest.approx(agent.STEADY_ROUNDS * a.cfg.timing.check_interval)
 
 
-def test_the_lease_routine_wakes_each_half_round_only_while_it_holds_a_lease(tmp_path):
-    c = T.check_interval
-    standby = agent.DbAgent(lab_config(tmp_path / "s", "pg2"), b"k" * 32, world=Probes())
-    assert standby.lease_step() == pytest.approx(c)  # holds none: nothing to extend
+def test_the_exchange_that_proves_contact_extends_the_lease_at_once(tmp_path):
+    """No routine wakes for the lease: the heartbeat (or the server's handler) that brings the
+    echo of our stamp extends it in the same step, and a node holding no lease writes none."""
+    from tests.unit.test_review_findings_logic import Recorder
     primary = agent.DbAgent(lab_config(tmp_path / "p", "pg1"), b"k" * 32, world=Probes())
-    primary.lease_mode, primary.lease_until = "primary", primary.clock() + 1.0
-    assert primary.lease_step() == pytest.approx(c / 2)
-    # no newer anchor: no write (lease_step logs and swallows errors, so look at the calls)
-    assert standby.world.fence_calls == [] and primary.world.fence_calls == []
+    assert "lease" not in {name for name, _ in primary.routines()}
+    primary.fence = Recorder()
+    primary.view, primary.pg_state, primary.fenced = VIEW, "primary", False
+    primary.lease_mode, primary.lease_until = "primary", primary.clock() + 0.3
+    said_at = primary.clock()
+    echo = primary.status_body("pg2")  # what pg2 heard from us, echoed in its reply
+    reply = {"pg": "standby", "fenced": False, "view": VIEW.as_dict(), "stamp": 5.0,
+             "boot": "b", "echo": {k: echo[k] for k in ("stamp", "boot", "pg", "fenced")}}
+    primary.note_status("pg2", reply, primary.clock())
+    assert primary.fence.lease_left == pytest.approx(
+        said_at + T.fence_timeout - primary.clock(), abs=0.02)
+    assert primary.lease_until == pytest.approx(said_at + T.fence_timeout, abs=0.02)
+    standby = agent.DbAgent(lab_config(tmp_path / "s", "pg2"), b"k" * 32, world=Probes())
+    standby.note_status("pg1", {**reply, "pg": "primary"}, standby.clock())
+    assert standby.world.fence_calls == []  # holds none: nothing written
