@@ -1,6 +1,8 @@
-"""The agents' wire protocol (version 2): sealed messages pass, anything else is refused with a
+"""The agents' wire protocol (version 3): sealed messages pass, anything else is refused with a
 reason, the MAC is checked before any JSON is parsed, a replayed request is refused, and a
 server drops bad input without crashing."""
+import hashlib
+import hmac
 import json
 import logging
 import socket
@@ -19,7 +21,7 @@ def test_roundtrip():
     line = agent.seal(KEY, "pg2", "arb", "promote", {"term": 3})
     mac, payload = line.rstrip(b"\n").split(b" ", 1)
     assert len(mac) == 64 and line.endswith(b"\n") and b"\n" not in line[:-1]
-    assert json.loads(payload)["v"] == agent.PROTOCOL_VERSION == 2
+    assert json.loads(payload)["v"] == agent.PROTOCOL_VERSION == 3
     message = agent.unseal(KEY, line, "arb", NODES)
     assert message["from"] == "pg2" and message["body"] == {"term": 3}
 
@@ -27,6 +29,11 @@ def test_roundtrip():
 def _v1(line):  # the same message as version 1 sent it: JSON with a "mac" key
     mac, payload = line.rstrip(b"\n").split(b" ", 1)
     return json.dumps({**json.loads(payload), "mac": mac.decode()}).encode() + b"\n"
+
+
+def _v2(line):  # the same message as version 2 sent it: HMAC-SHA256 over "v": 2
+    payload = line.rstrip(b"\n").split(b" ", 1)[1].replace(b'"v":3', b'"v":2')
+    return hmac.new(KEY, payload, hashlib.sha256).hexdigest().encode() + b" " + payload + b"\n"
 
 
 def _other_body(line):  # the MAC of the original, the JSON of another request
@@ -39,6 +46,7 @@ def _other_body(line):  # the MAC of the original, the JSON of another request
     (lambda line: line[:64] + b" " + line[65:].upper(), "bad mac"),
     (lambda line: b"garbage\n", "no MAC"),
     (_v1, "no MAC"),
+    (_v2, "bad mac"),
     (lambda line: line[65:], "no MAC"),  # the JSON alone
 ])
 def test_altered_messages_are_refused(mutate, reason):
@@ -236,3 +244,12 @@ def test_server_caps_connections_per_source_and_for_strangers(server, monkeypatc
     finally:
         for s in held:
             s.close()
+
+
+def test_a_key_longer_than_blake2b_takes_is_hashed_whole_not_cut():
+    """BLAKE2b takes at most 64 key bytes: a longer key works, and all of it counts."""
+    long_key, other = b"k" * 64 + b"1", b"k" * 64 + b"2"
+    line = agent.seal(long_key, "pg2", "arb", "promote", {"term": 3})
+    assert agent.unseal(long_key, line, "arb", NODES)["body"] == {"term": 3}
+    with pytest.raises(agent.ProtocolError, match="bad mac"):
+        agent.unseal(other, line, "arb", NODES)
