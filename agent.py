@@ -3656,18 +3656,19 @@ class DbAgent(Agent):
         return round_period(self.steady, self.cfg.timing)
 
     def call_period(self, peer):
-        """A database node calls the arbiter on its loop's rounds (round_period) while its
-        last tick found all as it should be, every check_interval from the tick that finds
-        otherwise: the other database node's exchanges, every round, keep the primary's lease
-        and the standby's signs of the primary fresh meanwhile, and a tick that sees them late
-        brings the arbiter's back to every round well before a promotion could need its news
-        (db_steady: c + p + STEADY_ROUNDS c within failover_timeout). Only while the longer
-        period stays under c + p, past which the arbiter would start calling too
-        (calls_peer). Two fifths of the arbiter's requests, and of its CPU for them."""
+        """A standby calls the arbiter on its loop's rounds (round_period) while its last tick
+        found all as it should be, every check_interval from the tick that finds otherwise:
+        the primary's requests, every round, keep the standby's signs of it fresh meanwhile,
+        and a tick that sees them late brings the calls back to every round well before a
+        promotion could need the arbiter's news (db_steady: c + p + STEADY_ROUNDS c within
+        failover_timeout). Only while the longer period stays under c + p, past which the
+        arbiter would start calling too (calls_peer). The primary calls both every round:
+        its lease rests on both (in the simulator's jitter profile, calling the arbiter on
+        the longer rounds fenced it 9 times in 60 runs against 4 to 5)."""
         period = self.loop_period()
         timing = self.cfg.timing
-        if peer.name != self.cfg.arbiter.name or period >= timing.check_interval + \
-                timing.probe_timeout:
+        if peer.name != self.cfg.arbiter.name or self.view.primary == self.cfg.me.name \
+                or period >= timing.check_interval + timing.probe_timeout:
             return timing.check_interval
         return period
 

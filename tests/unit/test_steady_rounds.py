@@ -193,3 +193,23 @@ def test_the_exchange_that_proves_contact_extends_the_lease_at_once(tmp_path):
     standby = agent.DbAgent(lab_config(tmp_path / "s", "pg2"), b"k" * 32, world=Probes())
     standby.note_status("pg1", {**reply, "pg": "primary"}, standby.clock())
     assert standby.world.fence_calls == []  # holds none: nothing written
+
+
+def test_a_standby_calls_the_arbiter_on_its_loops_rounds(tmp_path):
+    """The arbiter on the longer rounds while the last tick found all well, every round from
+    a tick that did not; the primary every round (its lease rests on the arbiter's answers
+    too); and never at a period that reaches c + p, where the arbiter's fallback would start
+    calling too."""
+    a = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32, world=Probes())
+    arb, other = a.cfg.arbiter, a.other
+    c = a.cfg.timing.check_interval
+    assert a.call_period(arb) == pytest.approx(c)  # no tick yet
+    a.steady = True
+    assert a.call_period(arb) == pytest.approx(agent.STEADY_ROUNDS * c)
+    assert a.call_period(other) == pytest.approx(c)
+    a.view = View(4, "pg2", None, 9)  # promoted: it calls the arbiter every round
+    assert a.call_period(arb) == pytest.approx(c)
+    a.view = VIEW
+    a.cfg = dataclasses.replace(a.cfg, timing=dataclasses.replace(a.cfg.timing,
+                                                                  probe_timeout=1.5 * c))
+    assert a.call_period(arb) == pytest.approx(c)  # 2.5 c would be c + p
