@@ -1341,7 +1341,8 @@ def unseal(key, line, me, known_nodes, now=None, replays=None):
     if not space or len(mac) != 64:
         raise ProtocolError(f"no MAC (not a version {PROTOCOL_VERSION} message)", "no mac")
     if not hmac.compare_digest(mac, _mac(key, payload).encode()):
-        raise ProtocolError("bad mac (wrong key or altered)", "bad mac")
+        raise ProtocolError("bad mac (wrong key, altered, or an agent of another protocol "
+                            "version: upgrade all three nodes)", "bad mac")
     try:  # authenticated bytes, but a key holder's bug must not crash the server either
         message = json.loads(payload, parse_constant=_no_constant)
     except (ValueError, RecursionError):
@@ -3213,11 +3214,12 @@ class Agent:
         if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name,
                           began - requested_at, timing):
             # the side that answers: nothing to do before the peer's requests have stopped
-            # for c + p (calls_peer), looked at FALLBACK_LAG after that, and every round
-            # once they have. A view that makes us the caller (a handover) is acted on
+            # for c + p (calls_peer), looked at FALLBACK_LAG after that (never sooner than
+            # that: not calling means the fallback is still ahead), then it calls every round
+            # while they stay away. A view that makes us the caller (a handover) is acted on
             # within c + p of the peer's last request.
             fallback_due = requested_at + timing.check_interval + timing.probe_timeout
-            return max(self._rest(began), fallback_due + self.FALLBACK_LAG - self.clock())
+            return max(0.0, fallback_due + self.FALLBACK_LAG - self.clock())
         try:
             body = self.world.call(self.cfg, self.key, peer, "status",
                                    self.status_body(peer.name), self.cfg.timing.probe_timeout)
@@ -3554,8 +3556,10 @@ class DbAgent(Agent):
             if self.lease_mode == "paused":
                 if view.paused:
                     return  # open, no timeout: the arbiter grants nothing while paused
-                # resumed: a timed lease anchored as usual, or closed until the arbiter's word
-                opening, self.lease_mode, self.lease_until = True, "closed", None
+                # resumed: a timed lease anchored as usual, or closed until the arbiter's word;
+                # "paused" until the kernel has taken either (the arbiter ends `resuming` on
+                # any other mode: decide_resume_ack), so a write that fails is tried again
+                opening, self.lease_until = True, None
             elif view.paused and not opening and now < self.lease_until:
                 self.fence.arm(timing.safety_margin)
                 if self.fence.hold():
@@ -3585,16 +3589,19 @@ class DbAgent(Agent):
                                  "opened" if opening else "extended")
 
     def _close_lease(self):
-        """Close the port, and make sure of it: a failed close is tried again."""
-        self.lease_mode, self.lease_until = "closed", None
+        """Close the port, and make sure of it: a failed close is tried again. The mode says
+        "closed" only once the kernel has taken it: a paused primary's untimed element that
+        could not be removed stays "paused" (decide_resume_ack), a timed lease lapses on its
+        own and the loop sees it (_observe_fence)."""
         for attempt in range(5):
             try:
                 self.fence.close()
-                return
+                break
             except (RuntimeError, OSError, subprocess.SubprocessError):
                 if attempt == 4:
                     raise
                 self.world.sleep(0.01)
+        self.lease_mode, self.lease_until = "closed", None
 
     def lease_status(self):
         mode, until = self.lease_mode, self.lease_until

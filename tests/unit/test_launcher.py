@@ -34,8 +34,8 @@ def test_the_agent_runs_as_a_module_in_the_process_it_was_started_as(arbiter_pro
         argv = f.read().decode().split("\0")[:-1]
     assert argv == [sys.executable, "-c", agent.LAUNCHER, str(REPO / "agent.py"),
                     "--config", ini, "--node", "arb"]
-    # it answered the fixture's sealed requests: its MAC (Python's own SHA-256) matches this
-    # process's (OpenSSL's)
+    # it answered the fixture's sealed requests: its MAC (BLAKE2b, built into Python) matches
+    # this process's
 
 
 def test_interpreter_options_reach_the_agent():

@@ -578,3 +578,43 @@ def test_review2_no_peer_input_ends_a_routine(tmp_path):
     assert node.heartbeat_step(node.cfg.arbiter) >= 0
     assert node.observations.contact_at == {} and node.observations.echo_for("arb") is None
 
+
+
+class _FailingWrites(Recorder):
+    """A fence whose writes fail the given way: arm raises, or the write misses its window
+    and the close after it raises."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.lease_left = how, float("inf")  # the paused primary's untimed element
+
+    def arm(self, seconds):
+        if self.how == "arm":
+            raise RuntimeError("nft failed: Cannot allocate memory")
+
+    def open_for(self, seconds):
+        return False  # the window passed
+
+    def close(self):
+        raise RuntimeError("nft failed: Cannot allocate memory")
+
+
+@pytest.mark.parametrize("how", ["arm", "close"])
+def test_review4_F5_a_resume_the_kernel_did_not_take_is_never_reported_closed(tmp_path, how):
+    """Resumed while holding the untimed paused lease: until the kernel has taken a timed lease
+    or the close, the agent must not say "closed" -- the arbiter would end `resuming` on it
+    (decide_resume_ack) and grant again while the port is open without a timeout."""
+    node = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32)
+    node.view = View(3, "pg1", "pg2", 8, paused=False, resuming=True)
+    node.fence = _FailingWrites(how)
+    node.lease_mode, node.lease_until = "paused", None
+    node.observations.lease_anchor = node.clock()
+    with pytest.raises(RuntimeError):
+        node.extend_lease()
+    lease, view = node.lease_and_view()
+    assert lease["mode"] == "paused"
+    assert agent.decide_resume_ack(view, "pg1", view.as_dict(), lease["mode"]) is None
+    node.fence.how = None  # the kernel takes writes again: the resume completes
+    node.fence.open_for = lambda seconds: True
+    node.extend_lease()
+    assert node.lease_and_view()[0]["mode"] == "primary"
