@@ -1273,6 +1273,12 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a number this protocol carries")
 
 
+# Made once: json.dumps and json.loads with options of their own build a new encoder or
+# decoder (in Python) at every call, twice per heartbeat side, ten times a second
+_WIRE_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_WIRE_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 class ProtocolError(Exception):
     """What is wrong with a message; kind names the sort of drop, for the log."""
 
@@ -1297,7 +1303,7 @@ def seal(key, sender, to, kind, body, nonce=None, now=None):
     message = {"v": PROTOCOL_VERSION, "from": sender, "to": to,
                "ts": time.time() if now is None else now,
                "nonce": nonce or os.urandom(8).hex(), "type": kind, "body": body}
-    payload = json.dumps(message, separators=(",", ":")).encode()  # ASCII: no newline inside
+    payload = _WIRE_ENCODER.encode(message).encode()  # ASCII: no newline inside
     return _mac(key, payload).encode() + b" " + payload + b"\n"
 
 
@@ -1344,7 +1350,8 @@ def unseal(key, line, me, known_nodes, now=None, replays=None):
         raise ProtocolError("bad mac (wrong key, altered, or an agent of another protocol "
                             "version: upgrade all three nodes)", "bad mac")
     try:  # authenticated bytes, but a key holder's bug must not crash the server either
-        message = json.loads(payload, parse_constant=_no_constant)
+        message = _WIRE_DECODER.decode(  # as json.loads takes bytes
+            payload.decode(json.detect_encoding(payload), "surrogatepass"))
     except (ValueError, RecursionError):
         raise ProtocolError("not JSON", "malformed") from None
     if not isinstance(message, dict):
@@ -3120,6 +3127,7 @@ class Agent:
         self.warn = DropLog(self.log, what="failed", clock=self.clock)
         self._view_lock = threading.RLock()
         self.view = default_view
+        self._view_offered = None  # the view a peer offered last, dealt with (learn)
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
         self.probe = {"target": None, "ok_at": None, "error": None, "failures": 0}
@@ -3129,26 +3137,31 @@ class Agent:
     # -- views ---------------------------------------------------------------------------
     def learn(self, offered, source):
         """Take a newer view, persisted before it counts. A view that cannot be persisted
-        raises OSError: the caller must not count the exchange as contact."""
+        raises OSError: the caller must not count the exchange as contact. The view offered
+        last, once dealt with, is not looked at again (nearly every heartbeat brings the same
+        one): views only move forward, so what was not newer then is not newer now."""
+        if offered == self._view_offered:
+            return
         try:
             view = View.from_dict(offered)
         except (ValueError, KeyError, TypeError) as exc:
             self.log.warning("ignored a view from %s: %s", source, exc)
+            self._view_offered = offered
             return
         db_nodes = {n.name for n in self.cfg.db_nodes}
         if view.primary not in db_nodes or (view.eligible and view.eligible not in db_nodes):
             self.log.warning("ignored a view from %s naming no database node: %s", source,
                              offered)
-            return
-        with self._view_lock:
-            if newer_view(self.view, view) is self.view:
-                return
-            self.state.save(view)
-            self.log.info("learned from %s: %s is the primary of term %d (eligible: %s)%s",
-                          source, view.primary, view.term, view.eligible,
-                          f", {PAUSED}" if view.paused else
-                          ", resuming" if view.resuming else "")
-            self.view = view
+        else:
+            with self._view_lock:
+                if newer_view(self.view, view) is not self.view:
+                    self.state.save(view)
+                    self.log.info("learned from %s: %s is the primary of term %d (eligible: "
+                                  "%s)%s", source, view.primary, view.term, view.eligible,
+                                  f", {PAUSED}" if view.paused else
+                                  ", resuming" if view.resuming else "")
+                    self.view = view
+        self._view_offered = offered
 
     # -- peers ---------------------------------------------------------------------------
     def own_status(self):

@@ -89,8 +89,10 @@ def test_nested_json_is_not_parsed_without_the_key(monkeypatch):
     assert not parsed
 
 
-def test_nested_json_from_a_key_holder_is_refused_not_raised():
-    payload = b"[" * 30000 + b"]" * 30000
+@pytest.mark.parametrize("payload", [b"[" * 30000 + b"]" * 30000, b'{"v":3,"x":"\xc3\x28"}',
+                                     b"\xff\xfe[\x00", b"NaN"])
+def test_a_key_holders_bad_json_is_refused_not_raised(payload):
+    """Nested too deep, not UTF-8, UTF-16 garbage, a constant JSON does not carry."""
     line = agent._mac(KEY, payload).encode() + b" " + payload + b"\n"
     with pytest.raises(agent.ProtocolError, match="not JSON"):  # not RecursionError
         agent.unseal(KEY, line, "arb", NODES)

@@ -618,3 +618,27 @@ def test_review4_F5_a_resume_the_kernel_did_not_take_is_never_reported_closed(tm
     node.fence.open_for = lambda seconds: True
     node.extend_lease()
     assert node.lease_and_view()[0]["mode"] == "primary"
+
+
+def test_a_view_offered_again_is_not_looked_at_but_one_not_yet_persisted_is(tmp_path):
+    """learn() skips the view it dealt with last (every heartbeat brings it again); one whose
+    save failed was not dealt with: the next offer must try to persist it again, or the
+    exchange would count as contact with the view never persisted."""
+    node = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32)
+    newer = View(node.view.term + 1, "pg2", None, node.view.seq + 1).as_dict()
+    saves = []
+
+    def failing_save(view):
+        saves.append(view)
+        raise OSError("disk full")
+    node.state.save = failing_save
+    for _ in range(2):
+        with pytest.raises(OSError):
+            node.learn(dict(newer), "arb")
+    assert len(saves) == 2 and node.view.term == newer["term"] - 1
+    node.state.save = saves.append
+    node.learn(dict(newer), "arb")
+    assert node.view == View.from_dict(newer) and len(saves) == 3
+    node.state.save = failing_save  # looked at again, it would be saved again (and fail)
+    node.learn(dict(newer), "arb")
+    assert len(saves) == 3
