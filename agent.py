@@ -3227,12 +3227,14 @@ class Agent:
         if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name,
                           began - requested_at, timing):
             # the side that answers: nothing to do before the peer's requests have stopped
-            # for c + p (calls_peer), looked at FALLBACK_LAG after that (never sooner than
-            # that: not calling means the fallback is still ahead), then it calls every round
-            # while they stay away. A view that makes us the caller (a handover) is acted on
-            # within c + p of the peer's last request.
-            fallback_due = requested_at + timing.check_interval + timing.probe_timeout
-            return max(0.0, fallback_due + self.FALLBACK_LAG - self.clock())
+            # for c + p (calls_peer), looked at FALLBACK_LAG after that, then it calls every
+            # round while they stay away. A view that makes us the caller (a handover) is
+            # acted on within c + p of the peer's last request. Past that moment without a
+            # call (a rule that never falls back, as in the simulator's scenarios of the code
+            # before the fallback): every round, never a wait of nothing
+            until_due = requested_at + timing.check_interval + timing.probe_timeout + \
+                self.FALLBACK_LAG - self.clock()
+            return until_due if until_due > 0 else self._rest(began)
         try:
             body = self.world.call(self.cfg, self.key, peer, "status",
                                    self.status_body(peer.name), self.cfg.timing.probe_timeout)

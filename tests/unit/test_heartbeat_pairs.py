@@ -128,3 +128,16 @@ def test_the_answering_side_wakes_when_its_fallback_is_due_and_then_calls(tmp_pa
         world.now += 0 if world.called else wait
     assert world.now - last == pytest.approx(
         t.check_interval + t.probe_timeout + a.FALLBACK_LAG)  # called the moment it was due
+
+
+def test_an_answering_side_past_its_fallback_without_calling_waits_a_round(tmp_path,
+                                                                        monkeypatch):
+    """A rule that never falls back (the simulator's scenario of the code before the
+    fallback): past the moment, the step waits a round, never nothing (which would run it
+    again at once, for ever)."""
+    monkeypatch.setattr(agent, "calls_peer", lambda *args: False)
+    world = Clocked()
+    a = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32, world=world)
+    _request_from(a, "pg1")
+    world.now += 10.0
+    assert a.heartbeat_step(a.cfg.nodes["pg1"]) == pytest.approx(a.cfg.timing.check_interval)
