@@ -3106,6 +3106,7 @@ class Agent:
     # How long after the fallback of calls_peer is due the answering side looks: a clock may
     # wake a thread a hair early, and calls_peer wants the gap past c + p, not at it
     FALLBACK_LAG = 0.001
+    SLOT_SLACK = 0.1  # of a call period: how early a call may begin and still keep its slot
     LOOP_PERIOD = None  # the decision loop's: check_interval
 
     def __init__(self, cfg, key, default_view, world=None):
@@ -3243,11 +3244,27 @@ class Agent:
             self.log.debug("no heartbeat from %s: %s", peer.name, exc)
         except Exception as exc:  # noqa: BLE001 -- a routine must outlive anything a peer sends
             self.warn("heartbeat", peer.name, f"{type(exc).__name__}: {exc}")
-        return self._rest(began, self.call_period(peer))
+        return self._until_slot(peer, began, self.call_period(peer))
 
     def call_period(self, peer):
         """From one heartbeat this node starts with peer to the next: check_interval."""
         return self.cfg.timing.check_interval
+
+    def _until_slot(self, peer, began, period):
+        """The wait before the next call to peer: `period` after this one began, moved earlier
+        onto peer's slot of the period (the i-th of n peers at i/n of it, on this node's
+        clock), so that the calls to different peers interleave and a primary's lease gets an
+        anchor every period / n rather than n at once. In step: exactly `period`. A call that
+        began up to SLOT_SLACK of a period early (a clock read a hair early) or late keeps its
+        slot; a later one, or a change of period, costs one interval between SLOT_SLACK and
+        1 + SLOT_SLACK periods (kept under c + p by call_period's bound, past which the peer's
+        fallback would call too)."""
+        names = [p.name for p in self.peers()]
+        slot = period * names.index(peer.name) / len(names)
+        slack = period * self.SLOT_SLACK
+        due = began + period
+        due -= (due - slot + slack) % period - slack
+        return max(0.0, due - self.clock())
 
     def probe_step(self):
         """Can a client reach the primary's PostgreSQL and does it say it is a primary? Every
@@ -3678,19 +3695,17 @@ class DbAgent(Agent):
         return round_period(self.steady, self.cfg.timing)
 
     def call_period(self, peer):
-        """A standby calls the arbiter on its loop's rounds (round_period) while its last tick
-        found all as it should be, every check_interval from the tick that finds otherwise:
-        the primary's requests, every round, keep the standby's signs of it fresh meanwhile,
-        and a tick that sees them late brings the calls back to every round well before a
-        promotion could need the arbiter's news (db_steady: c + p + STEADY_ROUNDS c within
-        failover_timeout). Only while the longer period stays under c + p, past which the
-        arbiter would start calling too (calls_peer). The primary calls both every round:
-        its lease rests on both (in the simulator's jitter profile, calling the arbiter on
-        the longer rounds fenced it 9 times in 60 runs against 4 to 5)."""
+        """A database node calls its peers on its loop's rounds (round_period) while its last
+        tick found all as it should be, every check_interval from the tick that finds
+        otherwise -- a peer unheard for longer than a healthy exchange's gap, the primary's
+        signs late (db_steady) -- which comes well before a promotion could need the
+        arbiter's news or a lease its anchors (c + p + STEADY_ROUNDS c within
+        failover_timeout). The primary's calls to its two peers interleave (_until_slot): its
+        lease gets an anchor every half round. Only while the longer period stays under c + p,
+        past which the called side would start calling too (calls_peer)."""
         period = self.loop_period()
         timing = self.cfg.timing
-        if peer.name != self.cfg.arbiter.name or self.view.primary == self.cfg.me.name \
-                or period >= timing.check_interval + timing.probe_timeout:
+        if period * (1 + self.SLOT_SLACK) >= timing.check_interval + timing.probe_timeout:
             return timing.check_interval
         return period
 

@@ -195,21 +195,79 @@ def test_the_exchange_that_proves_contact_extends_the_lease_at_once(tmp_path):
     assert standby.world.fence_calls == []  # holds none: nothing written
 
 
-def test_a_standby_calls_the_arbiter_on_its_loops_rounds(tmp_path):
-    """The arbiter on the longer rounds while the last tick found all well, every round from
-    a tick that did not; the primary every round (its lease rests on the arbiter's answers
-    too); and never at a period that reaches c + p, where the arbiter's fallback would start
-    calling too."""
-    a = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32, world=Probes())
+@pytest.mark.parametrize("me", ["pg1", "pg2"])
+def test_a_database_node_calls_its_peers_on_its_loops_rounds(tmp_path, me):
+    """Both peers on the longer rounds while the last tick found all well, every round from a
+    tick that did not; and never at a period whose longest interval (with the slot's slack)
+    reaches c + p, where the called side's fallback would start calling too."""
+    a = agent.DbAgent(lab_config(tmp_path, me), b"k" * 32, world=Probes())
     arb, other = a.cfg.arbiter, a.other
     c = a.cfg.timing.check_interval
     assert a.call_period(arb) == pytest.approx(c)  # no tick yet
     a.steady = True
-    assert a.call_period(arb) == pytest.approx(agent.STEADY_ROUNDS * c)
+    for peer in (arb, other):
+        assert a.call_period(peer) == pytest.approx(agent.STEADY_ROUNDS * c)
+    a.steady = False
     assert a.call_period(other) == pytest.approx(c)
-    a.view = View(4, "pg2", None, 9)  # promoted: it calls the arbiter every round
-    assert a.call_period(arb) == pytest.approx(c)
-    a.view = VIEW
-    a.cfg = dataclasses.replace(a.cfg, timing=dataclasses.replace(a.cfg.timing,
-                                                                  probe_timeout=1.5 * c))
-    assert a.call_period(arb) == pytest.approx(c)  # 2.5 c would be c + p
+    a.steady = True
+    edge = (agent.STEADY_ROUNDS * (1 + a.SLOT_SLACK) - 1) * c  # p where 2.75 c = c + p
+    for p, period in ((edge * 1.01, agent.STEADY_ROUNDS * c), (edge, c)):
+        a.cfg = dataclasses.replace(a.cfg, timing=dataclasses.replace(a.cfg.timing,
+                                                                      probe_timeout=p))
+        assert a.call_period(arb) == pytest.approx(period)
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("period", [0.1, 0.25])
+def test_calls_to_the_peers_interleave_on_their_slots(tmp_path, period):
+    """The i-th of n peers is called at i/n of the period: a primary's two calls come half a
+    period apart, whatever moment each routine started at, and stay there; a call that began
+    a little late or a hair early keeps its slot."""
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
+    other, arb = a.peers()
+    base = 123456.789  # a monotonic clock far from 0, as a host's is
+    a.clock = clock = Clock(base)
+    starts = {}
+    for peer, began in ((other, base + 0.0123), (arb, base + 0.0271)):
+        calls = [began]
+        for _ in range(40):
+            clock.now = calls[-1] + 0.0004  # the call took 0.4 ms
+            calls.append(clock.now + a._until_slot(peer, calls[-1], period))
+        gaps = [b - c for c, b in zip(calls[1:], calls[2:])]
+        assert gaps == pytest.approx([period] * len(gaps), abs=1e-9)
+        assert period * a.SLOT_SLACK < calls[1] - calls[0] <= period
+        starts[peer.name] = calls[-1]
+    assert (starts["arb"] - starts[other.name]) % period == pytest.approx(period / 2, abs=1e-9)
+    slot = starts["arb"] + period
+    for jitter in (-0.5 * a.SLOT_SLACK * period, 0.0, 0.003, 0.4 * period):
+        clock.now = slot + jitter + 0.0004
+        assert clock.now + a._until_slot(arb, slot + jitter, period) == \
+            pytest.approx(slot + period, abs=1e-9)
+
+
+def test_a_late_call_waits_at_most_a_slack_longer(tmp_path):
+    """A call that began past its slot's slack, or took longer than its period (a timeout):
+    the next one comes on the slot after, no later than (1 + SLOT_SLACK) periods after it
+    began, and never in the past."""
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
+    arb = a.cfg.arbiter
+    a.clock = clock = Clock(5000.0)
+    period = 0.25
+    slot = 5000.0 + period / 2  # arb's
+    for late in (0.05, 0.2, 0.249, 0.3):
+        began = slot + late
+        for took in (0.0004, 0.25, 0.6):
+            clock.now = began + took
+            wait = a._until_slot(arb, began, period)
+            assert wait >= 0
+            assert clock.now + wait <= max(began + (1 + a.SLOT_SLACK) * period, clock.now)
+            if wait:
+                assert (clock.now + wait - slot) % period == pytest.approx(0, abs=1e-9) or \
+                    (clock.now + wait - slot) % period == pytest.approx(period, abs=1e-9)
