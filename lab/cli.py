@@ -129,6 +129,9 @@ def cmd_switchover(backend, args):
 
 def cmd_experiment(backend, args):
     from lab import experiments
+    if not backend.exists():  # it would wait two minutes for a primary that is not there
+        raise LabError("the lab is not up: run `python -m lab up` first (a benchmark builds "
+                       "its own)")
     backend.proxy = getattr(args, "proxy", False)  # the load goes through HAProxy
     result = experiments.EXPERIMENTS[args.name](backend, progress, args)
     print(json.dumps(result, indent=2) if args.json else experiments.report(args.name, result))

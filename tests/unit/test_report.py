@@ -6,6 +6,7 @@ import json
 import pytest
 
 from lab import cli, report
+from lab.backend import LabError
 from lab.experiments import failover_metrics
 
 ADDR = {"pg1": "10.0.0.1", "pg2": "10.0.0.2"}
@@ -206,3 +207,17 @@ def test_lab_events_prints_one_line_per_event_in_time_order(capsys):
     cli.cmd_events(EventsBackend(), cli.parser().parse_args(["events", "--json"]))
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == sorted(
         EVENTS, key=lambda e: e["t"])
+
+
+class DownBackend:
+    name = "netns"
+
+    def exists(self):
+        return False
+
+
+def test_an_experiment_on_a_lab_that_is_not_up_says_so_at_once():
+    """Not two minutes of waiting for a primary that is not there."""
+    args = cli.parser().parse_args(["experiment", "jitter", "--minutes", "0.1"])
+    with pytest.raises(LabError, match="not up"):
+        cli.cmd_experiment(DownBackend(), args)
