@@ -623,6 +623,23 @@ def round_period(steady, timing):
     return c * (STEADY_ROUNDS if longer else 1)
 
 
+SLOT_SLACK = 0.1  # of a call period: how early a call may begin and still keep its slot
+
+
+def steady_call_period(timing):
+    """The period of a database node's calls while its loop is steady (DbAgent.call_period):
+    the loop's longer round, as long as its longest interval (1 + SLOT_SLACK periods,
+    Agent._until_slot) stays under c + p -- past which the called side's fallback would call
+    too (calls_peer) -- and, with a reply as slow as probe_timeout, under fence_timeout -- so
+    that a healthy primary's lease never lapses between two anchors (check_timing holds that
+    for check_interval); else check_interval."""
+    c, p = timing.check_interval, timing.probe_timeout
+    longest = round_period(True, timing) * (1 + SLOT_SLACK)
+    if longest >= c + p or longest + p >= timing.fence_timeout:
+        return c
+    return round_period(True, timing)
+
+
 def heard_lately(ages, timing):
     """Whether every age (seconds since a peer was last heard) is within a healthy exchange's
     longest gap."""
@@ -639,6 +656,9 @@ def db_steady(me, other, arbiter, obs, decision, previous_view, timing):
     means every round."""
     ages = [obs.now - obs.contact_at.get(peer, -math.inf) for peer in (other, arbiter)]
     if obs.view.primary != me:
+        # the primary calls us and echoes our reply's stamp in its next request: that contact
+        # is one of its call periods older than the caller's own
+        ages[0] -= steady_call_period(timing)
         ages.append(obs.now - (-math.inf if obs.primary_alive_at is None
                                else obs.primary_alive_at))
     elif (_age(obs.now, obs.started_at, obs.standby_seen_at)
@@ -3106,7 +3126,6 @@ class Agent:
     # How long after the fallback of calls_peer is due the answering side looks: a clock may
     # wake a thread a hair early, and calls_peer wants the gap past c + p, not at it
     FALLBACK_LAG = 0.001
-    SLOT_SLACK = 0.1  # of a call period: how early a call may begin and still keep its slot
     LOOP_PERIOD = None  # the decision loop's: check_interval
 
     def __init__(self, cfg, key, default_view, world=None):
@@ -3129,6 +3148,7 @@ class Agent:
         self._view_lock = threading.RLock()
         self.view = default_view
         self._view_offered = None  # the view a peer offered last, dealt with (learn)
+        self.calls_failing = set()  # peers whose heartbeat this node started has no reply yet
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
         self.probe = {"target": None, "ok_at": None, "error": None, "failures": 0}
@@ -3233,13 +3253,16 @@ class Agent:
             # acted on within c + p of the peer's last request. Past that moment without a
             # call (a rule that never falls back, as in the simulator's scenarios of the code
             # before the fallback): every round, never a wait of nothing
+            self.calls_failing.discard(peer.name)  # not ours to call now
             until_due = requested_at + timing.check_interval + timing.probe_timeout + \
                 self.FALLBACK_LAG - self.clock()
             return until_due if until_due > 0 else self._rest(began)
+        self.calls_failing.add(peer.name)  # until this call has its reply
         try:
             body = self.world.call(self.cfg, self.key, peer, "status",
                                    self.status_body(peer.name), self.cfg.timing.probe_timeout)
             self.note_status(peer.name, body, self.clock())
+            self.calls_failing.discard(peer.name)
         except (OSError, ProtocolError) as exc:
             self.log.debug("no heartbeat from %s: %s", peer.name, exc)
         except Exception as exc:  # noqa: BLE001 -- a routine must outlive anything a peer sends
@@ -3261,7 +3284,7 @@ class Agent:
         fallback would call too)."""
         names = [p.name for p in self.peers()]
         slot = period * names.index(peer.name) / len(names)
-        slack = period * self.SLOT_SLACK
+        slack = period * SLOT_SLACK
         due = began + period
         due -= (due - slot + slack) % period - slack
         return max(0.0, due - self.clock())
@@ -3695,19 +3718,20 @@ class DbAgent(Agent):
         return round_period(self.steady, self.cfg.timing)
 
     def call_period(self, peer):
-        """A database node calls its peers on its loop's rounds (round_period) while its last
-        tick found all as it should be, every check_interval from the tick that finds
-        otherwise -- a peer unheard for longer than a healthy exchange's gap, the primary's
-        signs late (db_steady) -- which comes well before a promotion could need the
-        arbiter's news or a lease its anchors (c + p + STEADY_ROUNDS c within
-        failover_timeout). The primary's calls to its two peers interleave (_until_slot): its
-        lease gets an anchor every half round. Only while the longer period stays under c + p,
-        past which the called side would start calling too (calls_peer)."""
-        period = self.loop_period()
+        """A database node calls its peers on its loop's longer rounds (steady_call_period)
+        while its last tick found all as it should be and every call it started has had its
+        reply, every check_interval from the tick that finds otherwise -- a peer unheard for
+        longer than a healthy exchange's gap, the primary's signs late (db_steady) -- or from
+        the first call that fails: the other peer's next call already comes a round later, and
+        the primary's lease, resting on that peer alone, gets its anchors every round again.
+        That comes well before a promotion could need the arbiter's news (c + p +
+        STEADY_ROUNDS c within failover_timeout) or the lease an anchor (fence_timeout). The
+        calls to the two peers interleave (_until_slot): the primary's lease gets an anchor
+        every half period."""
         timing = self.cfg.timing
-        if period * (1 + self.SLOT_SLACK) >= timing.check_interval + timing.probe_timeout:
-            return timing.check_interval
-        return period
+        if self.steady and not self.calls_failing:
+            return steady_call_period(timing)
+        return timing.check_interval
 
     def tick(self):
         self.steady = False

@@ -61,7 +61,10 @@ def test_all_heard_lately_nothing_to_do_same_view_is_steady(me):
 @pytest.mark.parametrize("peer", ["other", "arb"])
 def test_a_peer_heard_late_or_never_is_not_steady(me, peer):
     name = peer if peer == "arb" else ("pg2" if me == "pg1" else "pg1")
-    assert not steady(me, obs(contact={name: NOW - LATE}))
+    # the standby's contact with the primary, which calls it, lags one of the primary's calls
+    lag = agent.steady_call_period(T) if (me, peer) == ("pg2", "other") else 0.0
+    assert steady(me, obs(contact={name: NOW - LATELY - lag}))
+    assert not steady(me, obs(contact={name: NOW - LATE - lag}))
     late = obs()
     del late.contact_at[name]
     assert not steady(me, late)
@@ -210,11 +213,43 @@ def test_a_database_node_calls_its_peers_on_its_loops_rounds(tmp_path, me):
     a.steady = False
     assert a.call_period(other) == pytest.approx(c)
     a.steady = True
-    edge = (agent.STEADY_ROUNDS * (1 + a.SLOT_SLACK) - 1) * c  # p where 2.75 c = c + p
+    edge = (agent.STEADY_ROUNDS * (1 + agent.SLOT_SLACK) - 1) * c  # p where 2.75 c = c + p
     for p, period in ((edge * 1.01, agent.STEADY_ROUNDS * c), (edge, c)):
         a.cfg = dataclasses.replace(a.cfg, timing=dataclasses.replace(a.cfg.timing,
                                                                       probe_timeout=p))
         assert a.call_period(arb) == pytest.approx(period)
+
+
+def test_the_steady_call_period_keeps_the_liveness_bounds():
+    """The loop's longer round, unless its longest interval (1 + SLOT_SLACK of it) reaches
+    c + p (the called side's fallback) or, with a reply as slow as p, fence_timeout (a
+    healthy primary's lease would lapse between two anchors)."""
+    assert agent.steady_call_period(T) == pytest.approx(agent.STEADY_ROUNDS * T.check_interval)
+    longest = agent.STEADY_ROUNDS * T.check_interval * (1 + agent.SLOT_SLACK)
+    slow = dataclasses.replace(T, probe_timeout=longest - T.check_interval)
+    assert agent.steady_call_period(slow) == pytest.approx(T.check_interval)
+    assert agent.steady_call_period(dataclasses.replace(
+        slow, probe_timeout=slow.probe_timeout * 1.01)) == pytest.approx(longest / 1.1)
+    # c = 0.1, p = 0.45, fence 0.6: c + p < fence, and 0.275 < c + p, but 0.275 + p > fence
+    tight = dataclasses.replace(T, probe_timeout=0.45, fence_timeout=0.6)
+    assert agent.steady_call_period(tight) == pytest.approx(T.check_interval)
+    assert agent.steady_call_period(dataclasses.replace(tight, fence_timeout=0.73)) == \
+        pytest.approx(agent.STEADY_ROUNDS * T.check_interval)
+
+
+def test_a_call_without_its_reply_brings_every_call_back_to_every_round(tmp_path):
+    """While a heartbeat this node started has no reply (in flight past its slot, or failed),
+    its calls to every peer go every check_interval: the primary's lease, resting on the
+    other peer alone, gets its anchors every round again before the loop's next tick."""
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
+    other, arb = a.peers()
+    c = a.cfg.timing.check_interval
+    a.steady = True
+    a.calls_failing.add(other.name)
+    assert a.call_period(arb) == pytest.approx(c)
+    assert a.call_period(other) == pytest.approx(c)
+    a.calls_failing.discard(other.name)
+    assert a.call_period(arb) == pytest.approx(agent.STEADY_ROUNDS * c)
 
 
 class Clock:
@@ -242,11 +277,11 @@ def test_calls_to_the_peers_interleave_on_their_slots(tmp_path, period):
             calls.append(clock.now + a._until_slot(peer, calls[-1], period))
         gaps = [b - c for c, b in zip(calls[1:], calls[2:])]
         assert gaps == pytest.approx([period] * len(gaps), abs=1e-9)
-        assert period * a.SLOT_SLACK < calls[1] - calls[0] <= period
+        assert period * agent.SLOT_SLACK < calls[1] - calls[0] <= period
         starts[peer.name] = calls[-1]
     assert (starts["arb"] - starts[other.name]) % period == pytest.approx(period / 2, abs=1e-9)
     slot = starts["arb"] + period
-    for jitter in (-0.5 * a.SLOT_SLACK * period, 0.0, 0.003, 0.4 * period):
+    for jitter in (-0.5 * agent.SLOT_SLACK * period, 0.0, 0.003, 0.4 * period):
         clock.now = slot + jitter + 0.0004
         assert clock.now + a._until_slot(arb, slot + jitter, period) == \
             pytest.approx(slot + period, abs=1e-9)
@@ -267,7 +302,71 @@ def test_a_late_call_waits_at_most_a_slack_longer(tmp_path):
             clock.now = began + took
             wait = a._until_slot(arb, began, period)
             assert wait >= 0
-            assert clock.now + wait <= max(began + (1 + a.SLOT_SLACK) * period, clock.now)
+            assert clock.now + wait <= max(began + (1 + agent.SLOT_SLACK) * period, clock.now)
             if wait:
                 assert (clock.now + wait - slot) % period == pytest.approx(0, abs=1e-9) or \
                     (clock.now + wait - slot) % period == pytest.approx(period, abs=1e-9)
+
+
+class Peers(Probes):
+    """Peers that answer a heartbeat in 0.4 ms, or (failing) refuse it at once, on the test's
+    clock; every call's moment is recorded."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.failing, self.calls = clock, set(), []
+
+    def call(self, cfg, key, peer, kind, body, timeout):
+        self.calls.append((round(self.clock.now, 6), peer.name))
+        if peer.name in self.failing:
+            raise ConnectionRefusedError("refused")
+        self.clock.now += 0.0004
+        return {"pg": "standby" if peer.name != "arb" else "none", "fenced": False}
+
+
+class Heartbeats:
+    """The node's heartbeat routines on the test's clock, as World.run_routine runs them,
+    from moments 10 ms apart."""
+
+    def __init__(self, a, clock):
+        self.a, self.clock = a, clock
+        self.peers = {peer.name: peer for peer in a.peers()}
+        self.due = {name: clock.now + 0.01 * i for i, name in enumerate(self.peers)}
+
+    def run(self, until):
+        while True:
+            name = min(self.due, key=self.due.get)
+            if self.due[name] >= until:
+                return
+            self.clock.now = max(self.clock.now, self.due[name])
+            self.due[name] = self.clock.now + self.a.heartbeat_step(self.peers[name])
+
+
+def test_a_steady_primary_calls_each_peer_every_longer_round_half_a_round_apart(tmp_path):
+    """Through heartbeat_step: on the loop's longer rounds, the two peers' calls half a period
+    apart; once a call fails, every call every check_interval, from the other peer's next
+    call on."""
+    clock = Clock(7777.0)
+    world = Peers(clock)
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=world)
+    a.clock, a.view, a.steady = clock, VIEW, True
+    c, long = a.cfg.timing.check_interval, agent.steady_call_period(a.cfg.timing)
+    routines = Heartbeats(a, clock)
+    routines.run(7779.0)
+    times = {name: [t for t, n in world.calls if n == name] for name in ("pg2", "arb")}
+    for name in times:
+        gaps = [b - t for t, b in zip(times[name][1:], times[name][2:])]
+        assert gaps == pytest.approx([long] * len(gaps), abs=1e-6)
+    assert (times["arb"][-1] - times["pg2"][-1]) % long == pytest.approx(long / 2, abs=1e-3)
+    world.failing.add("pg2")
+    world.calls.clear()
+    failed_at = clock.now
+    routines.run(failed_at + 2.0)
+    arb = [t for t, n in world.calls if n == "arb"]
+    assert arb[1] - arb[0] <= long * (1 + agent.SLOT_SLACK) + 1e-6
+    gaps = [b - t for t, b in zip(arb[1:], arb[2:])]
+    assert max(gaps) == pytest.approx(c, abs=1e-3)  # every round, on its slot
+    assert a.calls_failing == {"pg2"}
+    world.failing.clear()
+    routines.run(clock.now + 1.0)
+    assert a.calls_failing == set()
