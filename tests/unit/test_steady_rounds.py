@@ -150,10 +150,10 @@ def test_the_probe_waits_longer_only_while_the_primary_is_heard_lately(tmp_path,
     assert a.probe_step() > c
 
 
-def test_a_primary_probes_no_one_and_waits_the_longer_round(tmp_path):
+def test_a_primary_probes_no_one_and_waits_half_a_failover_timeout(tmp_path):
     world = Probes()
     a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=world)
-    assert a.probe_step() == pytest.approx(round_period(True, a.cfg.timing), abs=0.02)
+    assert a.probe_step() == pytest.approx(a.cfg.timing.failover_timeout / 2, abs=0.02)
     assert world.probed == 0
 
 
