@@ -604,24 +604,32 @@ def calls_peer(me, peer, view, arbiter, unheard_for, timing):
 # A watching routine's rounds while all it watches looks as it should (round_period): two and
 # a half rounds, 0.25 s at the defaults, where one a round was two fifths of an idle node's CPU
 STEADY_ROUNDS = 2.5
+# Longer still, what no decision waits for while all is well: a primary's loop (its lease is
+# renewed by the exchanges; a switchover's fence and the drop of a silent standby come at the
+# first tick that sees them) and the probes of the primary's PostgreSQL (the primary's
+# heartbeats are its signs meanwhile). Four rounds leave the standby's replies, which come
+# every second, 0.1 s of room under the bound that keeps a primary's round after next before
+# the drop (db_steady: failover_timeout - 4 c = 1.1 s)
+QUIET_ROUNDS = 4
 
 
-def round_period(steady, timing):
+def round_period(steady, timing, rounds=STEADY_ROUNDS):
     """The wait from one round to the next of a routine that watches for change -- a database
     node's decision loop, the probe of the primary's PostgreSQL: check_interval, or
-    STEADY_ROUNDS times that while all it watched looked as it should at its last round. A
+    `rounds` (STEADY_ROUNDS; QUIET_ROUNDS for a primary's loop, the probes) times that while all
+    it watched looked as it should at its last round. A
     sign of trouble that a round sees -- a peer or the primary unheard for longer than a
     healthy exchange's longest gap (c + p), the standby's replies late -- brings the rounds
     back to check_interval in time for the decision it may lead to: the longer wait is
-    allowed only when c + p + STEADY_ROUNDS x c stays within failover_timeout (0.6 s against
-    1.5 s at the defaults), so that the tick that first sees the primary lost for
+    allowed only when c + p + rounds x c stays within failover_timeout (0.6 s against 1.5 s
+    at the defaults), so that the tick that first sees the primary lost for
     failover_timeout comes as soon as before. What waits longer is what no heartbeat shows and
     what comes between rounds: a PostgreSQL that stopped answering, a view just learned, a
-    switchover asked for are acted on up to (STEADY_ROUNDS - 1) x c later. Safety never rests
-    on a round: the lease is the kernel's, a promotion the arbiter's (README, "Rounds")."""
+    switchover asked for are acted on up to (rounds - 1) x c later. Safety never rests on a
+    round: the lease is the kernel's, a promotion the arbiter's (README, "Rounds")."""
     c = timing.check_interval
-    longer = steady and c + timing.probe_timeout + STEADY_ROUNDS * c <= timing.failover_timeout
-    return c * (STEADY_ROUNDS if longer else 1)
+    longer = steady and c + timing.probe_timeout + rounds * c <= timing.failover_timeout
+    return c * (rounds if longer else 1)
 
 
 SLOT_SLACK = 0.1  # of a call period: how early a call may begin and still keep its slot
@@ -648,13 +656,13 @@ def heard_lately(ages, timing):
 
 
 def db_steady(me, other, arbiter, obs, decision, previous_view, timing):
-    """Whether a database node's loop may wait STEADY_ROUNDS (round_period): it decided to do
-    nothing, under the view it held at its round before, it is not fenced, and both peers
+    """Whether a database node's loop may wait its longer rounds (round_period): it decided to
+    do nothing, under the view it held at its round before, it is not fenced, and both peers
     heard it lately, as did the primary's signs when that is another node. A primary also
     needs its standby's latest reply young enough that the round after next still comes before
     it is failover_timeout old (when the standby is dropped from sync): replies come every
-    second (wal_receiver_status_interval), so at the defaults a reply older than 1.25 s
-    means every round."""
+    second (wal_receiver_status_interval), so at the defaults a reply older than 1.1 s
+    (failover_timeout - QUIET_ROUNDS c) means every round."""
     ages = [obs.now - obs.contact_at.get(peer, -math.inf) for peer in (other, arbiter)]
     if obs.view.primary != me:
         # the primary calls us and echoes our reply's stamp in its next request: that contact
@@ -663,7 +671,7 @@ def db_steady(me, other, arbiter, obs, decision, previous_view, timing):
         ages.append(obs.now - (-math.inf if obs.primary_alive_at is None
                                else obs.primary_alive_at))
     elif (_age(obs.now, obs.started_at, obs.standby_seen_at)
-          > timing.failover_timeout - STEADY_ROUNDS * timing.check_interval):
+          > timing.failover_timeout - QUIET_ROUNDS * timing.check_interval):
         return False
     return (decision.action == "none" and obs.view == previous_view and not obs.fenced
             and heard_lately(ages, timing))
@@ -3293,7 +3301,7 @@ class Agent:
     def probe_step(self):
         """Can a client reach the primary's PostgreSQL and does it say it is a primary? Every
         round while the primary's signs (this probe's among them) are late, else every
-        STEADY_ROUNDS (round_period). A primary has none to probe: it looks again every half
+        QUIET_ROUNDS (round_period). A primary has none to probe: it looks again every half
         failover_timeout, so a node that a view makes a standby probes its new primary well
         before a promotion could need the signs it brings (the primary's heartbeats bring
         them meanwhile); four wake-ups a second for nothing were 0.05 % of a core."""
@@ -3307,7 +3315,7 @@ class Agent:
             self.warn("probe", primary, f"{type(exc).__name__}: {exc}")
         seen_at = self.observations.snapshot()[1].get(primary, -math.inf)
         steady = heard_lately([self.clock() - seen_at], self.cfg.timing)
-        return self._rest(began, round_period(steady, self.cfg.timing))
+        return self._rest(began, round_period(steady, self.cfg.timing, QUIET_ROUNDS))
 
     def _probe_once(self, primary):
         probe = self.probe
@@ -3719,7 +3727,9 @@ class DbAgent(Agent):
         return st.standby_state == "streaming", synced
 
     def loop_period(self):
-        return round_period(self.steady, self.cfg.timing)
+        primary = self.view.primary == self.cfg.me.name
+        return round_period(self.steady, self.cfg.timing,
+                            QUIET_ROUNDS if primary else STEADY_ROUNDS)
 
     def call_period(self, peer):
         """A database node calls its peers on its loop's longer rounds (steady_call_period)

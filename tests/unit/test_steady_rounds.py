@@ -86,10 +86,11 @@ def test_a_fenced_node_is_not_steady(me):
 
 
 def test_a_primary_whose_standby_replies_late_is_not_steady():
-    """The standby's replies come every second; one 1.25 s old (failover_timeout - 2.5 c)
-    means every round, so that the drop from sync at 1.5 s is not late."""
-    assert steady("pg1", obs(standby_seen_at=NOW - 1.2))
-    assert not steady("pg1", obs(standby_seen_at=NOW - 1.3))
+    """The standby's replies come every second; one older than 1.1 s (failover_timeout - 4 c,
+    a primary's longer round) means every round, so that the drop from sync at 1.5 s is not
+    late."""
+    assert steady("pg1", obs(standby_seen_at=NOW - 1.09))
+    assert not steady("pg1", obs(standby_seen_at=NOW - 1.11))
     assert not steady("pg1", obs(standby_seen_at=None))  # never: counted from the start
     assert steady("pg2", obs(standby_seen_at=None))  # a standby has no standby to watch
 
@@ -141,7 +142,8 @@ def test_the_probe_waits_longer_only_while_the_primary_is_heard_lately(tmp_path,
     world = Probes()
     a = cls(lab_config(tmp_path, node), b"k" * 32, world=world)
     c = a.cfg.timing.check_interval
-    assert a.probe_step() == pytest.approx(round_period(True, a.cfg.timing), abs=0.02)
+    assert a.probe_step() == pytest.approx(
+        round_period(True, a.cfg.timing, agent.QUIET_ROUNDS), abs=0.02)
     assert world.probed == 1
     world.answers = False
     a.observations.alive_at["pg1"] = a.clock() - LATE
@@ -169,11 +171,25 @@ def test_a_tick_is_judged_on_the_view_of_the_tick_before(tmp_path):
     assert a.steady
 
 
-def test_the_loop_waits_as_the_last_tick_found(tmp_path):
-    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
+@pytest.mark.parametrize("me, rounds", [("pg1", agent.QUIET_ROUNDS),
+                                       ("pg2", agent.STEADY_ROUNDS)])
+def test_the_loop_waits_as_the_last_tick_found(tmp_path, me, rounds):
+    """A primary's loop on its own longer rounds, a standby's on the calls' (a view just learned,
+    a switchover's next step, waits no longer there)."""
+    a = agent.DbAgent(lab_config(tmp_path, me), b"k" * 32, world=Probes())
+    a.view = VIEW
     assert not a.steady and a.loop_period() == pytest.approx(a.cfg.timing.check_interval)
     a.steady = True
-    assert a.loop_period() == pytest.approx(agent.STEADY_ROUNDS * a.cfg.timing.check_interval)
+    assert a.loop_period() == pytest.approx(rounds * a.cfg.timing.check_interval)
+    a.steady = False
+    assert a.loop_period() == pytest.approx(a.cfg.timing.check_interval)
+
+
+def test_a_primarys_longer_loop_round_keeps_the_calls_on_theirs(tmp_path):
+    a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
+    a.view, a.steady = VIEW, True
+    assert a.call_period(a.cfg.arbiter) == pytest.approx(
+        agent.STEADY_ROUNDS * a.cfg.timing.check_interval)
 
 
 def test_the_exchange_that_proves_contact_extends_the_lease_at_once(tmp_path):
