@@ -92,7 +92,6 @@ import configparser
 import ctypes
 import errno
 import fcntl
-import functools
 import hashlib
 import hmac
 import http
@@ -180,9 +179,9 @@ class Config:
     def by_role(self, role):
         return next(n for n in self.nodes.values() if n.role == role)
 
-    @functools.cached_property
+    @property
     def arbiter(self):
-        return self.by_role("arbiter")  # looked up several times per heartbeat
+        return self.by_role("arbiter")
 
     @property
     def db_nodes(self):
@@ -606,11 +605,13 @@ def calls_peer(me, peer, view, arbiter, unheard_for, timing):
 STEADY_ROUNDS = 2.5
 # Longer still, what no decision waits for while all is well: a primary's loop (its lease is
 # renewed by the exchanges; a switchover's fence and the drop of a silent standby come at the
-# first tick that sees them) and the probes of the primary's PostgreSQL (the primary's
-# heartbeats are its signs meanwhile). Four rounds leave the standby's replies, which come
-# every second, 0.1 s of room under the bound that keeps a primary's round after next before
-# the drop (db_steady: failover_timeout - 4 c = 1.1 s)
+# first tick that sees them, up to 0.3 s later than on 2.5 rounds) and the probes of the
+# primary's PostgreSQL (the primary's heartbeats are its signs meanwhile)
 QUIET_ROUNDS = 4
+# The standby's replies come every second (wal_receiver_status_interval, set by the agent): a
+# primary's round after next must come before a reply is failover_timeout old, with 0.1 s of
+# room for a late one (db_steady), or its loop would never find all well
+STANDBY_REPLY_ROOM = 1.1
 
 
 def round_period(steady, timing, rounds=STEADY_ROUNDS):
@@ -622,14 +623,25 @@ def round_period(steady, timing, rounds=STEADY_ROUNDS):
     healthy exchange's longest gap (c + p), the standby's replies late -- brings the rounds
     back to check_interval in time for the decision it may lead to: the longer wait is
     allowed only when c + p + rounds x c stays within failover_timeout (0.6 s against 1.5 s
-    at the defaults), so that the tick that first sees the primary lost for
-    failover_timeout comes as soon as before. What waits longer is what no heartbeat shows and
-    what comes between rounds: a PostgreSQL that stopped answering, a view just learned, a
-    switchover asked for are acted on up to (rounds - 1) x c later. Safety never rests on a
-    round: the lease is the kernel's, a promotion the arbiter's (README, "Rounds")."""
+    at the defaults; QUIET_ROUNDS that do not fit fall back to STEADY_ROUNDS), so that the
+    tick that first sees the primary lost for failover_timeout comes as soon as before. What
+    waits longer is what no heartbeat shows and what comes between rounds: a PostgreSQL that
+    stopped answering, a view just learned, a switchover asked for are acted on up to
+    (rounds - 1) x c later. Safety never rests on a round: the lease is the kernel's, a
+    promotion the arbiter's (README, "Rounds")."""
     c = timing.check_interval
-    longer = steady and c + timing.probe_timeout + rounds * c <= timing.failover_timeout
-    return c * (rounds if longer else 1)
+    for longer in (rounds, STEADY_ROUNDS):
+        if steady and c + timing.probe_timeout + longer * c <= timing.failover_timeout:
+            return c * longer
+    return c
+
+
+def primary_rounds(timing):
+    """A primary's loop's longer rounds: QUIET_ROUNDS while they leave the standby's replies
+    their room (failover_timeout - QUIET_ROUNDS c >= STANDBY_REPLY_ROOM: 1.1 s at the
+    defaults), else STEADY_ROUNDS; db_steady holds the standby's replies to the same."""
+    room = timing.failover_timeout - QUIET_ROUNDS * timing.check_interval
+    return QUIET_ROUNDS if room >= STANDBY_REPLY_ROOM - 1e-9 else STEADY_ROUNDS
 
 
 SLOT_SLACK = 0.1  # of a call period: how early a call may begin and still keep its slot
@@ -662,7 +674,7 @@ def db_steady(me, other, arbiter, obs, decision, previous_view, timing):
     needs its standby's latest reply young enough that the round after next still comes before
     it is failover_timeout old (when the standby is dropped from sync): replies come every
     second (wal_receiver_status_interval), so at the defaults a reply older than 1.1 s
-    (failover_timeout - QUIET_ROUNDS c) means every round."""
+    (failover_timeout - primary_rounds c) means every round."""
     ages = [obs.now - obs.contact_at.get(peer, -math.inf) for peer in (other, arbiter)]
     if obs.view.primary != me:
         # the primary calls us and echoes our reply's stamp in its next request: that contact
@@ -671,7 +683,7 @@ def db_steady(me, other, arbiter, obs, decision, previous_view, timing):
         ages.append(obs.now - (-math.inf if obs.primary_alive_at is None
                                else obs.primary_alive_at))
     elif (_age(obs.now, obs.started_at, obs.standby_seen_at)
-          > timing.failover_timeout - QUIET_ROUNDS * timing.check_interval):
+          > timing.failover_timeout - primary_rounds(timing) * timing.check_interval):
         return False
     return (decision.action == "none" and obs.view == previous_view and not obs.fenced
             and heard_lately(ages, timing))
@@ -3729,7 +3741,7 @@ class DbAgent(Agent):
     def loop_period(self):
         primary = self.view.primary == self.cfg.me.name
         return round_period(self.steady, self.cfg.timing,
-                            QUIET_ROUNDS if primary else STEADY_ROUNDS)
+                            primary_rounds(self.cfg.timing) if primary else STEADY_ROUNDS)
 
     def call_period(self, peer):
         """A database node calls its peers on its loop's longer rounds (steady_call_period)

@@ -386,3 +386,29 @@ def test_a_steady_primary_calls_each_peer_every_longer_round_half_a_round_apart(
     world.failing.clear()
     routines.run(clock.now + 1.0)
     assert a.calls_failing == set()
+
+
+def test_quiet_rounds_that_do_not_fit_fall_back_to_the_steady_ones():
+    """Where c + p + 4 c passes failover_timeout but c + p + 2.5 c does not, the probes and a
+    primary's loop wait 2.5 rounds, not every round."""
+    tight = dataclasses.replace(T, failover_timeout=0.7)
+    assert round_period(True, tight, agent.QUIET_ROUNDS) == pytest.approx(0.25)
+    assert round_period(True, T, agent.QUIET_ROUNDS) == pytest.approx(0.4)
+    assert round_period(True, dataclasses.replace(T, failover_timeout=0.59),
+                        agent.QUIET_ROUNDS) == pytest.approx(0.1)
+
+
+def test_a_primary_waits_quiet_rounds_only_where_its_standbys_replies_have_room():
+    """Replies come every second: a primary's round after next must come before one is
+    failover_timeout old, with 0.1 s to spare. At c = 0.15 and failover_timeout 1.5, four
+    rounds leave 0.9 s: the primary waits 2.5 rounds, and a reply 1.1 s old keeps it steady
+    (at four rounds it never would be)."""
+    assert agent.primary_rounds(T) == agent.QUIET_ROUNDS  # 1.5 - 0.4 = 1.1: just fits
+    slow = agent.Timing(check_interval=0.15, probe_timeout=0.25, fence_timeout=0.8,
+                        safety_margin=0.1, failover_timeout=1.5, restart_grace=6.0)
+    agent.check_timing("agent.ini", slow)  # a valid configuration
+    assert agent.primary_rounds(slow) == agent.STEADY_ROUNDS
+    observed = obs(standby_seen_at=NOW - 1.1)
+    assert db_steady("pg1", "pg2", "arb", observed, NONE, VIEW, slow)
+    assert not db_steady("pg1", "pg2", "arb", obs(standby_seen_at=NOW - 1.13), NONE, VIEW,
+                         slow)
