@@ -9,8 +9,9 @@ from lab.backend import AGENT_HOSTS
 # the hosts share this kernel (network namespaces, LXC containers) or run Linux, whose
 # USER_HZ is 100 on every architecture Debian builds
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# an idle node wakes some 35 times a second: its CPU over 10 s moved by up to 0.3 % of a core
-# from one window to the next on this machine (2 shared cores), over 30 s by under 0.1 %
+# an idle node wakes some 30 times a second: its CPU over 10 s moved by up to 0.3 % of a core
+# from one window to the next on this machine (2 shared cores), over 20 s by 0.1-0.2 %; a
+# longer window narrows that, but not how busy the machine is (README, "The footprint")
 IDLE_S = 30.0
 GOALS = {"rss_mib": 40.0, "idle_cpu_pct": 1.0}
 ROLES = ("arbiter", "primary", "standby")  # each must have idle figures (roles_now)
