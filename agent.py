@@ -92,6 +92,7 @@ import configparser
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import http
@@ -104,6 +105,7 @@ import re
 import resource
 import secrets
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -179,7 +181,7 @@ class Config:
     def by_role(self, role):
         return next(n for n in self.nodes.values() if n.role == role)
 
-    @property
+    @functools.cached_property  # every heartbeat asks, on both sides; copy with replace()
     def arbiter(self):
         return self.by_role("arbiter")
 
@@ -1526,6 +1528,7 @@ class DropLog:
         self.log, self.interval, self.what, self.clock = log, interval, what, clock
         self._lock = threading.Lock()
         self._kinds = {}  # kind -> [count since its last line, time of that line, latest]
+        self.held = None  # called when a count starts to be held back (QuietServer's wake)
 
     def __call__(self, kind, source, detail):
         with self._lock:
@@ -1533,11 +1536,14 @@ class DropLog:
             entry[0] += 1
             entry[2] = f"from {source}: {detail}"
         self.flush(kind)
+        if self.held is not None and self._kinds[kind][0] == 1:
+            self.held()
 
     def flush(self, only=None, force=False):
         """Log each kind (or only that one) with drops not yet logged and no line for an
-        interval (or at once: force). The server calls it between connections and when it
-        shuts down, so that a count is never held long nor lost."""
+        interval (or at once: force). A server calls it whenever it wakes (a connection, a
+        line due: due_in) and when it shuts down, so that a count is never held long nor
+        lost."""
         now, lines = self.clock(), []
         with self._lock:
             for kind, entry in self._kinds.items():
@@ -1548,6 +1554,71 @@ class DropLog:
         for kind, count, latest in lines:
             self.log.warning("%s (%s) %d since the last such line, the latest %s",
                              self.what, kind, count, latest)
+
+    def due_in(self):
+        """Seconds until a kind with drops not yet logged may have its line (flush); None when
+        none waits."""
+        now = self.clock()
+        with self._lock:
+            dues = [0.0 if entry[1] is None else entry[1] + self.interval - now
+                    for entry in self._kinds.values() if entry[0]]
+        return max(0.0, min(dues)) if dues else None
+
+
+class QuietServer(socketserver.ThreadingTCPServer):
+    """A ThreadingTCPServer whose serve_forever sleeps until a connection comes, a count of
+    drops is due (DropLog.due_in) or shutdown() is called: socketserver's own looks every
+    poll_interval (0.5 s), four wake-ups a second for nothing on a node's two servers
+    (README, "The footprint"). shutdown() wakes it through a pipe."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, drops):
+        self.drops = drops
+        drops.held = self._wake  # a count held back: due_in has changed
+        self._stopping, self._stopped = False, threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # closed by server_close, on a failed bind too
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)  # a full pipe wakes it all the same
+        super().__init__(address, handler)
+
+    def serve_forever(self, poll_interval=None):
+        try:
+            with selectors.PollSelector() as selector:  # no 1023 ceiling on descriptors
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stopping:
+                    ready = selector.select(self.drops.due_in())
+                    if self._stopping:
+                        break
+                    for key, _ in ready:
+                        if key.fileobj is self:
+                            self._handle_request_noblock()
+                        else:
+                            with contextlib.suppress(BlockingIOError):
+                                os.read(self._wake_r, 4096)
+                    self.drops.flush()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever and wait for it (running in another thread), then log every
+        count of drops still held."""
+        self._stopping = True
+        self._wake()
+        self._stopped.wait()
+        self.drops.flush(force=True)
+
+    def _wake(self):
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def server_close(self):
+        super().server_close()
+        self.drops.held = None  # its descriptors may be another file's from now on
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def raise_fd_limit():
@@ -1573,27 +1644,24 @@ def lean_memory(first=True):
         libc.malloc_trim(0)
 
 
-class AgentServer(socketserver.ThreadingTCPServer):
+class AgentServer(QuietServer):
     """Answers peers. handle(sender, kind, body) -> reply body; bad input is dropped and logged
     (DropLog). One thread per connection within caps: MAX_PER_SOURCE per source address, and
     MAX_STRANGERS in all for addresses that are not the cluster's nodes (strangers cannot crowd
     the nodes out); a connection over a cap is closed at once."""
 
-    daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = 4096  # a burst waits in the kernel (up to somaxconn), not in SYN retries
     MAX_PER_SOURCE = 8
     MAX_STRANGERS = 64
 
     def __init__(self, cfg, key, handle, log):
         self.cfg, self.key, self.handle_request, self.log = cfg, key, handle, log
-        self.drops = DropLog(log)
         self.replays = ReplayCache()
         self.members = {n.address for n in cfg.nodes.values()}
         self._slots_lock = threading.Lock()
         self._busy = {}      # source address -> its handlers running
         self._strangers = 0  # handlers running for addresses that are no node's
-        super().__init__((cfg.me.address, cfg.me.agent_port), _RequestHandler)
+        super().__init__((cfg.me.address, cfg.me.agent_port), _RequestHandler, DropLog(log))
 
     def verify_request(self, request, client_address):
         """Take a handler slot for this connection, or refuse it (socketserver closes it)."""
@@ -1633,12 +1701,6 @@ class AgentServer(socketserver.ThreadingTCPServer):
         exc = sys.exc_info()[1]
         self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
 
-    def service_actions(self):
-        self.drops.flush()
-
-    def shutdown(self):
-        super().shutdown()
-        self.drops.flush(force=True)
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
@@ -2065,7 +2127,7 @@ class Hooks:
             self.log.info("role change hook: %s %s %s: done", event, role, term)
 
 
-class HealthServer(socketserver.ThreadingTCPServer):
+class HealthServer(QuietServer):
     """The health endpoints (health_response) on the node's http_port: GET /primary,
     /replica, /health, /metrics. A thread per connection, at most MAX_HANDLERS at once (a
     connection over the cap is closed at once); one request per connection (HTTP/1.0); a
@@ -2074,8 +2136,6 @@ class HealthServer(socketserver.ThreadingTCPServer):
     HTTP of its own: the standard library's http.server brought 1.8 MiB of modules (email,
     mimetypes, http.client) into every agent for four GET endpoints."""
 
-    daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = 128  # a burst waits in the kernel's queue, not in SYN retries (1 s)
     MAX_HANDLERS = 16  # a few checkers (HAProxy, Prometheus, people) at once, with room
     TIMEOUT = 2.0      # a checker sends its request at once; HAProxy's own check timeout
@@ -2084,9 +2144,8 @@ class HealthServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address, snapshot, log):
         self.snapshot, self.log = snapshot, log
-        self.drops = DropLog(log)
         self._slots = threading.BoundedSemaphore(self.MAX_HANDLERS)
-        super().__init__(address, _HealthHandler)
+        super().__init__(address, _HealthHandler, DropLog(log))
 
     def verify_request(self, request, client_address):
         if self._slots.acquire(blocking=False):
@@ -2111,9 +2170,6 @@ class HealthServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
-
-    def service_actions(self):
-        self.drops.flush()
 
 
 def read_http_request(sock, deadline, limit):

@@ -37,6 +37,9 @@ class Drops(list):
     def flush(self, only=None, force=False):
         pass
 
+    def due_in(self):
+        return None
+
 
 class Arbiter:
     """The arbiter's port, served in this process; `slow` delays the answers."""

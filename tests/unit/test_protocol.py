@@ -1,11 +1,13 @@
 """The agents' wire protocol (version 3): sealed messages pass, anything else is refused with a
 reason, the MAC is checked before any JSON is parsed, a replayed request is refused, and a
 server drops bad input without crashing."""
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import socket
+import socketserver
 import threading
 import time
 
@@ -173,12 +175,46 @@ def test_drop_log_is_rate_limited_with_a_count(caplog):
     assert "(bad mac) 999 " in lines[2]
 
 
+def _wakes(thread):
+    """How often the thread has slept and woken (voluntary context switches)."""
+    with open(f"/proc/self/task/{thread.native_id}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f
+                    if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_an_idle_server_sleeps_until_a_line_is_due_or_it_is_shut_down(caplog):
+    """A server without connections does not wake to look (socketserver's serve_forever looks
+    every poll_interval); a count of drops held back is logged when due, with no connection to
+    wake the server; shutdown() ends serve_forever at once."""
+    log = logging.getLogger("test-quiet")
+    drops = agent.DropLog(log, interval=0.3)
+    server = agent.QuietServer(("127.0.0.1", 0), socketserver.BaseRequestHandler, drops)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="test-quiet"):
+            thread.start()
+            time.sleep(0.1)
+            before = _wakes(thread)
+            time.sleep(1.2)
+            assert _wakes(thread) - before <= 1
+            drops("bad mac", "127.0.0.9", "first")   # logged at once
+            drops("bad mac", "127.0.0.9", "second")  # held for the interval
+            time.sleep(0.6)
+            assert [r.getMessage().split(" the latest ")[1] for r in caplog.records] == \
+                ["from 127.0.0.9: first", "from 127.0.0.9: second"]
+        began = time.monotonic()
+        server.shutdown()
+        assert time.monotonic() - began < 0.1 and not thread.join(1) and not thread.is_alive()
+    finally:
+        server.server_close()
+
+
 @pytest.fixture
 def server(monkeypatch):
     cfg = agent.load_config(agent.__file__.replace("agent.py", "agent.ini"), "arb")
     nodes = {**cfg.nodes, "pg2": agent.Node("pg2", "127.0.0.1", "standby", 5432, 0)}
-    cfg = agent.Config(**{**cfg.__dict__, "nodes": nodes,
-                          "me": agent.Node("arb", "127.0.0.1", "arbiter", 5432, 0)})
+    cfg = dataclasses.replace(cfg, nodes=nodes,
+                              me=agent.Node("arb", "127.0.0.1", "arbiter", 5432, 0))
     monkeypatch.setattr(agent._RequestHandler, "READ_TIMEOUT", 0.5)
     log = logging.getLogger("test-protocol")
     server = agent.AgentServer(cfg, KEY, lambda sender, kind, body: {"echo": body}, log)
@@ -190,7 +226,7 @@ def server(monkeypatch):
 
 def caller(server):
     """A node pg2 on 127.0.0.1, and the server as a peer."""
-    cfg = agent.Config(**{**server.cfg.__dict__, "me": server.cfg.nodes["pg2"]})
+    cfg = dataclasses.replace(server.cfg, me=server.cfg.nodes["pg2"])
     return cfg, agent.Node("arb", "127.0.0.1", "arbiter", 5432, server.server_address[1])
 
 
