@@ -3071,11 +3071,21 @@ class World:
         """Run step once in the background (the real agent: a thread)."""
         threading.Thread(target=step, name=name, daemon=True).start()
 
-    def run_routine(self, stop, step):
+    def event(self):
+        """An event a routine waits on (Agent.wake)."""
+        return threading.Event()
+
+    def run_routine(self, stop, step, wake=None):
         """Run a routine until stop is set: step() returns how long to wait before the next
-        step. The real agent runs each routine in a thread of its own."""
+        step, which comes at once when `wake` is set meanwhile (during the step too; whoever
+        sets stop sets wake as well). The real agent runs each routine in a thread of its
+        own."""
         while not stop.is_set():
-            stop.wait(step())
+            if wake is None:
+                stop.wait(step())
+            else:
+                wake.clear()  # before the step: a wake during it is not lost
+                wake.wait(step())
 
 
 # --------------------------------------------------------------------------------------------
@@ -3214,6 +3224,9 @@ class Agent:
         self.boot = world.boot_id()
         self.observations = Observations(self.boot)
         self.stop = threading.Event()
+        # set when the loop should not wait out its round: a view learned, a switchover asked
+        # for, the agent stopping (run_routine)
+        self.wake = world.event()
         self.state = world.state_file(os.path.join(cfg.state_dir, "view.json"), default_view)
         self.events = CountedEvents(world.event_log(os.path.join(cfg.log_dir, "events.jsonl"),
                                                     cfg.me.name))
@@ -3259,6 +3272,7 @@ class Agent:
                                   f", {PAUSED}" if view.paused else
                                   ", resuming" if view.resuming else "")
                     self.view = view
+                    self.wake.set()  # the loop acts on it now, not at its next round
         self._view_offered = offered
 
     # -- peers ---------------------------------------------------------------------------
@@ -3433,11 +3447,16 @@ class Agent:
             for name, step in routines[:-1]:
                 threading.Thread(target=self.world.run_routine, args=(self.stop, step),
                                  name=name, daemon=True).start()
-            self.world.run_routine(self.stop, routines[-1][1])
+            self.world.run_routine(self.stop, routines[-1][1], self.wake)
         finally:
             server.shutdown()
             if http is not None:
                 http.shutdown()
+
+    def halt(self):
+        """Stop every routine (SIGTERM), the loop at once."""
+        self.stop.set()
+        self.wake.set()
 
     def hold_lock(self):
         """The node's lock (AgentLock), waited for; False when asked to stop meanwhile."""
@@ -3604,6 +3623,7 @@ class DbAgent(Agent):
                 return None, {"done": False, "reason": f"{self.cfg.me.name} is not the primary "
                                                        "or a switchover is under way"}
             self.switchover = request
+        self.wake.set()
         return request, None
 
     def end_switchover(self, request):
@@ -3797,7 +3817,7 @@ class DbAgent(Agent):
     def loop_period(self):
         primary = self.view.primary == self.cfg.me.name
         return round_period(self.steady, self.cfg.timing,
-                            primary_rounds(self.cfg.timing) if primary else STEADY_ROUNDS)
+                            primary_rounds(self.cfg.timing) if primary else QUIET_ROUNDS)
 
     def call_period(self, peer):
         """A database node calls its peers on its loop's longer rounds (steady_call_period)
@@ -4482,7 +4502,7 @@ def main(argv=None):
     raise_fd_limit()
     lean_memory()
     agent = (ArbiterAgent if cfg.me.role == "arbiter" else DbAgent)(cfg, key)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: agent.halt())
     try:
         agent.run()
     except ConfigError as exc:

@@ -189,17 +189,24 @@ class Cluster:
         self.trace(name, f"agent started (incarnation {node.inc})")
         for rname, step in a.routines():
             self.run_as(name, node.inc, self.sched.now + self.rng_misc.random() * 0.2, step,
-                        rname, repeat=True)
+                        rname, repeat=True, wake=a.wake if rname == "loop" else None)
 
-    def run_as(self, name, inc, t, step, rname, repeat=False):
+    def run_as(self, name, inc, t, step, rname, repeat=False, wake=None):
+        """Run step at t (and, repeat, again after the wait it returns); a wake (SimWake)
+        brings a waiting step forward to now, and one set during the step makes the next come
+        at once, as World.run_routine does."""
         node = self.nodes[name]
+        due = {"at": t, "gen": 0}  # the next step's time (inf while one runs); gen: its firing
 
-        def fire():
-            if node.inc != inc or not node.alive:
+        def fire(gen=0):
+            if gen != due["gen"] or node.inc != inc or not node.alive:
                 return
             if node.busy():
-                self.sched.launch(node.free_at(), fire)
+                self.sched.launch(node.free_at(), lambda: fire(gen))
                 return
+            due["at"] = float("inf")
+            if wake is not None:
+                wake.clear()
             try:
                 delay = step()
             except SimCrash as exc:
@@ -214,8 +221,17 @@ class Cluster:
                 if d is not None and (not node.decisions or node.decisions[-1][1] != d[0]):
                     node.decisions.append((round(self.sched.now, 3), d[0], d[1]))
             if repeat and node.inc == inc:
-                self.sched.launch(self.sched.now + delay, fire)
+                due["at"] = self.sched.now + (0.0 if wake is not None and wake.is_set() else delay)
+                self.sched.launch(due["at"], lambda: fire(gen))
 
+        def woken():
+            if self.sched.now < due["at"] < float("inf"):  # waiting: the step comes now
+                due["gen"] += 1
+                due["at"] = self.sched.now
+                self.sched.launch(self.sched.now, lambda g=due["gen"]: fire(g))
+
+        if wake is not None:
+            wake.on_set = woken
         self.sched.launch(t, fire)
 
     def crash(self, name, why):

@@ -47,7 +47,8 @@ def test_jitter_and_failover_runs_replay_exactly():
     assert 0 < jitter["primary_silent_s"] < TODAY.failover_timeout
     first = sweep.failover_run(3, TODAY)
     assert first == sweep.failover_run(3, TODAY)
-    assert first["violation"] is None and 2.0 <= first["failover_s"] < 3.0
+    # 1.99-2.28 s over seeds 1-20 (a standby's loop acts on the grant the moment it learns it)
+    assert first["violation"] is None and 1.8 <= first["failover_s"] < 3.0
 
 
 def test_the_lab_probe_waits_out_its_deadline_and_the_silent_host():

@@ -607,8 +607,31 @@ class SimWorld(agent.World):
     def spawn(self, name, step):
         self.c.run_as(self.name, self.inc, self.sched.now + 0.01, step, name)
 
-    def run_routine(self, stop, step):
+    def event(self):
+        return SimWake()
+
+    def run_routine(self, stop, step, wake=None):
         raise AssertionError("the simulator schedules routines itself")
+
+
+class SimWake:
+    """Agent.wake in the simulator: set() brings the loop's next step forward to now, through
+    on_set (Cluster.run_as); a set during the step makes the next one come at once, as
+    World.run_routine does."""
+
+    def __init__(self):
+        self.flag, self.on_set = False, None
+
+    def set(self):
+        self.flag = True
+        if self.on_set is not None:
+            self.on_set()
+
+    def clear(self):
+        self.flag = False
+
+    def is_set(self):
+        return self.flag
 
 
 class _Server:

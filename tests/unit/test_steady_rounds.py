@@ -3,6 +3,8 @@ node's decision loop and the probes wait STEADY_ROUNDS check intervals while the
 primary are heard lately, nothing is to be done and the view holds, and one check interval
 from the first round that finds otherwise."""
 import dataclasses
+import threading
+import time
 
 import pytest
 
@@ -172,10 +174,10 @@ def test_a_tick_is_judged_on_the_view_of_the_tick_before(tmp_path):
 
 
 @pytest.mark.parametrize("me, rounds", [("pg1", agent.QUIET_ROUNDS),
-                                       ("pg2", agent.STEADY_ROUNDS)])
+                                       ("pg2", agent.QUIET_ROUNDS)])
 def test_the_loop_waits_as_the_last_tick_found(tmp_path, me, rounds):
-    """A primary's loop on its own longer rounds, a standby's on the calls' (a view just learned,
-    a switchover's next step, waits no longer there)."""
+    """Both loops on the quiet rounds (a view learned, a switchover asked for wake them at
+    once: the tests below)."""
     a = agent.DbAgent(lab_config(tmp_path, me), b"k" * 32, world=Probes())
     a.view = VIEW
     assert not a.steady and a.loop_period() == pytest.approx(a.cfg.timing.check_interval)
@@ -183,6 +185,47 @@ def test_the_loop_waits_as_the_last_tick_found(tmp_path, me, rounds):
     assert a.loop_period() == pytest.approx(rounds * a.cfg.timing.check_interval)
     a.steady = False
     assert a.loop_period() == pytest.approx(a.cfg.timing.check_interval)
+
+
+def test_a_view_learned_or_a_switchover_asked_for_wakes_the_loop(tmp_path):
+    """The loop's longer rounds never delay what a view brings (a switchover's promotion, a
+    handover) nor a switchover asked of the primary: each sets the loop's wake. A view that is
+    not newer does not."""
+    a = agent.DbAgent(lab_config(tmp_path, "pg2"), b"k" * 32, world=Probes())
+    a.view = VIEW
+    a.learn(VIEW.as_dict(), "arb")
+    assert not a.wake.is_set()
+    a.learn(View(4, "pg2", "pg1", 9).as_dict(), "arb")
+    assert a.wake.is_set() and a.view.primary == "pg2"
+    a.wake.clear()
+    request, refusal = a.ask_switchover()
+    assert request is not None and refusal is None and a.wake.is_set()
+
+
+def test_run_routine_wakes_at_once_when_woken_during_or_between_steps():
+    """World.run_routine: a wake set between two steps ends the wait at once, one set during a
+    step makes the next come at once, and halting (stop, then wake) ends the routine without
+    waiting out its round."""
+    world, stop, wake = agent.World(), threading.Event(), threading.Event()
+    steps = []
+
+    def step():
+        steps.append(time.monotonic())
+        if len(steps) == 2:
+            wake.set()  # during the step
+        return 30.0
+
+    runner = threading.Thread(target=world.run_routine, args=(stop, step, wake), daemon=True)
+    runner.start()
+    time.sleep(0.3)
+    assert len(steps) == 1
+    wake.set()
+    time.sleep(0.3)
+    assert len(steps) == 3 and steps[2] - steps[1] < 0.1 and steps[1] - steps[0] > 0.25
+    stop.set()
+    wake.set()
+    runner.join(1)
+    assert not runner.is_alive() and len(steps) == 3
 
 
 def test_a_primarys_longer_loop_round_keeps_the_calls_on_theirs(tmp_path):
