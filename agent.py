@@ -605,10 +605,11 @@ def calls_peer(me, peer, view, arbiter, unheard_for, timing):
 # A watching routine's rounds while all it watches looks as it should (round_period): two and
 # a half rounds, 0.25 s at the defaults, where one a round was two fifths of an idle node's CPU
 STEADY_ROUNDS = 2.5
-# Longer still, what no decision waits for while all is well: a primary's loop (its lease is
-# renewed by the exchanges; a switchover's fence and the drop of a silent standby come at the
-# first tick that sees them, up to 0.3 s later than on 2.5 rounds) and the probes of the
-# primary's PostgreSQL (the primary's heartbeats are its signs meanwhile)
+# Longer still, what no decision waits for while all is well: a database node's loop (a
+# primary's lease is renewed by the exchanges, and the drop of a silent standby comes at the
+# first tick that sees it, up to 0.3 s later than on 2.5 rounds; a view learned, a switchover
+# asked for wake it at once: Agent.wake) and the probes of the primary's PostgreSQL (the
+# primary's heartbeats are its signs meanwhile)
 QUIET_ROUNDS = 4
 # The standby's replies come every second (wal_receiver_status_interval, set by the agent): a
 # primary's round after next must come before a reply is failover_timeout old, with 0.1 s of
@@ -619,18 +620,19 @@ STANDBY_REPLY_ROOM = 1.1
 def round_period(steady, timing, rounds=STEADY_ROUNDS):
     """The wait from one round to the next of a routine that watches for change -- a database
     node's decision loop, the probe of the primary's PostgreSQL: check_interval, or
-    `rounds` (STEADY_ROUNDS; QUIET_ROUNDS for a primary's loop, the probes) times that while all
+    `rounds` (STEADY_ROUNDS; QUIET_ROUNDS for the loops, the probes) times that while all
     it watched looked as it should at its last round. A
     sign of trouble that a round sees -- a peer or the primary unheard for longer than a
     healthy exchange's longest gap (c + p), the standby's replies late -- brings the rounds
     back to check_interval in time for the decision it may lead to: the longer wait is
-    allowed only when c + p + rounds x c stays within failover_timeout (0.6 s against 1.5 s
-    at the defaults; QUIET_ROUNDS that do not fit fall back to STEADY_ROUNDS), so that the
-    tick that first sees the primary lost for failover_timeout comes as soon as before. What
-    waits longer is what no heartbeat shows and what comes between rounds: a PostgreSQL that
-    stopped answering, a view just learned, a switchover asked for are acted on up to
-    (rounds - 1) x c later. Safety never rests on a round: the lease is the kernel's, a
-    promotion the arbiter's (README, "Rounds")."""
+    allowed only when c + p + rounds x c stays within failover_timeout (0.75 s against 1.5 s
+    for QUIET_ROUNDS at the defaults; QUIET_ROUNDS that do not fit fall back to
+    STEADY_ROUNDS), so that the tick that first sees the primary lost for failover_timeout
+    comes as soon as before. What waits longer is what no heartbeat shows and what comes
+    between rounds: a PostgreSQL that stopped answering is acted on up to (rounds - 1) x c
+    later (a view learned, a switchover asked for wake the loop: Agent.wake). Safety never
+    rests on a round: the lease is the kernel's, a promotion the arbiter's (README,
+    "Rounds")."""
     c = timing.check_interval
     for longer in (rounds, STEADY_ROUNDS):
         if steady and c + timing.probe_timeout + longer * c <= timing.failover_timeout:
