@@ -3241,8 +3241,6 @@ class Agent:
         self.view = default_view
         self._view_offered = None  # the view a peer offered last, dealt with (learn)
         self.calls_failing = set()  # peers whose heartbeat this node started has no reply yet
-        self.calls_paired = False  # the first peer's routine makes the second's calls too
-        self.partner_wake = world.event()  # the second peer's routine: pairing has ended
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
         self.probe = {"target": None, "ok_at": None, "error": None, "failures": 0}
@@ -3332,45 +3330,12 @@ class Agent:
         period = self.cfg.timing.check_interval if period is None else period
         return max(0.0, period - (self.clock() - began))
 
-    # how long the second peer's routine waits while the first's makes its calls (pairs_calls):
-    # it is woken (partner_wake) the moment pairing ends, and looks again after this anyway
-    PARTNER_WAIT = 1.0
-
     def heartbeat_step(self, peer):
-        """One heartbeat with peer (a routine per peer); returns the wait before the next.
-        While pairs_calls holds, the first peer's routine makes the second peer's call as
-        well, right after its own, in the same wake-up (a wake-up and the code it runs cold
-        were most of a call's cost: README, "The footprint"), and the second peer's routine
-        waits; the first call that pairing no longer fits (a call without its reply, a tick
-        that was not steady, a view that makes us answer) wakes it, and each peer is called
-        from its own routine again."""
-        first, second = self.peers()
-        if peer.name == second.name and self.calls_paired:
-            return self.PARTNER_WAIT
-        began = self.clock()
-        wait = self._heartbeat(peer, began)
-        if peer.name != first.name:
-            return wait
-        was_paired = self.calls_paired
-        if self.pairs_calls():
-            self._heartbeat(second, self.clock())
-            # the second call may have failed: every call every round again (call_period)
-            wait = self._until_slot(first, began, self.call_period(first))
-        self.calls_paired = self.pairs_calls()
-        if was_paired and not self.calls_paired:
-            self.partner_wake.set()  # its routine calls at once, then on its own slot
-        return wait
-
-    def pairs_calls(self):
-        """Whether the first peer's routine makes this node's calls to both peers (a primary
-        while all is well: DbAgent)."""
-        return False
-
-    def _heartbeat(self, peer, began):
-        """One heartbeat with peer, begun at `began`, when calls_peer says this node starts it
-        now; returns the wait before the next. A side that only answers wakes when its
-        fallback would be due, not every round: a tenth of a percent of a core per pair
+        """One heartbeat with peer (a routine per peer), when calls_peer says this node
+        starts it now; returns the wait before the next. A side that only answers wakes when
+        its fallback would be due, not every round: a tenth of a percent of a core per pair
         (README, "The footprint")."""
+        began = self.clock()
         timing = self.cfg.timing
         requested_at = self.observations.requested_at.get(peer.name, -math.inf)
         if not calls_peer(self.cfg.me.name, peer.name, self.view, self.cfg.arbiter.name,
@@ -3468,10 +3433,11 @@ class Agent:
         how long to wait before the next. The real agent runs each in a thread of its own
         (World.run_routine), the decision loop ("loop") in the main thread; the simulator
         schedules the very same steps."""
-        first, second = self.peers()
-        return [(f"hb-{first.name}", lambda: self.heartbeat_step(first), None),
-                (f"hb-{second.name}", lambda: self.heartbeat_step(second), self.partner_wake),
-                ("probe", self.probe_step, None), ("loop", self.loop_step, self.wake)]
+        routines = [(f"hb-{peer.name}", lambda peer=peer: self.heartbeat_step(peer))
+                    for peer in self.peers()]
+        routines.append(("probe", self.probe_step))
+        routines.append(("loop", self.loop_step))
+        return routines
 
     def serve_and_run(self):
         """Serve peers, run every routine until stop is set, then stop serving."""
@@ -3479,12 +3445,11 @@ class Agent:
         http = None
         try:
             http = self.world.serve_http(self)
-            *others, (_, loop, wake) = self.routines()
-            for name, step, woken_by in others:
-                threading.Thread(target=self.world.run_routine,
-                                 args=(self.stop, step, woken_by), name=name,
-                                 daemon=True).start()
-            self.world.run_routine(self.stop, loop, wake)
+            routines = self.routines()
+            for name, step in routines[:-1]:
+                threading.Thread(target=self.world.run_routine, args=(self.stop, step),
+                                 name=name, daemon=True).start()
+            self.world.run_routine(self.stop, routines[-1][1], self.wake)
         finally:
             server.shutdown()
             if http is not None:
@@ -3714,15 +3679,6 @@ class DbAgent(Agent):
 
     def peers(self):
         return [self.other, self.cfg.arbiter]
-
-    def pairs_calls(self):
-        """A primary whose last tick was steady and whose every call has had its reply calls
-        both peers in one wake-up (Agent.heartbeat_step): the standby, then the arbiter, every
-        steady_call_period. Its lease gets two anchors at once, every 0.25 s, where
-        interleaved calls gave one every 0.125 s; a call that fails, or a tick that was not
-        steady, ends the pairing (README, "Rounds")."""
-        return (self.steady and not self.calls_failing
-                and self.view.primary == self.cfg.me.name)
 
     # -- the lease -----------------------------------------------------------------------
     def note_status(self, sender, body, at):

@@ -187,9 +187,9 @@ class Cluster:
         node.agent = a
         world.serve(a)
         self.trace(name, f"agent started (incarnation {node.inc})")
-        for rname, step, wake in a.routines():
+        for rname, step in a.routines():
             self.run_as(name, node.inc, self.sched.now + self.rng_misc.random() * 0.2, step,
-                        rname, repeat=True, wake=wake)
+                        rname, repeat=True, wake=a.wake if rname == "loop" else None)
 
     def run_as(self, name, inc, t, step, rname, repeat=False, wake=None):
         """Run step at t (and, repeat, again after the wait it returns); a wake (SimWake)

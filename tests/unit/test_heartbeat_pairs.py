@@ -82,7 +82,7 @@ def test_an_agent_calls_as_the_rule_says(tmp_path, node):
     heard a request yet); once each peer's requests come, only the designated calls remain."""
     cls = agent.ArbiterAgent if node == "arb" else agent.DbAgent
     a = cls(lab_config(tmp_path, node), b"k" * 32, world=Recorder())
-    assert sorted(n for n, *_ in a.routines() if n.startswith("hb-")) == sorted(
+    assert sorted(n for n, _ in a.routines() if n.startswith("hb-")) == sorted(
         f"hb-{p.name}" for p in a.peers())
     assert sorted(_steps(a)) == sorted(p.name for p in a.peers())
     for peer in a.peers():

@@ -240,7 +240,7 @@ def test_the_exchange_that_proves_contact_extends_the_lease_at_once(tmp_path):
     echo of our stamp extends it in the same step, and a node holding no lease writes none."""
     from tests.unit.test_review_findings_logic import Recorder
     primary = agent.DbAgent(lab_config(tmp_path / "p", "pg1"), b"k" * 32, world=Probes())
-    assert "lease" not in {name for name, *_ in primary.routines()}
+    assert "lease" not in {name for name, _ in primary.routines()}
     primary.fence = Recorder()
     primary.view, primary.pg_state, primary.fenced = VIEW, "primary", False
     primary.lease_mode, primary.lease_until = "primary", primary.clock() + 0.3
@@ -384,93 +384,51 @@ class Peers(Probes):
 
 
 class Heartbeats:
-    """The node's heartbeat routines on the test's clock, as World.run_routine runs them
-    (the second peer's brought forward when its wake is set), from moments 10 ms apart."""
+    """The node's heartbeat routines on the test's clock, as World.run_routine runs them,
+    from moments 10 ms apart."""
 
     def __init__(self, a, clock):
         self.a, self.clock = a, clock
         self.peers = {peer.name: peer for peer in a.peers()}
         self.due = {name: clock.now + 0.01 * i for i, name in enumerate(self.peers)}
-        self.steps = []  # (time, the routine's peer)
 
     def run(self, until):
-        second = self.a.peers()[1].name
         while True:
             name = min(self.due, key=self.due.get)
             if self.due[name] >= until:
                 return
             self.clock.now = max(self.clock.now, self.due[name])
-            self.steps.append((round(self.clock.now, 6), name))
             self.due[name] = self.clock.now + self.a.heartbeat_step(self.peers[name])
-            if self.a.partner_wake.is_set():
-                self.a.partner_wake.clear()
-                self.due[second] = self.clock.now
 
 
-def steady_primary(tmp_path):
+def test_a_steady_primary_calls_each_peer_every_longer_round_half_a_round_apart(tmp_path):
+    """Through heartbeat_step: on the loop's longer rounds, the two peers' calls half a period
+    apart; once a call fails, every call every check_interval, from the other peer's next
+    call on."""
     clock = Clock(7777.0)
     world = Peers(clock)
     a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=world)
     a.clock, a.view, a.steady = clock, VIEW, True
-    return a, world, clock, Heartbeats(a, clock)
-
-
-def calls_of(world, name):
-    return [t for t, n in world.calls if n == name]
-
-
-def test_a_steady_primary_calls_both_peers_in_one_wake_up_every_longer_round(tmp_path):
-    """Through heartbeat_step: on the loop's longer rounds, the standby's routine calls the
-    standby and at once the arbiter, while the arbiter's routine waits; once the standby's
-    call fails, the arbiter's routine is woken and calls at once, then both call every
-    check_interval on their own slots; once the standby answers again, the pairing
-    resumes."""
-    a, world, clock, routines = steady_primary(tmp_path)
     c, long = a.cfg.timing.check_interval, agent.steady_call_period(a.cfg.timing)
+    routines = Heartbeats(a, clock)
     routines.run(7779.0)
-    times = {name: calls_of(world, name) for name in ("pg2", "arb")}
+    times = {name: [t for t, n in world.calls if n == name] for name in ("pg2", "arb")}
     for name in times:
         gaps = [b - t for t, b in zip(times[name][1:], times[name][2:])]
         assert gaps == pytest.approx([long] * len(gaps), abs=1e-6)
-    assert [b - t for t, b in zip(times["pg2"][1:], times["arb"][1:])] == \
-        pytest.approx([0.0004] * (len(times["arb"]) - 1), abs=1e-9)
-    later = [name for t, name in routines.steps if t > 7778.0]
-    assert later.count("arb") <= 1 < later.count("pg2")  # a second's wait, no calls
+    assert (times["arb"][-1] - times["pg2"][-1]) % long == pytest.approx(long / 2, abs=1e-3)
     world.failing.add("pg2")
     world.calls.clear()
     failed_at = clock.now
     routines.run(failed_at + 2.0)
-    arb = calls_of(world, "arb")
-    assert arb[0] - failed_at <= long * (1 + agent.SLOT_SLACK) + 1e-6
+    arb = [t for t, n in world.calls if n == "arb"]
+    assert arb[1] - arb[0] <= long * (1 + agent.SLOT_SLACK) + 1e-6
     gaps = [b - t for t, b in zip(arb[1:], arb[2:])]
     assert max(gaps) == pytest.approx(c, abs=1e-3)  # every round, on its slot
-    pg2 = calls_of(world, "pg2")
-    assert (arb[-1] - pg2[-1]) % c == pytest.approx(c / 2, abs=1e-3)
-    assert a.calls_failing == {"pg2"} and not a.calls_paired
+    assert a.calls_failing == {"pg2"}
     world.failing.clear()
-    world.calls.clear()
     routines.run(clock.now + 1.0)
-    assert a.calls_failing == set() and a.calls_paired
-    pg2, arb = calls_of(world, "pg2"), calls_of(world, "arb")
-    assert arb[-1] - pg2[-1] == pytest.approx(0.0004, abs=1e-9)
-
-
-def test_a_paired_call_that_fails_wakes_its_routine_at_once(tmp_path):
-    """The arbiter's call, made by the standby's routine, fails: the pairing ends there, the
-    arbiter's routine calls again at once, and the standby's next call comes on its slot of
-    check_interval, not of the longer round."""
-    a, world, clock, routines = steady_primary(tmp_path)
-    c = a.cfg.timing.check_interval
-    routines.run(7778.0)
-    assert a.calls_paired
-    world.failing.add("arb")
-    world.calls.clear()
-    began = clock.now
-    routines.run(began + 0.5)
-    arb, pg2 = calls_of(world, "arb"), calls_of(world, "pg2")
-    assert arb[1] - arb[0] == pytest.approx(0.0, abs=1e-6)  # the paired call, then its own
-    assert 0 < pg2[1] - pg2[0] <= c * (1 + agent.SLOT_SLACK) + 1e-6  # on its slot of c
-    assert a.calls_failing == {"arb"} and not a.calls_paired
+    assert a.calls_failing == set()
 
 
 def test_quiet_rounds_that_do_not_fit_fall_back_to_the_steady_ones():
