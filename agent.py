@@ -1538,8 +1538,12 @@ class DropLog:
             entry[0] += 1
             entry[2] = f"from {source}: {detail}"
         self.flush(kind)
-        if self.held is not None and self._kinds[kind][0] == 1:
-            self.held()
+        held = self.held  # read once: server_close may clear it meanwhile
+        if held is not None:
+            with self._lock:
+                waiting = self._kinds[kind][0] > 0
+            if waiting:  # a count held back (every drop of it: two threads may race)
+                held()
 
     def flush(self, only=None, force=False):
         """Log each kind (or only that one) with drops not yet logged and no line for an
@@ -1580,10 +1584,15 @@ class QuietServer(socketserver.ThreadingTCPServer):
         self.drops = drops
         drops.held = self._wake  # a count held back: due_in has changed
         self._stopping, self._stopped = False, threading.Event()
-        self._wake_r, self._wake_w = os.pipe()  # closed by server_close, on a failed bind too
+        self._pipe_lock = threading.Lock()  # no write to a descriptor closed (and reused)
+        self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)  # a full pipe wakes it all the same
-        super().__init__(address, handler)
+        try:
+            super().__init__(address, handler)
+        except BaseException:  # no socket, or no bind: nothing will close the pipe
+            self._close_pipe()
+            raise
 
     def serve_forever(self, poll_interval=None):
         try:
@@ -1613,14 +1622,21 @@ class QuietServer(socketserver.ThreadingTCPServer):
         self.drops.flush(force=True)
 
     def _wake(self):
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+        with self._pipe_lock, contextlib.suppress(BlockingIOError):
+            if self._wake_w is not None:
+                os.write(self._wake_w, b"\0")
 
     def server_close(self):
         super().server_close()
-        self.drops.held = None  # its descriptors may be another file's from now on
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._close_pipe()
+
+    def _close_pipe(self):
+        self.drops.held = None
+        with self._pipe_lock:
+            if self._wake_w is not None:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = None
 
 
 def raise_fd_limit():
@@ -4504,7 +4520,7 @@ def main(argv=None):
     raise_fd_limit()
     lean_memory()
     agent = (ArbiterAgent if cfg.me.role == "arbiter" else DbAgent)(cfg, key)
-    signal.signal(signal.SIGTERM, lambda *_: agent.halt())
+    stop_on_sigterm(agent)
     try:
         agent.run()
     except ConfigError as exc:
@@ -4515,6 +4531,14 @@ def main(argv=None):
         return 1
     agent.log.info("stopped (PostgreSQL, if running, keeps running)")
     return 0
+
+
+def stop_on_sigterm(agent):
+    """SIGTERM halts the agent from a thread of its own: the handler runs in the main thread,
+    which may hold the very lock that Event.set() takes (the loop's wake, cleared and waited
+    on there), and Python's locks are not reentrant."""
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+        target=agent.halt, name="halt", daemon=True).start())
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ import json
 import logging
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -180,6 +183,54 @@ def _wakes(thread):
     with open(f"/proc/self/task/{thread.native_id}/status", encoding="ascii") as f:
         return next(int(line.split()[1]) for line in f
                     if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_a_count_held_back_wakes_the_server_even_when_two_drops_race():
+    """Another thread's drop lands between this drop's flush and its look at the count: the
+    count is held (2), and the server is still woken to compute when to log it."""
+    drops = agent.DropLog(logging.getLogger("test-race"), interval=10.0)
+    wakes = []
+    drops.held = lambda: wakes.append(1)
+    drops("bad mac", "127.0.0.5", "first")  # logged at once: nothing held, no wake
+    assert not wakes
+    flush, raced = drops.flush, []
+
+    def racing_flush(only=None, force=False):
+        flush(only, force)
+        if not raced:
+            raced.append(1)
+            drops("bad mac", "127.0.0.6", "second")  # the other thread's drop
+    drops.flush = racing_flush
+    drops("bad mac", "127.0.0.5", "third")
+    assert drops._kinds["bad mac"][0] == 2 and drops.due_in() > 0
+    assert wakes
+
+
+def test_sigterm_halts_the_agent_even_while_its_main_thread_holds_the_wakes_lock(tmp_path):
+    """The handler runs in the main thread between two bytecodes, maybe inside Event.clear()
+    or Event.wait() of the loop's wake: halting from the handler itself would wait forever for
+    the lock its own thread holds (a real process, killed if it hangs)."""
+    script = tmp_path / "sigterm.py"
+    script.write_text(f"""
+import os, signal, sys, threading, time
+sys.path.insert(0, {str(Path(agent.__file__).parent)!r})
+import agent
+
+class Stoppable:
+    stop, wake = threading.Event(), threading.Event()
+    def halt(self):
+        self.stop.set()
+        self.wake.set()
+
+a = Stoppable()
+agent.stop_on_sigterm(a)
+with a.wake._cond:  # what Event.clear() and Event.wait() hold for a moment
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # the handler runs in here
+sys.exit(0 if a.stop.wait(2) and a.wake.wait(2) else 1)
+""")
+    done = subprocess.run([sys.executable, str(script)], timeout=20, check=False)
+    assert done.returncode == 0
 
 
 def test_an_idle_server_sleeps_until_a_line_is_due_or_it_is_shut_down(caplog):
