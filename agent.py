@@ -1530,7 +1530,7 @@ class DropLog:
         self.log, self.interval, self.what, self.clock = log, interval, what, clock
         self._lock = threading.Lock()
         self._kinds = {}  # kind -> [count since its last line, time of that line, latest]
-        self.held = None  # called when a count starts to be held back (QuietServer's wake)
+        self.held = None  # called after a drop that leaves a count held back (QuietServer)
 
     def __call__(self, kind, source, detail):
         with self._lock:
@@ -1718,7 +1718,6 @@ class AgentServer(QuietServer):
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
-
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
