@@ -1621,6 +1621,10 @@ class QuietServer(socketserver.ThreadingTCPServer):
         self._stopped.wait()
         self.drops.flush(force=True)
 
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
+
     def _wake(self):
         with self._pipe_lock, contextlib.suppress(BlockingIOError):
             if self._wake_w is not None:
@@ -1714,10 +1718,6 @@ class AgentServer(QuietServer):
             super().process_request_thread(request, client_address)
         finally:
             self._release(client_address[0])
-
-    def handle_error(self, request, client_address):
-        exc = sys.exc_info()[1]
-        self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
@@ -2183,10 +2183,6 @@ class HealthServer(QuietServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
-
-    def handle_error(self, request, client_address):
-        exc = sys.exc_info()[1]
-        self.drops("error", client_address[0], f"{type(exc).__name__}: {exc}")
 
 
 def read_http_request(sock, deadline, limit):
@@ -3843,10 +3839,10 @@ class DbAgent(Agent):
         longer than a healthy exchange's gap, the primary's signs late (db_steady) -- or from
         the first call that fails: the other peer's next call already comes a round later, and
         the primary's lease, resting on that peer alone, gets its anchors every round again.
-        That comes well before a promotion could need the arbiter's news (c + p +
-        STEADY_ROUNDS c within failover_timeout) or the lease an anchor (fence_timeout). The
-        calls to the two peers interleave (_until_slot): the primary's lease gets an anchor
-        every half period."""
+        That comes well before a promotion could need the arbiter's news (c + p + the loop's
+        rounds within failover_timeout: round_period) or the lease an anchor
+        (fence_timeout). The calls to the two peers interleave (_until_slot): the primary's
+        lease gets an anchor every half period."""
         timing = self.cfg.timing
         if self.steady and not self.calls_failing:
             return steady_call_period(timing)
