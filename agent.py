@@ -1422,6 +1422,17 @@ def unseal(key, line, me, known_nodes, now=None, replays=None):
     return message
 
 
+def _add_to_line(data, chunk):
+    """Add what was received (chunk) to the line being read (data, a bytearray), up to its
+    newline: the whole line, newline included, once it has come, else None; what follows the
+    newline is ignored. Raises ProtocolError past MAX_MESSAGE bytes."""
+    end = chunk.find(b"\n")
+    data += chunk if end < 0 else chunk[:end + 1]
+    if len(data) > MAX_MESSAGE or (end < 0 and len(data) == MAX_MESSAGE):
+        raise ProtocolError("message too long", "too long")
+    return bytes(data) if end >= 0 else None
+
+
 def _read_line(sock, deadline):
     """One line, newline included, of at most MAX_MESSAGE bytes (never more is read); what
     follows it is ignored."""
@@ -1434,12 +1445,9 @@ def _read_line(sock, deadline):
         chunk = sock.recv(min(65536, MAX_MESSAGE + 1 - len(data)))
         if not chunk:
             raise ConnectionError("connection closed")
-        end = chunk.find(b"\n")
-        data += chunk if end < 0 else chunk[:end + 1]
-        if len(data) > MAX_MESSAGE or (end < 0 and len(data) == MAX_MESSAGE):
-            raise ProtocolError("message too long", "too long")
-        if end >= 0:
-            return bytes(data)
+        line = _add_to_line(data, chunk)
+        if line is not None:
+            return line
 
 
 def _dial(cfg, peer, timeout):
@@ -1452,16 +1460,21 @@ def _dial(cfg, peer, timeout):
     return sock
 
 
+def _reply_body(cfg, key, peer, nonce, line):
+    """The body of the reply `line` to our request `nonce` to peer, checked."""
+    reply = unseal(key, line, cfg.me.name, cfg.nodes)
+    if reply["type"] != "reply" or reply["nonce"] != nonce or reply["from"] != peer.name:
+        raise ProtocolError("reply does not match the request")
+    return reply["body"]
+
+
 def _exchange(sock, cfg, key, peer, kind, body, deadline):
     """One request on sock and its checked reply body, by deadline."""
     nonce = os.urandom(8).hex()
     request = seal(key, cfg.me.name, peer.name, kind, body, nonce=nonce)
     sock.settimeout(max(0.001, deadline - time.monotonic()))
     sock.sendall(request)
-    reply = unseal(key, _read_line(sock, deadline), cfg.me.name, cfg.nodes)
-    if reply["type"] != "reply" or reply["nonce"] != nonce or reply["from"] != peer.name:
-        raise ProtocolError("reply does not match the request")
-    return reply["body"]
+    return _reply_body(cfg, key, peer, nonce, _read_line(sock, deadline))
 
 
 def call(cfg, key, peer, kind, body, timeout):
@@ -1472,13 +1485,104 @@ def call(cfg, key, peer, kind, body, timeout):
         return _exchange(sock, cfg, key, peer, kind, body, deadline)
 
 
+class PendingCall:
+    """A heartbeat in flight on a non-blocking connection (Channels.start), moved on by
+    Channels.wait whenever its socket is ready: connect (unless a kept connection is at hand),
+    send the request, read the reply's line, all by its deadline. `done` once it has its reply
+    (`body`) or its error (`error`: OSError or ProtocolError). A kept connection found broken
+    (the peer restarted: closed or reset before the reply) is replaced once by a new one within
+    the same deadline; a call past its deadline is never asked again."""
+
+    def __init__(self, channels, cfg, key, peer, kind, body, timeout):
+        self.channels, self.cfg, self.key, self.peer = channels, cfg, key, peer
+        self.deadline = time.monotonic() + timeout
+        self.nonce = os.urandom(8).hex()
+        self.request = seal(key, cfg.me.name, peer.name, kind, body, nonce=self.nonce)
+        self.done, self.body, self.error = False, None, None
+        self.sock = channels.take(peer)
+        self.kept = self.sock is not None
+        if self.kept:
+            self._ready_to_send()
+            self.advance()  # a kept connection takes the request at once: no wait to send
+        else:
+            self._connect()
+
+    def _connect(self):
+        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see _dial
+            sock.bind((self.cfg.me.address, 0))
+            failed = sock.connect_ex((self.peer.address, self.peer.agent_port))
+            if failed not in (0, errno.EINPROGRESS):
+                raise OSError(failed, os.strerror(failed))
+        except OSError as exc:
+            self._finish(error=exc)
+            return
+        self.state = "connect"
+
+    def _ready_to_send(self):
+        self.state, self.sent, self.data = "send", 0, bytearray()
+
+    def events(self):
+        """What the call waits for on its socket."""
+        return selectors.EVENT_READ if self.state == "read" else selectors.EVENT_WRITE
+
+    def advance(self):
+        """Take the step that the socket's readiness allows."""
+        try:
+            if self.state == "connect":
+                failed = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if failed:
+                    raise OSError(failed, os.strerror(failed))
+                self._ready_to_send()
+            if self.state == "send":
+                self.sent += self.sock.send(self.request[self.sent:])
+                if self.sent == len(self.request):
+                    self.state = "read"
+                return
+            chunk = self.sock.recv(min(65536, MAX_MESSAGE + 1 - len(self.data)))
+            if not chunk:
+                raise ConnectionError("connection closed")
+            line = _add_to_line(self.data, chunk)
+            if line is not None:
+                self._finish(body=_reply_body(self.cfg, self.key, self.peer, self.nonce, line))
+        except (BlockingIOError, InterruptedError):
+            return  # not ready after all: wait again
+        except (OSError, ProtocolError) as exc:
+            if not self.kept:
+                self._finish(error=exc)
+                return
+            self.sock.close()  # broken (the peer restarted): a new connection, in what is left
+            self.kept = False
+            self._connect()
+
+    def expire(self, now):
+        """Fail the call if its deadline has come."""
+        if not self.done and now >= self.deadline:
+            self._finish(error=socket.timeout("timed out"))
+
+    def _finish(self, body=None, error=None):
+        self.done, self.body, self.error = True, body, error
+        if error is None:
+            self.channels.keep(self.peer, self.sock)
+        else:
+            self.sock.close()
+        self.sock = None
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.body
+
+
 class Channels:
     """A connection kept to each peer's agent for its heartbeats ("status", which may be asked
     twice): a new connection each round -- a handshake, a thread the peer's server starts for
     it -- was most of an idle agent's CPU once the probe kept its session. Every heartbeat is
-    still a round trip within its timeout; any failure closes the connection, and a heartbeat
-    whose kept connection broke (the peer restarted; not one that timed out) is asked again on
-    a new one within the same deadline. Other requests, and a heartbeat while another thread holds the peer's
+    still a round trip within its timeout, made on a non-blocking socket (PendingCall), so that
+    one thread can have several in flight (World.run_heartbeats); any failure closes the
+    connection. Other requests, and a heartbeat while another call holds the peer's
     connection, get a connection of their own (call)."""
 
     def __init__(self):
@@ -1486,36 +1590,48 @@ class Channels:
         self._lock = threading.Lock()
 
     def call(self, cfg, key, peer, kind, body, timeout):
+        """One request and its reply body, waited for (a heartbeat: PendingCall)."""
         if kind != "status":
             return call(cfg, key, peer, kind, body, timeout)
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            sock = self._kept.pop(peer.name, None)
-        if sock is not None:
-            try:
-                reply = _exchange(sock, cfg, key, peer, kind, body, deadline)
-            except TimeoutError:
-                sock.close()  # late: no time is left to ask again
-                raise
-            except (OSError, ProtocolError):
-                sock.close()  # broken (the peer restarted): a new connection, in what is left
-            else:
-                return self._keep(peer, sock, reply)
-        sock = _dial(cfg, peer, max(0.001, deadline - time.monotonic()))
-        try:
-            reply = _exchange(sock, cfg, key, peer, kind, body, deadline)
-        except BaseException:
-            sock.close()
-            raise
-        return self._keep(peer, sock, reply)
+        pending = self.start(cfg, key, peer, kind, body, timeout)
+        while not pending.done:
+            self.wait([pending], pending.deadline)
+        return pending.result()
 
-    def _keep(self, peer, sock, reply):
+    def start(self, cfg, key, peer, kind, body, timeout):
+        """A heartbeat, started: its PendingCall."""
+        return PendingCall(self, cfg, key, peer, kind, body, timeout)
+
+    def wait(self, calls, until):
+        """Move the calls in flight on until one of them has had its socket ready, or until
+        `until` or the earliest of their deadlines has come (a call past it is done, timed
+        out)."""
+        live = [c for c in calls if not c.done]
+        if not live:
+            return
+        deadline = min(until, *(c.deadline for c in live))
+        with selectors.PollSelector() as selector:  # poll: no descriptor of its own to make
+            for c in live:
+                selector.register(c.sock, c.events(), c)
+            ready = selector.select(max(0.0, deadline - time.monotonic()))
+        for selected, _ in ready:
+            selected.data.advance()
+        now = time.monotonic()
+        for c in live:
+            c.expire(now)
+
+    def take(self, peer):
+        """The connection kept to peer, if one is idle (it is the caller's until keep())."""
+        with self._lock:
+            return self._kept.pop(peer.name, None)
+
+    def keep(self, peer, sock):
+        """Keep sock for peer's next heartbeat, unless another call kept one meanwhile."""
         with self._lock:
             if peer.name not in self._kept:
                 self._kept[peer.name], sock = sock, None
         if sock is not None:
             sock.close()
-        return reply
 
 
 class DropLog:
@@ -3088,6 +3204,40 @@ class World:
         """An event a routine waits on (Agent.wake)."""
         return threading.Event()
 
+    def run_heartbeats(self, stop, cfg, key, rounds):
+        """Run the heartbeat rounds (name -> a function that starts one: Agent.heartbeat_round)
+        until stop is set, all in this thread: each round's call in flight on a non-blocking
+        connection (Channels.start), so that a peer that is slow or silent never holds up the
+        others' rounds, and the rounds due together share their wake-ups -- a thread per peer
+        woke twice per call, each wake-up a cold run of the interpreter (README, "The
+        footprint"). Each peer's next round begins the wait its round returned after it ended,
+        as in run_routine."""
+        due, flight = dict.fromkeys(rounds, 0.0), {}  # name -> (its round, its PendingCall)
+
+        def resume(name, round_, pending=None):
+            try:
+                request = next_call(round_, *((pending.body, pending.error) if pending
+                                              else (None, None)))
+            except StopIteration as over:
+                flight.pop(name, None)
+                due[name] = time.monotonic() + over.value
+            else:
+                flight[name] = round_, self.channels.start(cfg, key, *request)
+
+        while not stop.is_set():
+            for name, begin in rounds.items():
+                if name not in flight and due[name] <= time.monotonic():
+                    resume(name, begin())
+            idle = [due[name] for name in rounds if name not in flight]
+            until = min(idle, default=math.inf)
+            if flight:
+                self.channels.wait([pending for _, pending in flight.values()], until)
+            else:
+                stop.wait(max(0.0, until - time.monotonic()))
+            for name, (round_, pending) in list(flight.items()):
+                if pending.done:
+                    resume(name, round_, pending)
+
     def run_routine(self, stop, step, wake=None):
         """Run a routine until stop is set: step() returns how long to wait before the next
         step, which comes at once when `wake` is set meanwhile (during the step too; whoever
@@ -3099,6 +3249,28 @@ class World:
             else:
                 wake.clear()  # before the step: a wake during it is not lost
                 wake.wait(step())
+
+
+def next_call(round_, reply=None, error=None):
+    """Resume a heartbeat round (Agent.heartbeat_round) with its call's reply, or its error
+    thrown in (neither: start it): the next call it makes, (peer, kind, body, timeout); its
+    end raises StopIteration, whose value is the wait before its next round."""
+    return round_.send(reply) if error is None else round_.throw(error)
+
+
+def run_round(round_, call):
+    """Run a heartbeat round to its end, each of its calls made by call(peer, kind, body,
+    timeout) and waited for; the wait before its next round."""
+    reply = error = None
+    try:
+        while True:
+            request = next_call(round_, reply, error)
+            try:
+                reply, error = call(*request), None
+            except Exception as exc:  # noqa: BLE001 -- the round's to deal with
+                reply, error = None, exc
+    except StopIteration as over:
+        return over.value
 
 
 # --------------------------------------------------------------------------------------------
@@ -3251,7 +3423,7 @@ class Agent:
         self._view_lock = threading.RLock()
         self.view = default_view
         self._view_offered = None  # the view a peer offered last, dealt with (learn)
-        self.calls_failing = set()  # peers whose heartbeat this node started has no reply yet
+        self.calls_failing = set()  # peers whose last heartbeat this node started failed
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
         self.probe = {"target": None, "ok_at": None, "error": None, "failures": 0}
@@ -3341,11 +3513,13 @@ class Agent:
         period = self.cfg.timing.check_interval if period is None else period
         return max(0.0, period - (self.clock() - began))
 
-    def heartbeat_step(self, peer):
-        """One heartbeat with peer (a routine per peer), when calls_peer says this node
-        starts it now; returns the wait before the next. A side that only answers wakes when
-        its fallback would be due, not every round: a tenth of a percent of a core per pair
-        (README, "The footprint")."""
+    def heartbeat_round(self, peer):
+        """One heartbeat round with peer (a routine per peer), when calls_peer says this node
+        starts it now: a generator that yields its call, (peer, kind, body, timeout), takes the
+        reply (or has the call's error thrown in) and returns the wait before the next round --
+        run by World.run_heartbeats, every peer's in one thread, or by run_round. A side that
+        only answers wakes when its fallback would be due, not every round: a tenth of a
+        percent of a core per pair (README, "The footprint")."""
         began = self.clock()
         timing = self.cfg.timing
         requested_at = self.observations.requested_at.get(peer.name, -math.inf)
@@ -3361,36 +3535,41 @@ class Agent:
             until_due = requested_at + timing.check_interval + timing.probe_timeout + \
                 self.FALLBACK_LAG - self.clock()
             return until_due if until_due > 0 else self._rest(began)
-        self.calls_failing.add(peer.name)  # until this call has its reply
         try:
-            body = self.world.call(self.cfg, self.key, peer, "status",
-                                   self.status_body(peer.name), self.cfg.timing.probe_timeout)
+            body = yield peer, "status", self.status_body(peer.name), timing.probe_timeout
             self.note_status(peer.name, body, self.clock())
-            self.calls_failing.discard(peer.name)
         except (OSError, ProtocolError) as exc:
+            self.calls_failing.add(peer.name)
             self.log.debug("no heartbeat from %s: %s", peer.name, exc)
         except Exception as exc:  # noqa: BLE001 -- a routine must outlive anything a peer sends
+            self.calls_failing.add(peer.name)
             self.warn("heartbeat", peer.name, f"{type(exc).__name__}: {exc}")
-        return self._until_slot(peer, began, self.call_period(peer))
+        else:
+            self.calls_failing.discard(peer.name)
+        return self._until_slot(began, self.call_period(peer))
+
+    def heartbeat_step(self, peer):
+        """One heartbeat round with peer, its call made through World.call and waited for
+        (run_round): a routine of the simulator's."""
+        return run_round(self.heartbeat_round(peer),
+                         lambda *request: self.world.call(self.cfg, self.key, *request))
 
     def call_period(self, peer):
         """From one heartbeat this node starts with peer to the next: check_interval."""
         return self.cfg.timing.check_interval
 
-    def _until_slot(self, peer, began, period):
-        """The wait before the next call to peer: `period` after this one began, moved earlier
-        onto peer's slot of the period (the i-th of n peers at i/n of it, on this node's
-        clock), so that the calls to different peers interleave and a primary's lease gets an
-        anchor every period / n rather than n at once. In step: exactly `period`. A call that
-        began up to SLOT_SLACK of a period early (a clock read a hair early) or late keeps its
-        slot; a later one, or a change of period, costs one interval between SLOT_SLACK and
-        1 + SLOT_SLACK periods (kept under c + p by call_period's bound, past which the peer's
-        fallback would call too)."""
-        names = [p.name for p in self.peers()]
-        slot = period * names.index(peer.name) / len(names)
+    def _until_slot(self, began, period):
+        """The wait before the next call: `period` after this one began, moved earlier onto
+        the period's slot (its multiples on this node's clock), the same for every peer, so
+        that the calls to different peers on the same period are due together and their
+        round (World.run_heartbeats) wakes once for all. In step: exactly `period`. A call
+        that began up to SLOT_SLACK of a period early (a clock read a hair early) or late
+        keeps its slot; a later one, or a change of period, costs one interval between
+        SLOT_SLACK and 1 + SLOT_SLACK periods (kept under c + p by call_period's bound, past
+        which the peer's fallback would call too)."""
         slack = period * SLOT_SLACK
         due = began + period
-        due -= (due - slot + slack) % period - slack
+        due -= (due + slack) % period - slack
         return max(0.0, due - self.clock())
 
     def probe_step(self):
@@ -3439,11 +3618,17 @@ class Agent:
     def peers(self):
         raise NotImplementedError
 
+    def heartbeat_rounds(self):
+        """name -> a function that starts one heartbeat round with a peer (heartbeat_round)."""
+        return {f"hb-{peer.name}": lambda peer=peer: self.heartbeat_round(peer)
+                for peer in self.peers()}
+
     def routines(self):
         """The agent's concurrent routines, (name, step): each step does one round and returns
-        how long to wait before the next. The real agent runs each in a thread of its own
-        (World.run_routine), the decision loop ("loop") in the main thread; the simulator
-        schedules the very same steps."""
+        how long to wait before the next -- the heartbeats with each peer (heartbeat_step), the
+        probe, the decision loop ("loop"). The simulator schedules these steps; the real agent
+        runs the very same rounds, the heartbeats' all in one thread (World.run_heartbeats),
+        the probe in another (World.run_routine), the loop in the main thread."""
         routines = [(f"hb-{peer.name}", lambda peer=peer: self.heartbeat_step(peer))
                     for peer in self.peers()]
         routines.append(("probe", self.probe_step))
@@ -3456,11 +3641,12 @@ class Agent:
         http = None
         try:
             http = self.world.serve_http(self)
-            routines = self.routines()
-            for name, step in routines[:-1]:
-                threading.Thread(target=self.world.run_routine, args=(self.stop, step),
-                                 name=name, daemon=True).start()
-            self.world.run_routine(self.stop, routines[-1][1], self.wake)
+            threading.Thread(target=self.world.run_heartbeats, name="heartbeats", daemon=True,
+                             args=(self.stop, self.cfg, self.key,
+                                   self.heartbeat_rounds())).start()
+            threading.Thread(target=self.world.run_routine, args=(self.stop, self.probe_step),
+                             name="probe", daemon=True).start()
+            self.world.run_routine(self.stop, self.loop_step, self.wake)
         finally:
             server.shutdown()
             if http is not None:
@@ -3837,12 +4023,13 @@ class DbAgent(Agent):
         while its last tick found all as it should be and every call it started has had its
         reply, every check_interval from the tick that finds otherwise -- a peer unheard for
         longer than a healthy exchange's gap, the primary's signs late (db_steady) -- or from
-        the first call that fails: the other peer's next call already comes a round later, and
-        the primary's lease, resting on that peer alone, gets its anchors every round again.
-        That comes well before a promotion could need the arbiter's news (c + p + the loop's
-        rounds within failover_timeout: round_period) or the lease an anchor
-        (fence_timeout). The calls to the two peers interleave (_until_slot): the primary's
-        lease gets an anchor every half period."""
+        the first call that fails: the other peer's next call comes at most a period later
+        (1 + SLOT_SLACK), and the primary's lease, resting on that peer alone, gets its
+        anchors every round again. That comes well before a promotion could need the
+        arbiter's news (c + p + the loop's rounds within failover_timeout: round_period) or the
+        lease an anchor (fence_timeout: steady_call_period). A call still in flight counts
+        only once it has failed: the calls to the two peers are due together (_until_slot),
+        and the first reply's round ends while the other's call is on its way."""
         timing = self.cfg.timing
         if self.steady and not self.calls_failing:
             return steady_call_period(timing)

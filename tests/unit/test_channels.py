@@ -1,7 +1,8 @@
 """Heartbeats on a kept connection (agent.Channels and the server's handler), against a real
 AgentServer on loopback: one connection carries every heartbeat, each is still a round trip
 within its timeout, a broken one is asked again on a new connection, other requests never
-share it, and a kept connection the peer stops using is closed without a drop."""
+share it, and a kept connection the peer stops using is closed without a drop. Every peer's
+rounds in one thread (World.run_heartbeats): a slow peer holds up no other's."""
 import contextlib
 import logging
 import socket
@@ -42,10 +43,11 @@ class Drops(list):
 
 
 class Arbiter:
-    """The arbiter's port, served in this process; `slow` delays the answers."""
+    """The arbiter's port (or another node's), served in this process; `slow` delays the
+    answers."""
 
-    def __init__(self, path):
-        self.cfg = agent.load_config(path, "arb")
+    def __init__(self, path, name="arb"):
+        self.cfg = agent.load_config(path, name)
         self.key = agent.read_secret(self.cfg.agent_key_file).encode()
         self.slow, self.kinds, self.dropped = 0.0, [], Drops()
         self.log = logging.getLogger("test-channels")
@@ -145,3 +147,51 @@ def test_a_connection_silent_from_the_start_is_still_dropped_as_idle(cluster, mo
         sock.settimeout(2.0)
         assert sock.recv(1) == b""
     assert arb.dropped == ["idle"]
+
+
+def test_every_peers_rounds_run_in_one_thread_and_a_slow_peer_holds_up_no_other(tmp_path):
+    """World.run_heartbeats with the arbiter answering at once and pg2 too slow for the
+    timeout: the arbiter's rounds keep their pace while pg2's calls are in flight, pg2's fail
+    on time, and every round runs in the one thread."""
+    path = write_cluster(tmp_path)
+    arb, pg2 = Arbiter(path), Arbiter(path, "pg2")
+    pg2.slow = 0.5
+    me = agent.load_config(path, "pg1")
+    world, stop = agent.World(), threading.Event()
+    outcomes, threads = {"arb": [], "pg2": []}, set()
+
+    def rounds(peer):
+        began = time.monotonic()
+        threads.add(threading.get_ident())
+        try:
+            yield peer, "status", {}, 0.2
+            outcomes[peer.name].append(("reply", time.monotonic() - began))
+        except OSError:
+            outcomes[peer.name].append(("timeout", time.monotonic() - began))
+        return 0.05
+
+    runner = threading.Thread(target=world.run_heartbeats, daemon=True, args=(
+        stop, me, arb.key, {p.name: lambda p=p: rounds(p) for p in (me.nodes["pg2"], me.arbiter)}))
+    try:
+        runner.start()
+        time.sleep(1.2)
+    finally:
+        stop.set()
+        runner.join(2.0)
+        arb.stop()
+        pg2.stop()
+    assert not runner.is_alive()
+    assert threads == {runner.ident}
+    assert len(outcomes["arb"]) >= 12  # a round every 0.05 s, not one per pg2's 0.25 s
+    assert all(kind == "reply" and took < 0.1 for kind, took in outcomes["arb"])
+    assert 3 <= len(outcomes["pg2"]) <= 5
+    assert all(kind == "timeout" and 0.19 < took < 0.3 for kind, took in outcomes["pg2"])
+
+
+def test_a_heartbeat_to_a_port_without_a_server_fails_at_once(cluster):
+    arb, me, channels = cluster
+    arb.stop()
+    began = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        heartbeat(channels, me, arb)
+    assert time.monotonic() - began < 0.1

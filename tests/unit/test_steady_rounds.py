@@ -297,9 +297,9 @@ def test_the_steady_call_period_keeps_the_liveness_bounds():
 
 
 def test_a_call_without_its_reply_brings_every_call_back_to_every_round(tmp_path):
-    """While a heartbeat this node started has no reply (in flight past its slot, or failed),
-    its calls to every peer go every check_interval: the primary's lease, resting on the
-    other peer alone, gets its anchors every round again before the loop's next tick."""
+    """While a heartbeat this node started last has failed, its calls to every peer go every
+    check_interval: the primary's lease, resting on the other peer alone, gets its anchors
+    every round again before the loop's next tick."""
     a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
     other, arb = a.peers()
     c = a.cfg.timing.check_interval
@@ -320,10 +320,10 @@ class Clock:
 
 
 @pytest.mark.parametrize("period", [0.1, 0.25])
-def test_calls_to_the_peers_interleave_on_their_slots(tmp_path, period):
-    """The i-th of n peers is called at i/n of the period: a primary's two calls come half a
-    period apart, whatever moment each routine started at, and stay there; a call that began
-    a little late or a hair early keeps its slot."""
+def test_calls_to_the_peers_share_the_periods_slot(tmp_path, period):
+    """Every peer is called on the period's slot: a primary's two calls come together,
+    whatever moment each routine started at, and stay there; a call that began a little late
+    or a hair early keeps its slot."""
     a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
     other, arb = a.peers()
     base = 123456.789  # a monotonic clock far from 0, as a host's is
@@ -333,16 +333,16 @@ def test_calls_to_the_peers_interleave_on_their_slots(tmp_path, period):
         calls = [began]
         for _ in range(40):
             clock.now = calls[-1] + 0.0004  # the call took 0.4 ms
-            calls.append(clock.now + a._until_slot(peer, calls[-1], period))
+            calls.append(clock.now + a._until_slot(calls[-1], period))
         gaps = [b - c for c, b in zip(calls[1:], calls[2:])]
         assert gaps == pytest.approx([period] * len(gaps), abs=1e-9)
         assert period * agent.SLOT_SLACK < calls[1] - calls[0] <= period
         starts[peer.name] = calls[-1]
-    assert (starts["arb"] - starts[other.name]) % period == pytest.approx(period / 2, abs=1e-9)
+    assert starts["arb"] == pytest.approx(starts[other.name], abs=1e-9)
     slot = starts["arb"] + period
     for jitter in (-0.5 * agent.SLOT_SLACK * period, 0.0, 0.003, 0.4 * period):
         clock.now = slot + jitter + 0.0004
-        assert clock.now + a._until_slot(arb, slot + jitter, period) == \
+        assert clock.now + a._until_slot(slot + jitter, period) == \
             pytest.approx(slot + period, abs=1e-9)
 
 
@@ -351,15 +351,14 @@ def test_a_late_call_waits_at_most_a_slack_longer(tmp_path):
     the next one comes on the slot after, no later than (1 + SLOT_SLACK) periods after it
     began, and never in the past."""
     a = agent.DbAgent(lab_config(tmp_path, "pg1"), b"k" * 32, world=Probes())
-    arb = a.cfg.arbiter
     a.clock = clock = Clock(5000.0)
     period = 0.25
-    slot = 5000.0 + period / 2  # arb's
+    slot = 5000.0  # a multiple of the period: the slot
     for late in (0.05, 0.2, 0.249, 0.3):
         began = slot + late
         for took in (0.0004, 0.25, 0.6):
             clock.now = began + took
-            wait = a._until_slot(arb, began, period)
+            wait = a._until_slot(began, period)
             assert wait >= 0
             assert clock.now + wait <= max(began + (1 + agent.SLOT_SLACK) * period, clock.now)
             if wait:
@@ -401,9 +400,9 @@ class Heartbeats:
             self.due[name] = self.clock.now + self.a.heartbeat_step(self.peers[name])
 
 
-def test_a_steady_primary_calls_each_peer_every_longer_round_half_a_round_apart(tmp_path):
-    """Through heartbeat_step: on the loop's longer rounds, the two peers' calls half a period
-    apart; once a call fails, every call every check_interval, from the other peer's next
+def test_a_steady_primary_calls_both_peers_together_every_longer_round(tmp_path):
+    """Through heartbeat_step: on the loop's longer rounds, the two peers' calls on the same
+    slot; once a call fails, every call every check_interval, from the other peer's next
     call on."""
     clock = Clock(7777.0)
     world = Peers(clock)
@@ -416,7 +415,7 @@ def test_a_steady_primary_calls_each_peer_every_longer_round_half_a_round_apart(
     for name in times:
         gaps = [b - t for t, b in zip(times[name][1:], times[name][2:])]
         assert gaps == pytest.approx([long] * len(gaps), abs=1e-6)
-    assert (times["arb"][-1] - times["pg2"][-1]) % long == pytest.approx(long / 2, abs=1e-3)
+    assert abs(times["arb"][-1] - times["pg2"][-1]) < 1e-3  # the first call took 0.4 ms
     world.failing.add("pg2")
     world.calls.clear()
     failed_at = clock.now
