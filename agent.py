@@ -1495,9 +1495,9 @@ class PendingCall:
 
     def __init__(self, channels, cfg, key, peer, kind, body, timeout):
         self.channels, self.cfg, self.key, self.peer = channels, cfg, key, peer
+        self.kind, self.request_body = kind, body
         self.deadline = time.monotonic() + timeout
-        self.nonce = os.urandom(8).hex()
-        self.request = seal(key, cfg.me.name, peer.name, kind, body, nonce=self.nonce)
+        self._seal()
         self.done, self.body, self.error = False, None, None
         self.sock = channels.take(peer)
         self.kept = self.sock is not None
@@ -1507,17 +1507,25 @@ class PendingCall:
         else:
             self._connect()
 
+    def _seal(self):
+        """The request, with a nonce of its own: one asked again is a new request, never a
+        replay of one the peer admitted before it lost the connection."""
+        self.nonce = os.urandom(8).hex()
+        self.request = seal(self.key, self.cfg.me.name, self.peer.name, self.kind,
+                            self.request_body, nonce=self.nonce)
+
     def _connect(self):
-        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        self.sock = None
         try:
+            sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see _dial
             sock.bind((self.cfg.me.address, 0))
             failed = sock.connect_ex((self.peer.address, self.peer.agent_port))
             if failed not in (0, errno.EINPROGRESS):
                 raise OSError(failed, os.strerror(failed))
         except OSError as exc:
-            self._finish(error=exc)
+            self.fail(exc)
             return
         self.state = "connect"
 
@@ -1551,22 +1559,26 @@ class PendingCall:
             return  # not ready after all: wait again
         except (OSError, ProtocolError) as exc:
             if not self.kept:
-                self._finish(error=exc)
+                self.fail(exc)
                 return
             self.sock.close()  # broken (the peer restarted): a new connection, in what is left
             self.kept = False
+            self._seal()
             self._connect()
 
     def expire(self, now):
         """Fail the call if its deadline has come."""
         if not self.done and now >= self.deadline:
-            self._finish(error=socket.timeout("timed out"))
+            self.fail(socket.timeout("timed out"))
+
+    def fail(self, error):
+        self._finish(error=error)
 
     def _finish(self, body=None, error=None):
         self.done, self.body, self.error = True, body, error
         if error is None:
             self.channels.keep(self.peer, self.sock)
-        else:
+        elif self.sock is not None:
             self.sock.close()
         self.sock = None
 
@@ -1583,7 +1595,7 @@ class Channels:
     still a round trip within its timeout, made on a non-blocking socket (PendingCall), so that
     one thread can have several in flight (World.run_heartbeats); any failure closes the
     connection. Other requests, and a heartbeat while another call holds the peer's
-    connection, get a connection of their own (call)."""
+    connection, get a connection of their own (call; PendingCall dials a new one)."""
 
     def __init__(self):
         self._kept = {}  # peer name -> an idle connection
@@ -1605,20 +1617,27 @@ class Channels:
     def wait(self, calls, until):
         """Move the calls in flight on until one of them has had its socket ready, or until
         `until` or the earliest of their deadlines has come (a call past it is done, timed
-        out)."""
+        out, even if its reply came meanwhile: as a blocking read by its deadline would).
+        At once when one of them is done already (it failed as it started)."""
         live = [c for c in calls if not c.done]
-        if not live:
+        if len(live) < len(calls) or not live:
             return
         deadline = min(until, *(c.deadline for c in live))
-        with selectors.PollSelector() as selector:  # poll: no descriptor of its own to make
+        try:
+            with selectors.PollSelector() as selector:  # poll: no descriptor of its own
+                for c in live:
+                    selector.register(c.sock, c.events(), c)
+                ready = selector.select(max(0.0, deadline - time.monotonic()))
+        except (OSError, ValueError) as exc:  # e.g. no memory for the poll: these calls fail
             for c in live:
-                selector.register(c.sock, c.events(), c)
-            ready = selector.select(max(0.0, deadline - time.monotonic()))
-        for selected, _ in ready:
-            selected.data.advance()
+                c.fail(exc if isinstance(exc, OSError) else OSError(str(exc)))
+            return
         now = time.monotonic()
         for c in live:
             c.expire(now)
+        for selected, _ in ready:
+            if not selected.data.done:
+                selected.data.advance()
 
     def take(self, peer):
         """The connection kept to peer, if one is idle (it is the caller's until keep())."""
@@ -3129,6 +3148,10 @@ class World:
     tests/sim gives them one that implements every port in memory, so that the same agent
     code runs there."""
 
+    # after a heartbeat round that raised (a bug: each round handles what a peer can cause),
+    # its peer's next: the other peers' rounds go on meanwhile
+    ROUND_RETRY_S = 1.0
+
     def monotonic(self):
         return time.monotonic()
 
@@ -3214,15 +3237,24 @@ class World:
         as in run_routine."""
         due, flight = dict.fromkeys(rounds, 0.0), {}  # name -> (its round, its PendingCall)
 
-        def resume(name, round_, pending=None):
-            try:
-                request = next_call(round_, *((pending.body, pending.error) if pending
-                                              else (None, None)))
-            except StopIteration as over:
-                flight.pop(name, None)
-                due[name] = time.monotonic() + over.value
-            else:
-                flight[name] = round_, self.channels.start(cfg, key, *request)
+        def resume(name, round_, reply=None, error=None):
+            while True:
+                try:
+                    request = next_call(round_, reply, error)
+                except StopIteration as over:
+                    flight.pop(name, None)
+                    due[name] = time.monotonic() + over.value
+                    return
+                except Exception:  # noqa: BLE001 -- a bug in one round: the others go on
+                    self.logger().exception("the heartbeat round %s failed", name)
+                    flight.pop(name, None)
+                    due[name] = time.monotonic() + self.ROUND_RETRY_S
+                    return
+                try:
+                    flight[name] = round_, self.channels.start(cfg, key, *request)
+                    return
+                except Exception as exc:  # noqa: BLE001 -- e.g. a message too long: the round's
+                    reply, error = None, exc
 
         while not stop.is_set():
             for name, begin in rounds.items():
@@ -3236,13 +3268,13 @@ class World:
                 stop.wait(max(0.0, until - time.monotonic()))
             for name, (round_, pending) in list(flight.items()):
                 if pending.done:
-                    resume(name, round_, pending)
+                    resume(name, round_, pending.body, pending.error)
 
     def run_routine(self, stop, step, wake=None):
         """Run a routine until stop is set: step() returns how long to wait before the next
         step, which comes at once when `wake` is set meanwhile (during the step too; whoever
-        sets stop sets wake as well). The real agent runs each routine in a thread of its
-        own."""
+        sets stop sets wake as well). The real agent runs the probe so in a thread of its
+        own, the loop in the main thread (the heartbeats: run_heartbeats)."""
         while not stop.is_set():
             if wake is None:
                 stop.wait(step())
@@ -3514,7 +3546,7 @@ class Agent:
         return max(0.0, period - (self.clock() - began))
 
     def heartbeat_round(self, peer):
-        """One heartbeat round with peer (a routine per peer), when calls_peer says this node
+        """One heartbeat round with peer (a routine per peer's), when calls_peer says this node
         starts it now: a generator that yields its call, (peer, kind, body, timeout), takes the
         reply (or has the call's error thrown in) and returns the wait before the next round --
         run by World.run_heartbeats, every peer's in one thread, or by run_round. A side that
@@ -3641,12 +3673,15 @@ class Agent:
         http = None
         try:
             http = self.world.serve_http(self)
+            rounds = self.heartbeat_rounds()
             threading.Thread(target=self.world.run_heartbeats, name="heartbeats", daemon=True,
-                             args=(self.stop, self.cfg, self.key,
-                                   self.heartbeat_rounds())).start()
-            threading.Thread(target=self.world.run_routine, args=(self.stop, self.probe_step),
-                             name="probe", daemon=True).start()
-            self.world.run_routine(self.stop, self.loop_step, self.wake)
+                             args=(self.stop, self.cfg, self.key, rounds)).start()
+            *others, (_, loop) = [(name, step) for name, step in self.routines()
+                                  if name not in rounds]
+            for name, step in others:
+                threading.Thread(target=self.world.run_routine, args=(self.stop, step),
+                                 name=name, daemon=True).start()
+            self.world.run_routine(self.stop, loop, self.wake)
         finally:
             server.shutdown()
             if http is not None:
@@ -4020,9 +4055,10 @@ class DbAgent(Agent):
 
     def call_period(self, peer):
         """A database node calls its peers on its loop's longer rounds (steady_call_period)
-        while its last tick found all as it should be and every call it started has had its
-        reply, every check_interval from the tick that finds otherwise -- a peer unheard for
-        longer than a healthy exchange's gap, the primary's signs late (db_steady) -- or from
+        while its last tick found all as it should be and no call it started has failed
+        since its last reply, every check_interval from the tick that finds otherwise -- a
+        peer unheard for longer than a healthy exchange's gap, the primary's signs late
+        (db_steady) -- or from
         the first call that fails: the other peer's next call comes at most a period later
         (1 + SLOT_SLACK), and the primary's lease, resting on that peer alone, gets its
         anchors every round again. That comes well before a promotion could need the

@@ -4,6 +4,8 @@ within its timeout, a broken one is asked again on a new connection, other reque
 share it, and a kept connection the peer stops using is closed without a drop. Every peer's
 rounds in one thread (World.run_heartbeats): a slow peer holds up no other's."""
 import contextlib
+import dataclasses
+import errno
 import logging
 import socket
 import threading
@@ -195,3 +197,146 @@ def test_a_heartbeat_to_a_port_without_a_server_fails_at_once(cluster):
     with pytest.raises(ConnectionRefusedError):
         heartbeat(channels, me, arb)
     assert time.monotonic() - began < 0.1
+
+
+def test_a_round_that_raises_is_logged_and_tried_again_while_the_others_go_on(cluster, caplog,
+                                                                                monkeypatch):
+    """A bug in one peer's round (World.run_heartbeats): logged, that peer's next round
+    ROUND_RETRY_S later, the other peer's rounds never stop."""
+    arb, me, _ = cluster
+    monkeypatch.setattr(agent.World, "ROUND_RETRY_S", 0.3)
+    world, stop = agent.World(), threading.Event()
+    replies, broken = [], []
+
+    def calls_arbiter():
+        yield me.arbiter, "status", {}, 0.2
+        replies.append(time.monotonic())
+        return 0.05
+
+    def buggy():
+        broken.append(time.monotonic())
+        raise KeyError("a bug")
+        yield  # a generator, as every round is
+
+    runner = threading.Thread(target=world.run_heartbeats, daemon=True, args=(
+        stop, me, arb.key, {"hb-arb": calls_arbiter, "hb-bug": buggy}))
+    with caplog.at_level(logging.ERROR, logger="bobry"):
+        runner.start()
+        time.sleep(1.0)
+        stop.set()
+        runner.join(2.0)
+    assert not runner.is_alive()
+    assert len(replies) >= 10
+    assert 3 <= len(broken) <= 5  # at 0, 0.3, 0.6, 0.9 s
+    assert [b - a for a, b in zip(broken, broken[1:])] == pytest.approx([0.3] * (len(broken) - 1),
+                                                                       abs=0.08)
+    assert "the heartbeat round hb-bug failed" in caplog.text
+
+
+def counting_round(outcomes, peer, timeout=0.2, wait=0.05):
+    """A heartbeat round that records each call's outcome and how long it took."""
+    def round_():
+        began = time.monotonic()
+        try:
+            yield peer, "status", {}, timeout
+            outcomes[peer.name].append(("reply", time.monotonic() - began))
+        except OSError as exc:
+            outcomes[peer.name].append((type(exc).__name__, time.monotonic() - began))
+        return wait
+    return round_
+
+
+def run_rounds(me, key, rounds, seconds, name="heartbeats", meanwhile=None):
+    """World.run_heartbeats in a thread for `seconds` (meanwhile() halfway); alive at the end?"""
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.World().run_heartbeats, daemon=True, name=name,
+                              args=(stop, me, key, rounds))
+    runner.start()
+    try:
+        time.sleep(seconds / 2)
+        if meanwhile is not None:
+            meanwhile()
+        time.sleep(seconds / 2)
+        return runner.is_alive()
+    finally:
+        stop.set()
+        runner.join(2.0)
+
+
+def test_a_socket_that_cannot_be_made_fails_one_call_not_the_heartbeats(tmp_path, monkeypatch):
+    """No descriptor left (EMFILE) when a call connects: that call fails, the rounds go on
+    (found by the review of ba01e20, where it ended the one heartbeat thread)."""
+    path = write_cluster(tmp_path)
+    arb, pg2 = Arbiter(path), Arbiter(path, "pg2")
+    me = agent.load_config(path, "pg1")
+    outcomes, real_socket, failed = {"arb": [], "pg2": []}, socket.socket, []
+
+    def flaky_socket(*args, **kwargs):
+        if threading.current_thread().name == "hb-test" and not failed:
+            failed.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_socket(*args, **kwargs)
+
+    monkeypatch.setattr(agent.socket, "socket", flaky_socket)
+    rounds = {"pg2": counting_round(outcomes, me.nodes["pg2"]),
+              "arb": counting_round(outcomes, me.arbiter)}
+    try:
+        alive = run_rounds(me, arb.key, rounds, 0.6, name="hb-test")
+    finally:
+        arb.stop()
+        pg2.stop()
+    assert failed and alive
+    assert ("OSError", pytest.approx(0, abs=0.05)) in outcomes["pg2"]
+    assert len(outcomes["arb"]) >= 5 and len(outcomes["pg2"]) >= 5
+
+
+def test_a_call_that_fails_as_it_starts_ends_its_round_at_once(tmp_path):
+    """A connect the kernel refuses at once (here: no route from a loopback source) ends its
+    round then, not when the other peer's slow reply comes (found by the review of
+    ba01e20: up to probe_timeout late)."""
+    path = write_cluster(tmp_path)
+    pg2 = Arbiter(path, "pg2")
+    me = agent.load_config(path, "pg1")
+    nowhere = dataclasses.replace(me.arbiter, address="203.0.113.1")  # TEST-NET-3, never sent
+    outcomes = {"arb": [], "pg2": []}
+    rounds = {"pg2": counting_round(outcomes, me.nodes["pg2"], timeout=0.4),
+              "arb": counting_round(outcomes, nowhere, timeout=0.4)}
+
+    def slow():
+        pg2.slow = 0.3  # within the timeout: its calls stay in flight 0.3 s
+
+    try:
+        run_rounds(me, pg2.key, rounds, 2.0, meanwhile=slow)
+    finally:
+        pg2.stop()
+    late = [took for _, took in outcomes["arb"][-4:]]
+    assert len(late) == 4 and all(took < 0.05 for took in late), late
+
+
+class FailsOnce(Arbiter):
+    """A peer whose handling of one heartbeat raises OSError (say learn() could not persist a
+    view): its server closes the connection without a reply, the request's nonce admitted."""
+
+    fail_next = False
+
+    def handle(self, sender, kind, body):
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().handle(sender, kind, body)
+
+
+def test_a_heartbeat_asked_again_on_a_new_connection_is_sealed_anew(tmp_path):
+    """The retry after a kept connection broke carries a new nonce: the peer, which admitted
+    the first, answers it rather than dropping it as a replay (found by the review of
+    ba01e20)."""
+    path = write_cluster(tmp_path)
+    arb = FailsOnce(path)
+    me, channels = agent.load_config(path, "pg1"), agent.Channels()
+    try:
+        heartbeat(channels, me, arb)
+        arb.fail_next = True
+        assert heartbeat(channels, me, arb) == {"kind": "status"}
+    finally:
+        arb.stop()
+    assert "replay" not in arb.dropped
