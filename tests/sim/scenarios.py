@@ -550,8 +550,11 @@ def old_unarmed_writes():
         yield
 
 
+# fibers (since 2026-11-27, late), as finding1: with every peer's calls on one slot, the nested
+# mode held the arbiter's answers to the standby's promotion requests behind the calls that
+# blocked with them (a grant 3.6 s after the cut, not 2.0 s), later than the stalled opening
 @scenario("sim-late-opening-outlives-the-grant", old_unarmed_writes,
-          expect=("dual_rw", "dual_ack"), timing=WINDOWS_OF_2026)
+          expect=("dual_rw", "dual_ack"), timing=WINDOWS_OF_2026, fibers=True)
 def late_opening(c):
     """Found by the simulator (seed 5): a fenced primary decides to unfence on the arbiter's
     fresh word, and the opening reaches the kernel 2.5 s later (nft slow, or the agent stopped
@@ -764,8 +767,9 @@ def old_shared_window():
         yield
 
 
+# fibers (since 2026-11-27, late): see sim-late-opening-outlives-the-grant
 @scenario("findingD-killed-agents-nft-child-takes-a-later-window", old_shared_window,
-          expect=("dual_rw", "dual_ack"), timing=WINDOWS_OF_2026)
+          expect=("dual_rw", "dual_ack"), timing=WINDOWS_OF_2026, fibers=True)
 def stale_nft_child(c):
     """Finding D of the hostile review: a fenced primary's agent decides to unfence and is
     SIGKILLed while its opening's nft child stalls; the child outlives it. The restarted agent
