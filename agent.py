@@ -1533,8 +1533,8 @@ class PendingCall:
         self.state, self.sent, self.data = "send", 0, bytearray()
 
     def events(self):
-        """What the call waits for on its socket."""
-        return selectors.EVENT_READ if self.state == "read" else selectors.EVENT_WRITE
+        """What the call waits for on its socket (poll's flags)."""
+        return select.POLLIN if self.state == "read" else select.POLLOUT
 
     def advance(self):
         """Take the step that the socket's readiness allows."""
@@ -1623,21 +1623,22 @@ class Channels:
         if len(live) < len(calls) or not live:
             return
         deadline = min(until, *(c.deadline for c in live))
-        try:
-            with selectors.PollSelector() as selector:  # poll: no descriptor of its own
-                for c in live:
-                    selector.register(c.sock, c.events(), c)
-                ready = selector.select(max(0.0, deadline - time.monotonic()))
-        except (OSError, ValueError) as exc:  # e.g. no memory for the poll: these calls fail
+        by_fd = {c.sock.fileno(): c for c in live}
+        try:  # poll itself, not a selectors class: a quarter of the Python per wait
+            poller = select.poll()
+            for fd, c in by_fd.items():
+                poller.register(fd, c.events())
+            ready = poller.poll(math.ceil(max(0.0, deadline - time.monotonic()) * 1000))
+        except OSError as exc:  # e.g. no memory for the poll: these calls fail
             for c in live:
-                c.fail(exc if isinstance(exc, OSError) else OSError(str(exc)))
+                c.fail(exc)
             return
         now = time.monotonic()
         for c in live:
             c.expire(now)
-        for selected, _ in ready:
-            if not selected.data.done:
-                selected.data.advance()
+        for fd, _ in ready:  # an error or a hang-up too: advance() meets it
+            if not by_fd[fd].done:
+                by_fd[fd].advance()
 
     def take(self, peer):
         """The connection kept to peer, if one is idle (it is the caller's until keep())."""
