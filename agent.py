@@ -3274,8 +3274,8 @@ class World:
     def run_routine(self, stop, step, wake=None):
         """Run a routine until stop is set: step() returns how long to wait before the next
         step, which comes at once when `wake` is set meanwhile (during the step too; whoever
-        sets stop sets wake as well). The real agent runs the probe so in a thread of its
-        own, the loop in the main thread (the heartbeats: run_heartbeats)."""
+        sets stop sets wake as well). The real agent runs the probe this way in a thread of
+        its own, and the loop in the main thread (the heartbeats: run_heartbeats)."""
         while not stop.is_set():
             if wake is None:
                 stop.wait(step())
@@ -3547,8 +3547,8 @@ class Agent:
         return max(0.0, period - (self.clock() - began))
 
     def heartbeat_round(self, peer):
-        """One heartbeat round with peer (a routine per peer's), when calls_peer says this node
-        starts it now: a generator that yields its call, (peer, kind, body, timeout), takes the
+        """One heartbeat round with peer (every peer has a routine of its own), when calls_peer
+        says this node starts it now: a generator that yields its call, (peer, kind, body, timeout), takes the
         reply (or has the call's error thrown in) and returns the wait before the next round --
         run by World.run_heartbeats, every peer's in one thread, or by run_round. A side that
         only answers wakes when its fallback would be due, not every round: a tenth of a
