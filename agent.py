@@ -1616,29 +1616,30 @@ class Channels:
 
     def wait(self, calls, until):
         """Move the calls in flight on until one of them has had its socket ready, or until
-        `until` or the earliest of their deadlines has come (a call past it is done, timed
-        out, even if its reply came meanwhile: as a blocking read by its deadline would).
-        At once when one of them is done already (it failed as it started)."""
+        `until` or the earliest of their deadlines has come (a call past it without its reply
+        is done, timed out). A reply found waiting is taken even past its deadline: it came
+        while this thread was busy with another round, which a thread of its own would not
+        have been, and what it proves is as old as the request's stamp, never younger. At
+        once when one of the calls is done already (it failed as it started)."""
         live = [c for c in calls if not c.done]
         if len(live) < len(calls) or not live:
             return
         deadline = min(until, *(c.deadline for c in live))
-        by_fd = {c.sock.fileno(): c for c in live}
         try:  # poll itself, not a selectors class: a quarter of the Python per wait
+            by_fd = {c.sock.fileno(): c for c in live}
             poller = select.poll()
             for fd, c in by_fd.items():
                 poller.register(fd, c.events())
             ready = poller.poll(math.ceil(max(0.0, deadline - time.monotonic()) * 1000))
-        except OSError as exc:  # e.g. no memory for the poll: these calls fail
+        except (OSError, ValueError) as exc:  # e.g. no memory for the poll: these calls fail
             for c in live:
-                c.fail(exc)
+                c.fail(exc if isinstance(exc, OSError) else OSError(str(exc)))
             return
+        for fd, _ in ready:  # an error or a hang-up too: advance() meets it
+            by_fd[fd].advance()
         now = time.monotonic()
         for c in live:
             c.expire(now)
-        for fd, _ in ready:  # an error or a hang-up too: advance() meets it
-            if not by_fd[fd].done:
-                by_fd[fd].advance()
 
     def take(self, peer):
         """The connection kept to peer, if one is idle (it is the caller's until keep())."""
@@ -3149,10 +3150,6 @@ class World:
     tests/sim gives them one that implements every port in memory, so that the same agent
     code runs there."""
 
-    # after a heartbeat round that raised (a bug: each round handles what a peer can cause),
-    # its peer's next: the other peers' rounds go on meanwhile
-    ROUND_RETRY_S = 1.0
-
     def monotonic(self):
         return time.monotonic()
 
@@ -3237,30 +3234,36 @@ class World:
         footprint"). Each peer's next round begins the wait its round returned after it ended,
         as in run_routine."""
         due, flight = dict.fromkeys(rounds, 0.0), {}  # name -> (its round, its PendingCall)
+        failures = DropLog(self.logger(), what="failed")
 
-        def resume(name, round_, reply=None, error=None):
-            while True:
+        def resume(name, round_=None, reply=None, error=None):
+            """Begin (round_ None) or resume name's round up to its next call, or its end."""
+            flight.pop(name, None)
+            try:
+                round_ = rounds[name]() if round_ is None else round_
+                request = next_call(round_, reply, error)
                 try:
-                    request = next_call(round_, reply, error)
-                except StopIteration as over:
-                    flight.pop(name, None)
-                    due[name] = time.monotonic() + over.value
-                    return
-                except Exception:  # noqa: BLE001 -- a bug in one round: the others go on
-                    self.logger().exception("the heartbeat round %s failed", name)
-                    flight.pop(name, None)
-                    due[name] = time.monotonic() + self.ROUND_RETRY_S
-                    return
-                try:
-                    flight[name] = round_, self.channels.start(cfg, key, *request)
-                    return
-                except Exception as exc:  # noqa: BLE001 -- e.g. a message too long: the round's
-                    reply, error = None, exc
+                    pending = self.channels.start(cfg, key, *request)
+                except Exception as exc:  # noqa: BLE001 -- e.g. a body JSON cannot encode
+                    request = next_call(round_, None, exc)  # the round's to deal with, once
+                    raise RuntimeError(f"it asked for another call: {request!r}") from exc
+                flight[name] = round_, pending
+                return
+            except StopIteration as over:
+                wait = over.value
+                if not isinstance(wait, (int, float)):
+                    failures(f"heartbeat round {name}", name, f"it ended with {wait!r}, not a wait")
+                    wait = cfg.timing.check_interval
+            except Exception as exc:  # noqa: BLE001 -- a bug in one round: the others go on
+                self.logger().debug("the heartbeat round %s failed", name, exc_info=True)
+                failures(f"heartbeat round {name}", name, f"{type(exc).__name__}: {exc}")
+                wait = cfg.timing.check_interval  # as after a failed call
+            due[name] = time.monotonic() + wait
 
         while not stop.is_set():
-            for name, begin in rounds.items():
+            for name in rounds:
                 if name not in flight and due[name] <= time.monotonic():
-                    resume(name, begin())
+                    resume(name)
             idle = [due[name] for name in rounds if name not in flight]
             until = min(idle, default=math.inf)
             if flight:
@@ -3270,6 +3273,7 @@ class World:
             for name, (round_, pending) in list(flight.items()):
                 if pending.done:
                     resume(name, round_, pending.body, pending.error)
+            failures.flush()
 
     def run_routine(self, stop, step, wake=None):
         """Run a routine until stop is set: step() returns how long to wait before the next
@@ -3457,6 +3461,7 @@ class Agent:
         self.view = default_view
         self._view_offered = None  # the view a peer offered last, dealt with (learn)
         self.calls_failing = set()  # peers whose last heartbeat this node started failed
+        self.failure = None  # why the agent stopped on its own (serve_and_run), if it did
         self._last_said = (None, 0.0)
         self.last_decision = None  # (action, reason, monotonic time), for status
         self.probe = {"target": None, "ok_at": None, "error": None, "failures": 0}
@@ -3669,24 +3674,43 @@ class Agent:
         return routines
 
     def serve_and_run(self):
-        """Serve peers, run every routine until stop is set, then stop serving."""
+        """Serve peers, run every routine until stop is set, then stop serving. Raises
+        RuntimeError when the heartbeats' thread ended meanwhile (_run_heartbeats)."""
         server = self.world.serve(self)
         http = None
         try:
             http = self.world.serve_http(self)
             rounds = self.heartbeat_rounds()
-            threading.Thread(target=self.world.run_heartbeats, name="heartbeats", daemon=True,
-                             args=(self.stop, self.cfg, self.key, rounds)).start()
-            *others, (_, loop) = [(name, step) for name, step in self.routines()
-                                  if name not in rounds]
-            for name, step in others:
-                threading.Thread(target=self.world.run_routine, args=(self.stop, step),
-                                 name=name, daemon=True).start()
+            threading.Thread(target=self._run_heartbeats, args=(rounds,), name="heartbeats",
+                             daemon=True).start()
+            others = dict(self.routines())
+            loop = others.pop("loop")
+            for name, step in others.items():
+                if name not in rounds:
+                    threading.Thread(target=self.world.run_routine, args=(self.stop, step),
+                                     name=name, daemon=True).start()
             self.world.run_routine(self.stop, loop, self.wake)
         finally:
             server.shutdown()
             if http is not None:
                 http.shutdown()
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+
+    def _run_heartbeats(self, rounds):
+        """World.run_heartbeats; should it end while the agent runs (a bug: every round's
+        failures are its own), the agent stops with an error (exit status 1, for a supervisor
+        to restart it) rather than run on without a heartbeat: a primary's lease would lapse
+        meanwhile, and a standby could never be promoted."""
+        try:
+            self.world.run_heartbeats(self.stop, self.cfg, self.key, rounds)
+            ended = "it returned"
+        except BaseException as exc:  # noqa: BLE001 -- whatever ended it is the reason to stop
+            ended = f"{type(exc).__name__}: {exc}"
+        if not self.stop.is_set():
+            self.failure = f"the heartbeats' thread ended ({ended})"
+            self.log.critical("%s: stopping the agent", self.failure)
+            self.halt()
 
     def halt(self):
         """Stop every routine (SIGTERM), the loop at once."""
