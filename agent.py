@@ -3589,8 +3589,10 @@ class Agent:
     def heartbeat_step(self, peer):
         """One heartbeat round with peer, its call made through World.call and waited for
         (run_round): a routine of the simulator's."""
-        return run_round(self.heartbeat_round(peer),
-                         lambda *request: self.world.call(self.cfg, self.key, *request))
+        return run_round(self.heartbeat_round(peer), self._call_waited)
+
+    def _call_waited(self, peer, kind, body, timeout):
+        return self.world.call(self.cfg, self.key, peer, kind, body, timeout)
 
     def call_period(self, peer):
         """From one heartbeat this node starts with peer to the next: check_interval."""
@@ -3667,8 +3669,8 @@ class Agent:
         probe, the decision loop ("loop"). The simulator schedules these steps; the real agent
         runs the very same rounds, the heartbeats' all in one thread (World.run_heartbeats),
         the probe in another (World.run_routine), the loop in the main thread."""
-        routines = [(f"hb-{peer.name}", lambda peer=peer: self.heartbeat_step(peer))
-                    for peer in self.peers()]
+        routines = [(name, lambda begin=begin: run_round(begin(), self._call_waited))
+                    for name, begin in self.heartbeat_rounds().items()]
         routines.append(("probe", self.probe_step))
         routines.append(("loop", self.loop_step))
         return routines
